@@ -1,0 +1,217 @@
+"""KV block accounting: a reference-counted allocator with a prefix cache and eviction.
+
+A block is in one of three places:
+  * in use      — ref_count > 0, listed in some request's `block_ids`;
+  * cached      — ref_count == 0 but holding a full block whose content hash is known, so a later
+                  request with the same prefix can take it back; evictable;
+  * free        — ref_count == 0 and no hash.
+`num_free_blocks` counts free and cached blocks: both can be handed out.
+
+Prefix-cache keys form a hash chain: key_i = hash((key_{i-1}, tokens of block i)), so a block is
+only reused when the whole prefix before it matches too.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+
+from pdserve.sched.request import Request
+
+EVICTION_POLICIES = ("lru", "fifo")
+
+
+def block_hashes(token_ids: list[int], block_size: int, parent: int | None = None) -> list[int]:
+    """Chain hashes of every full block of `token_ids`."""
+    out: list[int] = []
+    h = parent if parent is not None else 0x9E3779B97F4A7C15
+    for i in range(0, len(token_ids) - block_size + 1, block_size):
+        h = hash((h, tuple(token_ids[i : i + block_size])))
+        out.append(h)
+    return out
+
+
+class BlockManager:
+    """Hands out KV blocks to requests; the engine and the simulator use the same one."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        eviction: str = "lru",
+    ) -> None:
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.eviction = eviction
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        self.hash_to_block: dict[int, int] = {}
+        self._free: deque[int] = deque(range(num_blocks))
+        # Cached, unreferenced blocks. lru: ordered by when they were last released;
+        # fifo: a heap ordered by when their content was first cached.
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._fifo: list[tuple[int, int]] = []
+        self._cached_seq = [0] * num_blocks
+        self._seq = 0
+        self._evictable = 0
+        # Per request: chain hashes of its full blocks registered so far.
+        self._req_hashes: dict[str, list[int]] = {}
+        self.hits = 0
+        self.queries = 0
+
+    # ---- capacity ---------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free) + self._evictable
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - self.num_free_blocks
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    # ---- allocation -------------------------------------------------------------------------
+    def _take(self) -> int:
+        if self._free:
+            return self._free.popleft()
+        block = self._pop_evictable()
+        key = self.block_hash[block]
+        if key is not None and self.hash_to_block.get(key) == block:
+            del self.hash_to_block[key]
+        self.block_hash[block] = None
+        return block
+
+    def _pop_evictable(self) -> int:
+        if self.eviction == "lru":
+            block, _ = self._lru.popitem(last=False)
+        else:
+            while True:
+                seq, block = heapq.heappop(self._fifo)
+                if self.ref_count[block] == 0 and self._cached_seq[block] == seq and self.block_hash[block] is not None:
+                    break
+        self._evictable -= 1
+        return block
+
+    def _unevict(self, block: int) -> None:
+        """A cached block is referenced again: take it off the eviction list."""
+        if self.eviction == "lru":
+            del self._lru[block]
+        # fifo: the heap entry is skipped lazily because ref_count > 0 when it surfaces.
+        self._evictable -= 1
+
+    def _release(self, block: int) -> None:
+        self.ref_count[block] -= 1
+        if self.ref_count[block] > 0:
+            return
+        if self.block_hash[block] is None:
+            self._free.append(block)
+            return
+        self._evictable += 1
+        if self.eviction == "lru":
+            self._lru[block] = None
+        else:
+            heapq.heappush(self._fifo, (self._cached_seq[block], block))
+
+    def match_prefix(self, req: Request) -> int:
+        """On first scheduling, take cached blocks for the request's prefix; returns tokens reused.
+
+        At least one token is always left to compute, since the engine needs its logits.
+        """
+        if not self.enable_prefix_caching or req.block_ids:
+            return 0
+        tokens = req.all_token_ids
+        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
+        self.queries += len(hashes)
+        reused: list[int] = []
+        for h in hashes:
+            block = self.hash_to_block.get(h)
+            if block is None:
+                break
+            if self.ref_count[block] == 0:
+                self._unevict(block)
+            self.ref_count[block] += 1
+            reused.append(block)
+        self.hits += len(reused)
+        req.block_ids = reused
+        self._req_hashes[req.request_id] = hashes[: len(reused)]
+        n = len(reused) * self.block_size
+        req.num_computed_tokens = n
+        req.num_cached_tokens = n
+        return n
+
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
+        return need <= self.num_free_blocks
+
+    def allocate(self, req: Request, num_new_tokens: int) -> bool:
+        """Grow the request's blocks to hold `num_new_tokens` more; False (and no change) if full."""
+        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(max(0, need)):
+            block = self._take()
+            self.ref_count[block] = 1
+            req.block_ids.append(block)
+        return True
+
+    def allocate_tokens(self, req: Request, num_tokens: int) -> bool:
+        """Reserve blocks for `num_tokens` tokens in total (decode role: before KV arrives)."""
+        need = self.blocks_needed(num_tokens) - len(req.block_ids)
+        if need > self.num_free_blocks:
+            return False
+        for _ in range(max(0, need)):
+            block = self._take()
+            self.ref_count[block] = 1
+            req.block_ids.append(block)
+        return True
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """After KV is written, publish newly full blocks to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        done = self._req_hashes.setdefault(req.request_id, [])
+        num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
+        if num_full <= len(done):
+            return
+        tokens = req.all_token_ids[: num_full * self.block_size]
+        parent = done[-1] if done else None
+        start = len(done)
+        new = block_hashes(tokens[start * self.block_size :], self.block_size, parent)
+        for i, h in enumerate(new, start):
+            block = req.block_ids[i]
+            done.append(h)
+            if self.block_hash[block] is None and h not in self.hash_to_block:
+                self.block_hash[block] = h
+                self.hash_to_block[h] = block
+                self._seq += 1
+                self._cached_seq[block] = self._seq
+
+    def free(self, req: Request) -> None:
+        """Drop the request's references. Blocks released last are evicted last under lru."""
+        for block in reversed(req.block_ids):
+            self._release(block)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        self._req_hashes.pop(req.request_id, None)
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (e.g. after the KV contents became untrustworthy)."""
+        for key, block in list(self.hash_to_block.items()):
+            if self.ref_count[block] == 0:
+                self._free.append(block)
+            self.block_hash[block] = None
+        self.hash_to_block.clear()
+        self._lru.clear()
+        self._fifo.clear()
+        self._evictable = 0
