@@ -207,7 +207,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after the KV contents became untrustworthy)."""
-        for key, block in list(self.hash_to_block.items()):
+        for block in list(self.hash_to_block.values()):
             if self.ref_count[block] == 0:
                 self._free.append(block)
             self.block_hash[block] = None

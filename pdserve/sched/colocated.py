@@ -1,0 +1,169 @@
+"""Colocated policy: continuous batching with chunked prefill under a per-step token budget.
+
+This is the Sarathi-Serve recipe, the strongest monolithic baseline:
+  1. every running request that is decoding gets its one token (oldest first);
+  2. running requests part-way through a prefill get the next chunk;
+  3. waiting requests are admitted in arrival order while budget, sequence slots and blocks last.
+When a block cannot be found, the newest running request is preempted by recompute: its blocks are
+freed and it goes back to the front of the queue, to be prefilled again (prompt + tokens so far).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pdserve.config.engine import SchedulerConfig
+from pdserve.sched.block_manager import BlockManager
+from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+from pdserve.sched.request import Request, RequestStatus
+
+
+class ColocatedScheduler:
+    """Decides what one colocated instance computes each step. Pure: time comes in as `now`."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- queue ------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add_request(self, req: Request, now: float) -> None:
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        """Stop a request wherever it is and free its blocks."""
+        return self.finish(request_id, RequestStatus.FINISHED_ABORTED, now)
+
+    def finish(self, request_id: str, status: RequestStatus, now: float) -> Request | None:
+        """End a request for a reason found outside the policy (stop string, abort, error)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req, status, now)
+        return req
+
+    def _release(self, req: Request, status: RequestStatus, now: float) -> None:
+        self.block_manager.free(req)
+        req.status = status
+        req.finished_time = now
+
+    def running_limit(self) -> int:
+        """How many sequences may run at once (the decode role adapts this)."""
+        return self.config.max_num_seqs
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled: set[str] = set()
+        # Decodes first, then prefill chunks; within each, oldest admission first.
+        order = [r for r in self.running if not r.is_prefill] + [r for r in self.running if r.is_prefill]
+        for req in order:
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            n = self._chunk_size(req, budget)
+            if n == 0:
+                continue
+            if not self._allocate_or_preempt(req, n, scheduled, out):
+                continue
+            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
+            scheduled.add(req.request_id)
+            budget -= n
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        if out.preempted:
+            return out  # memory is tight: admit nothing new this step
+        while self.waiting and budget > 0 and len(self.running) < self.running_limit():
+            req = self.waiting[0]
+            if not req.block_ids:
+                self.block_manager.match_prefix(req)
+            n = self._chunk_size(req, budget)
+            if n == 0 or not self.block_manager.allocate(req, n):
+                if req.num_cached_tokens:
+                    self.block_manager.free(req)  # don't pin cached blocks while queued
+                    req.num_cached_tokens = 0
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
+            budget -= n
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        return out
+
+    def _chunk_size(self, req: Request, budget: int) -> int:
+        n = req.num_uncomputed_tokens
+        if n <= budget:
+            return n
+        return budget if self.config.enable_chunked_prefill else 0
+
+    def _allocate_or_preempt(
+        self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput
+    ) -> bool:
+        while not self.block_manager.allocate(req, n):
+            victim = next(
+                (r for r in reversed(self.running) if r is not req and r.request_id not in scheduled),
+                None,
+            )
+            self._preempt(victim or req)
+            out.preempted.append(victim or req)
+            if victim is None:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.block_manager.free(req)
+        req.num_cached_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
+        """Apply a step's results; return the requests that finished."""
+        finished: list[Request] = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.status is not RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_full_blocks(req)
+            if not chunk.sample:
+                continue
+            if req.first_token_time is None:
+                req.first_token_time = now
+            status = req.append_token(sampled[req.request_id])
+            if status is not None:
+                self.running.remove(req)
+                del self.requests[req.request_id]
+                self._release(req, status, now)
+                finished.append(req)
+        return finished
+
+    def next_wakeup(self, now: float) -> float | None:
+        """Continuous batching has no timers: it runs whenever it has work."""
+        return None

@@ -1,0 +1,131 @@
+"""Decode-role policy: reservations for remote KV, then continuous batching.
+
+Lifecycle of a request on a decode worker:
+  reserve ──▶ WAITING_FOR_REMOTE_KV (blocks held; prefill streams KV into them)
+          ──▶ remote_kv_done: KV complete and verified, first token known ──▶ waiting (ready)
+          ──▶ admitted on the next step ──▶ RUNNING (one token per step) ──▶ FINISHED_*
+  A reservation that fails or expires frees its blocks. A reservation refused at once is the
+  back-pressure signal. Short prompts may skip prefill workers: `add_request` runs the prefill
+  here, in chunks, like the colocated policy; preempted requests are recomputed the same way.
+"""
+
+from __future__ import annotations
+
+from pdserve.config.engine import DecodeConfig, SchedulerConfig
+from pdserve.sched.block_manager import BlockManager
+from pdserve.sched.colocated import ColocatedScheduler
+from pdserve.sched.output import SchedulerOutput
+from pdserve.sched.request import Request, RequestStatus
+
+
+class DecodeScheduler(ColocatedScheduler):
+    """Continuous batching over sequences whose KV arrived from a prefill worker."""
+
+    def __init__(self, config: DecodeConfig, block_manager: BlockManager) -> None:
+        super().__init__(
+            SchedulerConfig(
+                max_num_batched_tokens=max(config.max_num_batched_tokens, config.max_batch_size),
+                max_num_seqs=config.max_batch_size,
+            ),
+            block_manager,
+        )
+        self.decode_config = config
+        self.reserved: dict[str, tuple[Request, float]] = {}  # id -> (request, deadline)
+        # Fitted step time t = a + b * batch, for the adaptive batch size (from observed steps).
+        self._step_obs: list[tuple[int, float]] = []
+        self._last_step: tuple[float, int] | None = None
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self.reserved)
+
+    def has_work(self) -> bool:
+        return super().has_work()
+
+    # ---- reservations -----------------------------------------------------------------------
+    def reserve(self, req: Request, now: float) -> bool:
+        """Hold blocks for the prompt's KV (+ the first token). Answers at once; False = full."""
+        if len(self.requests) + len(self.reserved) >= self.decode_config.max_num_seqs:
+            return False
+        req.num_computed_tokens = 0
+        if not self.block_manager.allocate(req, req.num_prompt_tokens + 1):
+            return False
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        self.reserved[req.request_id] = (req, now + self.decode_config.reservation_timeout_s)
+        return True
+
+    def remote_kv_done(self, request_id: str, first_token: int, now: float) -> Request | None:
+        """KV for the whole prompt is in place: the request joins on the next step.
+
+        Returns the request if the first token already finished it (max_tokens=1, a stop token).
+        """
+        entry = self.reserved.pop(request_id, None)
+        if entry is None:
+            return None
+        req = entry[0]
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.block_manager.cache_full_blocks(req)
+        req.first_token_time = now
+        status = req.append_token(first_token)
+        if status is not None:
+            self._release(req, status, now)
+            return req
+        req.status = RequestStatus.WAITING
+        self.requests[request_id] = req
+        self.waiting.append(req)
+        return None
+
+    def remote_kv_failed(self, request_id: str, now: float) -> Request | None:
+        """The transfer failed or was cut: free the reservation; the router decides what next."""
+        entry = self.reserved.pop(request_id, None)
+        if entry is None:
+            return None
+        self._release(entry[0], RequestStatus.FINISHED_ERROR, now)
+        return entry[0]
+
+    def expire_reservations(self, now: float) -> list[Request]:
+        """Free reservations whose KV never arrived in time."""
+        late = [rid for rid, (_, deadline) in self.reserved.items() if deadline <= now]
+        return [r for rid in late if (r := self.remote_kv_failed(rid, now)) is not None]
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        entry = self.reserved.pop(request_id, None)
+        if entry is not None:
+            self._release(entry[0], RequestStatus.FINISHED_ABORTED, now)
+            return entry[0]
+        return super().abort(request_id, now)
+
+    # ---- adaptive batch size ----------------------------------------------------------------
+    def running_limit(self) -> int:
+        cfg = self.decode_config
+        if not cfg.adaptive_batch:
+            return cfg.max_batch_size
+        # Grow with the queue: everything running or ready, at least min_batch_size...
+        want = max(cfg.min_batch_size, len(self.running) + len(self.waiting))
+        # ...but no larger than the step time allowed by the TPOT target.
+        if cfg.tpot_target_ms > 0 and len(self._step_obs) >= 2:
+            a, b = self._fit()
+            if b > 0:
+                want = min(want, int((cfg.tpot_target_ms / 1000.0 - a) / b))
+        return max(cfg.min_batch_size, min(cfg.max_batch_size, want))
+
+    def _fit(self) -> tuple[float, float]:
+        xs = [x for x, _ in self._step_obs]
+        ys = [y for _, y in self._step_obs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        if var == 0:
+            return my, 0.0
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+        return my - b * mx, b
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = super().schedule(now)
+        self._last_step = (now, out.num_decode_seqs) if out.chunks and not out.num_prefill_tokens else None
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
+        if self._last_step is not None:
+            start, batch = self._last_step
+            self._step_obs = (self._step_obs + [(batch, now - start)])[-64:]
+        return super().update(out, sampled, now)

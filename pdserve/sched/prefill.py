@@ -1,0 +1,142 @@
+"""Prefill-role policy: packed batches started by a utilization target or a maximum wait.
+
+Lifecycle of a request on a prefill worker:
+  add_request ──▶ queue (its length bucket) ──▶ batch starts when the queued tokens reach
+  `target_utilization` x budget, or the oldest request has waited `max_wait_ms`, or the batch is
+  full ──▶ computed (KV streamed to decode while layers finish; first token sampled)
+  ──▶ transferring (blocks held until the transfer ends) ──▶ `release` frees them.
+Batches are packed (no padding); what padding to the longest prompt would have cost is counted,
+so the saving can be reported. Decode back-pressure (`set_decode_pressure`) shrinks the budget.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+
+from pdserve.config.engine import PrefillConfig
+from pdserve.sched.block_manager import BlockManager
+from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+from pdserve.sched.request import Request, RequestStatus
+
+
+class PrefillBatcher:
+    """Decides when a prefill batch starts and what it holds. Pure: time comes in as `now`."""
+
+    def __init__(self, config: PrefillConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.queues: list[deque[Request]] = [deque() for _ in range(len(config.length_buckets) + 1)]
+        self.enqueued_at: dict[str, float] = {}
+        self.transferring: dict[str, Request] = {}
+        self.scale = 1.0
+        self.packed_tokens = 0  # tokens computed
+        self.padded_tokens = 0  # tokens a padded batch would have computed
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.queues)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.transferring)
+
+    @property
+    def queued_tokens(self) -> int:
+        return sum(r.num_prompt_tokens for q in self.queues for r in q)
+
+    @property
+    def budget(self) -> int:
+        return max(1, int(self.config.max_batch_tokens * self.scale))
+
+    def has_work(self) -> bool:
+        return self.num_waiting > 0
+
+    def add_request(self, req: Request, now: float) -> None:
+        req.status = RequestStatus.WAITING
+        self.enqueued_at[req.request_id] = now
+        self.queues[bisect.bisect_left(self.config.length_buckets, req.num_prompt_tokens)].append(req)
+
+    def set_decode_pressure(self, free_fraction: float) -> None:
+        """Decode's free KV share (0 = saturated, 1 = idle) scales the batch budget."""
+        lo = self.config.min_batch_scale
+        self.scale = lo + (1 - lo) * min(1.0, max(0.0, free_fraction) / 0.5)
+
+    # ---- batching ---------------------------------------------------------------------------
+    def _ready(self, q: deque[Request], now: float) -> bool:
+        if not q:
+            return False
+        waited_ms = (now - self.enqueued_at[q[0].request_id]) * 1000.0
+        if waited_ms >= self.config.max_wait_ms or len(q) >= self.config.max_num_seqs:
+            return True
+        return sum(r.num_uncomputed_tokens for r in q) >= self.config.target_utilization * self.budget
+
+    def next_wakeup(self, now: float) -> float | None:
+        """When the oldest queued request's max-wait timer fires (None: nothing queued)."""
+        heads = [self.enqueued_at[q[0].request_id] for q in self.queues if q]
+        return min(heads) + self.config.max_wait_ms / 1000.0 if heads else None
+
+    def schedule(self, now: float) -> SchedulerOutput:
+        out = SchedulerOutput()
+        ready = [q for q in self.queues if self._ready(q, now)]
+        if not ready:
+            return out
+        q = min(ready, key=lambda q: self.enqueued_at[q[0].request_id])
+        budget = self.budget
+        while q and len(out.chunks) < self.config.max_num_seqs:
+            req = q[0]
+            if out.chunks and req.num_uncomputed_tokens > budget:
+                break
+            self.block_manager.match_prefix(req)
+            n = req.num_uncomputed_tokens
+            if not self.block_manager.allocate(req, n):
+                self.block_manager.free(req)
+                req.num_cached_tokens = 0
+                break  # blocks come back as transfers finish
+            q.popleft()
+            del self.enqueued_at[req.request_id]
+            req.status = RequestStatus.RUNNING
+            req.first_scheduled_time = now
+            self.transferring[req.request_id] = req
+            out.chunks.append(ScheduledChunk(req, n, sample=True))
+            budget -= n
+        if out.chunks:
+            lens = [c.num_tokens for c in out.chunks]
+            self.packed_tokens += sum(lens)
+            self.padded_tokens += max(lens) * len(lens)
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
+        """Record the computed KV and first tokens; the requests now wait for their transfers."""
+        done: list[Request] = []
+        for chunk in out.chunks:
+            req = chunk.request
+            if req.request_id not in self.transferring:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += chunk.num_tokens
+            self.block_manager.cache_full_blocks(req)
+            req.first_token_time = now
+            req.append_token(sampled[req.request_id])
+            done.append(req)
+        return done
+
+    def release(self, req: Request, now: float, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
+        """The transfer ended (either way): free the prefill-side blocks."""
+        if self.transferring.pop(req.request_id, None) is not None:
+            self.block_manager.free(req)
+            req.status = status
+            req.finished_time = now
+
+    def abort(self, request_id: str, now: float) -> Request | None:
+        for q in self.queues:
+            for req in q:
+                if req.request_id == request_id:
+                    q.remove(req)
+                    del self.enqueued_at[request_id]
+                    self.block_manager.free(req)
+                    req.status = RequestStatus.FINISHED_ABORTED
+                    return req
+        req = self.transferring.get(request_id)
+        if req is not None:
+            self.release(req, now, RequestStatus.FINISHED_ABORTED)
+        return req
