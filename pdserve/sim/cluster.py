@@ -1,0 +1,220 @@
+"""The simulated cluster: router, instances (real `sched/` policies), KV transfers, request records.
+
+Disaggregated lifecycle of request i (the router's protocol, DESIGN.md):
+  arrival ──▶ router reserves KV on a decode instance (most free blocks, fewest running); none can
+  ──▶ queued at the router until a decode instance frees blocks
+  ──▶ prefill instance with the fewest queued prompt tokens: PrefillBatcher batches it
+  ──▶ prefill step ends: first token streamed (TTFT), KV transfer starts (the part not already
+      streamed layer by layer during the step)
+  ──▶ transfer lands: DecodeScheduler.remote_kv_done, PrefillBatcher.release
+  ──▶ DecodeScheduler continuous batching until max_tokens.
+Colocated: arrival ──▶ instance with the fewest queued + running ──▶ ColocatedScheduler until done.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from pdserve.config.model import ModelShape
+from pdserve.sched.output import SchedulerOutput
+from pdserve.sched.request import Request
+from pdserve.sim.events import EventLoop
+from pdserve.sim.hardware import Link
+from pdserve.sim.instance import SimInstance
+from pdserve.sim.network import Network
+from pdserve.workload import RequestSpec
+
+
+@dataclass
+class SimResult:
+    """Raw per-request times (seconds, NaN when missing) and per-instance / per-port statistics."""
+
+    arrival: list[float]
+    prompt: list[int]
+    output: list[int]
+    first_token: list[float]
+    finish: list[float]
+    itls: array
+    duration: float
+    wall_s: float
+    num_events: int
+    instances: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ports: dict[str, dict[str, float]] = field(default_factory=dict)
+    num_preemptions: int = 0
+
+
+class Simulator:
+    """Drives a list of SimInstances (all colocated, or prefill + decode) through a request list."""
+
+    def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
+                 layerwise: bool = True) -> None:
+        self.instances = instances
+        self.prefill = [i for i in instances if i.role == "prefill"]
+        self.decode = [i for i in instances if i.role == "decode"]
+        self.colocated = [i for i in instances if i.role == "colocated"]
+        if self.colocated and (self.prefill or self.decode):
+            raise ValueError("a cluster is either colocated or prefill + decode, not both")
+        if bool(self.prefill) != bool(self.decode) or not instances:
+            raise ValueError("a disaggregated cluster needs at least one prefill and one decode instance")
+        self.shape = shape
+        self.link = link
+        self.layerwise = layerwise
+        self.loop = EventLoop()
+        self.net = Network(self.loop)
+        self.kv_bytes_per_token = shape.kv_bytes_per_token()
+        for inst in instances:
+            inst.attach(self.loop, self._on_step)
+        self._pending: deque[int] = deque()
+        self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
+
+    # ---- arrivals and routing ----------------------------------------------------------------
+    def _arrive(self, now: float, i: int) -> None:
+        if i + 1 < len(self.specs):
+            self.loop.at(self.specs[i + 1].arrival_s, self._arrive, i + 1)
+        if self.colocated:
+            inst = min(self.colocated, key=lambda x: x.policy.num_waiting + x.policy.num_running)
+            inst.policy.add_request(self._new_request(i, now), now)
+            inst.kick(now)
+        elif not self._pending and self._route(i, now):
+            pass
+        else:
+            self._pending.append(i)
+
+    def _new_request(self, i: int, now: float) -> Request:
+        s = self.specs[i]
+        return Request(str(i), [0] * s.prompt_tokens, s.output_tokens, now)
+
+    def _route(self, i: int, now: float) -> bool:
+        """Reserve on a decode instance, then queue the prefill; False if no decode can take it."""
+        dreq = self._new_request(i, now)
+        order = sorted(self.decode, key=lambda d: (-d.policy.block_manager.num_free_blocks, d.policy.num_running))
+        dec = next((d for d in order if d.policy.reserve(dreq, now)), None)
+        if dec is None:
+            return False
+        pre = min(self.prefill, key=lambda p: p.outstanding_tokens)
+        preq = self._new_request(i, now)
+        self._pairs[i] = (pre, dec, dreq)
+        pre.outstanding_tokens += preq.num_prompt_tokens
+        pre.policy.add_request(preq, now)
+        pre.kick(now)
+        return True
+
+    def _drain_pending(self, now: float) -> None:
+        while self._pending and self._route(self._pending[0], now):
+            self._pending.popleft()
+
+    # ---- step results ------------------------------------------------------------------------
+    def _token(self, i: int, n: int, now: float) -> None:
+        if n <= self.seen[i]:
+            return
+        if self.seen[i] == 0:
+            self.first_token[i] = now
+        else:
+            self.itls.append(now - self.last_token[i])
+        self.last_token[i] = now
+        self.seen[i] = n
+
+    def _on_step(self, inst: SimInstance, out: SchedulerOutput, finished: list[Request], now: float) -> None:
+        if inst.role == "prefill":
+            for req in finished:
+                self._prefilled(inst, req, out, now)
+            return
+        for c in out.chunks:
+            if c.sample:
+                self._token(int(c.request.request_id), len(c.request.output_token_ids), now)
+        usage = inst.policy.block_manager.usage
+        if usage > getattr(inst, "kv_peak", 0.0):
+            inst.kv_peak = usage  # type: ignore[attr-defined]
+        for req in finished:
+            self._finished(req, now)
+        if finished and self._pending:
+            self._drain_pending(now)
+
+    def _finished(self, req: Request, now: float) -> None:
+        i = int(req.request_id)
+        self.finish[i] = now
+        self.num_finished += 1
+        req.prompt_token_ids = []  # the policy is done with it; keep memory flat on long traces
+
+    def _prefilled(self, pre: SimInstance, req: Request, out: SchedulerOutput, now: float) -> None:
+        i = int(req.request_id)
+        pre.outstanding_tokens -= req.num_prompt_tokens
+        self._token(i, 1, now)  # the first token streams from the prefill worker at once
+        _, dec, _ = self._pairs[i]
+        nbytes = req.num_prompt_tokens * self.kv_bytes_per_token
+        if self.layerwise:
+            # Layers 1..L-1 went out while the step ran, as far as this transfer's share allowed.
+            step = now - (req.first_scheduled_time or now)
+            sent = min(nbytes * (self.shape.num_layers - 1) / self.shape.num_layers,
+                       min(pre.port.share(), dec.port.share()) * step)
+            pre.port.bytes_moved += sent
+            dec.port.bytes_moved += sent
+            nbytes -= sent
+        self.net.start(pre.port, dec.port, nbytes, self.link.latency_s,
+                       lambda t, i=i, req=req: self._transferred(t, i, req), now)
+
+    def _transferred(self, now: float, i: int, preq: Request) -> None:
+        pre, dec, _ = self._pairs.pop(i)
+        done = dec.policy.remote_kv_done(str(i), 0, now)
+        pre.policy.release(preq, now)
+        if done is not None:  # max_tokens == 1: the first token was the last
+            self.finish[i] = self.first_token[i]
+            self.num_finished += 1
+            self._drain_pending(now)
+        dec.kick(now)
+        pre.kick(now)
+
+    # ---- run ---------------------------------------------------------------------------------
+    def run(self, specs: list[RequestSpec], progress: bool = False) -> SimResult:
+        self.specs = specs
+        n = len(specs)
+        nan = float("nan")
+        self.seen = [0] * n
+        self.first_token = [nan] * n
+        self.last_token = [nan] * n
+        self.finish = [nan] * n
+        self.itls = array("d")
+        self.num_finished = 0
+        start = time.perf_counter()
+        if specs:
+            self.loop.at(specs[0].arrival_s, self._arrive, 0)
+        bar = _progress(self, n) if progress else None
+        self.loop.run(on_event=bar)
+        if bar is not None:
+            bar.close()  # type: ignore[attr-defined]
+        end = max((t for t in self.finish if t == t), default=0.0)
+        t0 = specs[0].arrival_s if specs else 0.0
+        duration = max(end - t0, 1e-9)
+        return SimResult(
+            arrival=[s.arrival_s for s in specs], prompt=[s.prompt_tokens for s in specs],
+            output=[s.output_tokens for s in specs], first_token=self.first_token, finish=self.finish,
+            itls=self.itls, duration=duration, wall_s=time.perf_counter() - start,
+            num_events=self.loop.num_events,
+            instances={x.name: x.stats(duration) for x in self.instances},
+            ports={x.name: x.port.utilization(duration) for x in self.instances if x.role != "colocated"},
+            num_preemptions=sum(getattr(x.policy, "num_preemptions", 0) for x in self.instances),
+        )
+
+
+class _progress:
+    """A tqdm bar over finished requests, refreshed every 4,096 events (cheap on long runs)."""
+
+    def __init__(self, sim: Simulator, total: int) -> None:
+        from tqdm import tqdm
+
+        self.sim, self.k, self.done = sim, 0, 0
+        self.bar = tqdm(total=total, unit="req", desc="sim", mininterval=0.5)
+
+    def __call__(self) -> None:
+        self.k += 1
+        if self.k & 4095 == 0:
+            done = self.sim.num_finished
+            self.bar.update(done - self.done)
+            self.done = done
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,105 @@
+"""Step-time models: how long one engine step takes, the simulator's seam for the model runner.
+
+`RooflineModel` predicts from first principles: a step costs the larger of its FLOP time (at an
+achievable share of peak) and its byte time (weights + KV read at an achievable share of memory
+bandwidth), plus tensor-parallel all-reduces and a fixed per-step overhead (scheduler, launch,
+sampling). `ProfiledModel` (profile.py) fits the same interface to measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from pdserve.config.model import DTYPE_BYTES, ModelShape
+from pdserve.sim.hardware import GPU, get_link
+
+
+class StepTimeModel(Protocol):
+    """Seconds for one step. A prefill chunk is (new_tokens, tokens_already_cached)."""
+
+    def prefill_time(self, token_counts: list[int]) -> float: ...
+
+    def decode_time(self, context_lens: list[int]) -> float: ...
+
+    def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float: ...
+
+
+@dataclass
+class RooflineModel:
+    """Roofline step time for `shape` on `tp` x `gpu`."""
+
+    shape: ModelShape
+    gpu: GPU
+    tp: int = 1
+    mfu: float = 0.55  # achievable share of peak FLOP/s for large GEMMs (vLLM prefill: ~50-60%)
+    mbu: float = 0.80  # achievable share of memory bandwidth for decode (vLLM/TRT-LLM: ~75-85%)
+    overhead_s: float = 0.002  # per step: scheduling, kernel launches, sampling, detokenize hand-off
+    allreduce_latency_s: float = 8e-6  # per all-reduce (NCCL small-message latency on NVLink)
+
+    def __post_init__(self) -> None:
+        s = self.shape
+        self._head = s.vocab_size * s.hidden_size
+        self._body = s.flops_per_token(0) / 2 - self._head  # matmul params except the LM head
+        self._attn = 4 * s.num_layers * s.num_heads * s.head_dim  # FLOPs per (query, key) pair
+        self._weights = s.weight_bytes()
+        self._kv_tok = s.kv_bytes_per_token()
+        self._act = DTYPE_BYTES[s.dtype] * s.hidden_size
+        self._link = get_link(self.gpu.tp_link)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def step_time(self, tokens: int, sampled: int, pairs: float, kv_read: int) -> float:
+        """`tokens` computed, `sampled` logits, `pairs` attention (query, key) pairs, `kv_read` KV tokens read."""
+        flops = 2 * self._body * tokens + 2 * self._head * sampled + self._attn * pairs
+        t_flop = flops / (self.tp * self.gpu.bf16_flops * self.mfu)
+        byts = self._weights + self._kv_tok * (kv_read + tokens)  # read weights + KV, write new KV
+        t_mem = byts / (self.tp * self.gpu.mem_bw * self.mbu)
+        return max(t_flop, t_mem) + self.allreduce_time(tokens) + self.overhead_s
+
+    def allreduce_time(self, tokens: int) -> float:
+        """Two ring all-reduces per layer (after attention and after the MLP) of the activations."""
+        if self.tp == 1:
+            return 0.0
+        size = tokens * self._act
+        per_op = 2 * (self.tp - 1) / self.tp * size / self._link.effective_bandwidth
+        return 2 * self.shape.num_layers * (per_op + self.allreduce_latency_s)
+
+    # ---- StepTimeModel -----------------------------------------------------------------------
+    def prefill_time(self, token_counts: list[int]) -> float:
+        return self.mixed_time([(n, 0) for n in token_counts], [])
+
+    def decode_time(self, context_lens: list[int]) -> float:
+        return self.mixed_time([], context_lens)
+
+    def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
+        tokens = len(decode_contexts)
+        pairs = float(sum(decode_contexts)) + tokens
+        kv_read = sum(decode_contexts)
+        for n, prior in prefill_chunks:
+            tokens += n
+            pairs += n * prior + n * (n + 1) / 2  # causal: token i attends to prior + i keys
+            kv_read += prior
+        if tokens == 0:
+            return 0.0
+        return self.step_time(tokens, len(prefill_chunks) + len(decode_contexts), pairs, kv_read)
+
+
+def kv_capacity_tokens(
+    shape: ModelShape, gpu: GPU, tp: int, mem_utilization: float = 0.9, reserve_frac: float = 0.05
+) -> int:
+    """Tokens of KV that fit beside the weights on `tp` GPUs (vLLM's gpu_memory_utilization idea).
+
+    `reserve_frac` of memory is kept for activations and CUDA graphs. <= 0 means the model does not fit.
+    """
+    free = tp * gpu.mem_bytes * (mem_utilization - reserve_frac) - shape.weight_bytes()
+    return int(free // shape.kv_bytes_per_token())
+
+
+def min_tp(shape: ModelShape, gpu: GPU, min_kv_tokens: int = 16384) -> int | None:
+    """The smallest power-of-two TP degree that holds the weights and `min_kv_tokens` of KV."""
+    tp = 1
+    while tp <= gpu.max_tp:
+        if kv_capacity_tokens(shape, gpu, tp) >= min_kv_tokens:
+            return tp
+        tp *= 2
+    return None
