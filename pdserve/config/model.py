@@ -62,6 +62,14 @@ class ModelShape:
         if self.dtype not in DTYPE_BYTES:
             raise ModelConfigError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {self.dtype!r}")
 
+    @property
+    def max_model_len(self) -> int:
+        """Longest sequence served. Sliding-window attention is not implemented, so a model with a
+        window is served only up to the window, where full attention gives the same result."""
+        if self.sliding_window:
+            return min(self.max_position_embeddings, int(self.sliding_window))
+        return self.max_position_embeddings
+
     # ---- sizes -------------------------------------------------------------------------------
     def num_params(self) -> int:
         """Parameter count (embeddings counted once when tied)."""
@@ -117,6 +125,14 @@ class ModelShape:
         head_dim = cfg.get("head_dim") or hidden // heads
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        # transformers >= 5 keeps theta and scaling together under `rope_parameters`.
+        rope = cfg.get("rope_parameters") or {}
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if arch == "MistralForCausalLM":
+            window = cfg.get("sliding_window")
+        else:
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         torch_dtype = dtype or cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
         if torch_dtype not in DTYPE_BYTES:
             torch_dtype = "float32"
@@ -130,13 +146,13 @@ class ModelShape:
             head_dim=int(head_dim),
             vocab_size=int(cfg["vocab_size"]),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=theta,
+            rope_scaling=scaling,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window") else None,
+            sliding_window=window,
             dtype=torch_dtype,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,

@@ -1,0 +1,117 @@
+"""The offline API, named as in vLLM: `LLM(model).generate(prompts, SamplingParams(...))`."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from pdserve.config.engine import CacheConfig, SchedulerConfig
+from pdserve.engine.core import EngineCore
+from pdserve.engine.detokenizer import TextStream
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampler import SamplingParams
+from pdserve.model.tokenizer import load_tokenizer
+from pdserve.sched.block_manager import BlockManager
+from pdserve.sched.colocated import ColocatedScheduler
+from pdserve.sched.request import RequestStatus
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    finished: bool = True
+
+
+class LLM:
+    """A colocated engine in this process: continuous batching, chunked prefill, prefix caching."""
+
+    def __init__(
+        self,
+        model: str = "demo",
+        *,
+        dtype: str | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+        block_size: int = 16,
+        num_blocks: int = 0,
+        kv_cache_memory_gb: float = 0.5,
+        enable_prefix_caching: bool = True,
+        eviction: str = "lru",
+        max_num_batched_tokens: int = 512,
+        max_num_seqs: int = 64,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        cache = CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching, eviction)
+        self.runner = ModelRunner(model, cache, device=device, dtype=dtype, seed=seed)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, eviction)
+        self.scheduler = ColocatedScheduler(
+            SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill), self.block_manager
+        )
+        self.core = EngineCore(self.runner, self.scheduler)
+        self.tokenizer = load_tokenizer(model)
+        self.max_model_len = self.runner.shape.max_model_len
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | list[str] | list[int] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params or SamplingParams()
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        outputs: dict[str, RequestOutput] = {}
+        streams: dict[str, TextStream] = {}
+        order: list[str] = []
+        for prompt, p in zip(prompts, plist, strict=True):
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+            if len(ids) + p.max_tokens > self.max_model_len:
+                raise ValueError(
+                    f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
+                    f"model's context of {self.max_model_len} tokens"
+                )
+            rid = str(next(self._ids))
+            self.core.add(self.core.make_request(rid, ids, p))
+            outputs[rid] = RequestOutput(rid, text, ids)
+            streams[rid] = TextStream(self.tokenizer, p.stop)
+            order.append(rid)
+        bar = tqdm(total=len(order), desc="generate", disable=not use_tqdm)
+        done = 0
+        while done < len(order):
+            step = self.core.step()
+            for rid, tok in step.new_tokens.items():
+                stream = streams[rid]
+                stream.add([tok])
+                if stream.stopped:  # a stop string ends the request here, not the policy
+                    req = self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED, self.core.clock())
+                    if req is not None:
+                        step.finished.append(req)
+            for req in step.finished:
+                out = outputs[req.request_id]
+                stream = streams[req.request_id]
+                stream.flush()
+                ids = req.output_token_ids[: len(stream.token_ids)]
+                out.outputs = [CompletionOutput(0, stream.text, ids, req.status.finish_reason)]
+                out.num_cached_tokens = req.num_cached_tokens
+                done += 1
+                bar.update(1)
+        bar.close()
+        return [outputs[r] for r in order]
