@@ -1,0 +1,108 @@
+"""KV transfer messages and the states a transfer goes through.
+
+One `KVChunk` frame carries K and V of one layer for a run of blocks of one request; its tensor
+bytes travel as the frame payload (tcp) or in a shared-memory segment the header names (shm).
+The receiver answers every chunk with a `KVAck`, in order; the ack with `done=True` means every
+layer of the request is written into the decode worker's blocks. `KVAbort` tells a receiver that
+the sender gave a request up.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import zlib
+from typing import Protocol
+
+import msgspec
+
+# numpy has no bfloat16: the engine ships bf16 tensors as their raw 16-bit words and names the dtype.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "uint16": 2, "int8": 1, "uint8": 1,
+               "float64": 8, "int32": 4, "int64": 8}
+
+
+class KVPoll(enum.Enum):
+    """Where one request's transfer stands, seen from either side."""
+
+    BOOTSTRAPPING = "bootstrapping"  # known, nothing moved yet (sender: not connected; receiver: waiting)
+    TRANSFERRING = "transferring"  # some chunks moved
+    SUCCESS = "success"  # every layer written on the receiver and acknowledged
+    FAILED = "failed"  # corrupt, aborted, dropped, cut or timed out; the KV must not be used
+
+
+TERMINAL = (KVPoll.SUCCESS, KVPoll.FAILED)
+
+
+class KVChunk(msgspec.Struct, tag="chunk", frozen=True):
+    request_id: str
+    layer: int
+    num_layers: int
+    block_ids: list[int]
+    dtype: str
+    shape: list[int]  # [2, len(block_ids), block_size, kv_heads, head_dim]: K and V
+    nbytes: int
+    checksum: int  # zlib.crc32 of the tensor bytes
+    shm_name: str = ""  # shm: the segment holding the bytes; "" = they are the frame payload
+    shm_offset: int = 0
+    sender_pid: int = 0
+
+
+class KVAbort(msgspec.Struct, tag="abort", frozen=True):
+    request_id: str
+    reason: str = ""
+
+
+class KVAck(msgspec.Struct, tag="ack", frozen=True):
+    request_id: str
+    layer: int
+    ok: bool
+    done: bool = False
+    error: str = ""
+
+
+ToReceiver = KVChunk | KVAbort
+_encoder = msgspec.msgpack.Encoder()
+_to_receiver = msgspec.msgpack.Decoder(ToReceiver)
+_to_sender = msgspec.msgpack.Decoder(KVAck)
+
+
+def encode(msg: KVChunk | KVAbort | KVAck) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_receiver(data: bytes) -> KVChunk | KVAbort:
+    """Raises msgspec.DecodeError (a ValueError) on anything that is not a well-typed message."""
+    return _to_receiver.decode(data)
+
+
+def decode_ack(data: bytes) -> KVAck:
+    return _to_sender.decode(data)
+
+
+def checksum(data: memoryview | bytes) -> int:
+    return zlib.crc32(data)
+
+
+def chunk_error(chunk: KVChunk, data_len: int) -> str:
+    """Why a chunk's header is inconsistent with itself, or "" if it is sound."""
+    if chunk.dtype not in DTYPE_BYTES:
+        return f"unknown dtype {chunk.dtype!r}"
+    if len(chunk.shape) < 2 or chunk.shape[0] != 2 or chunk.shape[1] != len(chunk.block_ids):
+        return f"shape {chunk.shape} is not [2, {len(chunk.block_ids)}, ...]"
+    if any(d < 0 for d in chunk.shape) or math.prod(chunk.shape) * DTYPE_BYTES[chunk.dtype] != chunk.nbytes:
+        return f"shape {chunk.shape} of {chunk.dtype} does not make {chunk.nbytes} bytes"
+    if data_len != chunk.nbytes:
+        return f"{data_len} bytes arrived for a chunk of {chunk.nbytes}"
+    if not 0 <= chunk.layer < chunk.num_layers:
+        return f"layer {chunk.layer} out of range for {chunk.num_layers} layers"
+    return ""
+
+
+class KVSink(Protocol):
+    """Where a receiver puts KV: the decode engine's cache. Called from the receiver's threads.
+
+    `write` must copy `data` out before returning (the buffer is reused) and must not block for long.
+    """
+
+    def write(self, layer: int, block_ids: list[int], dtype: str, shape: tuple[int, ...],
+              data: memoryview) -> None: ...

@@ -1,0 +1,304 @@
+"""The decode side of KV transfer: accept chunks, verify them, write them into reserved blocks.
+
+Lifecycle of one request on a decode worker::
+
+    expect(rid, num_layers, block_ids)      the router reserved blocks          -> BOOTSTRAPPING
+    first verified chunk written            sink.write(layer, blocks, ...)      -> TRANSFERRING
+    every (layer, block) written            ack done=True to the sender         -> SUCCESS
+    bad checksum / shape / blocks, abort,   further chunks are refused          -> FAILED
+    drop(), connection lost, or no
+    progress for timeout_s
+
+A chunk is written only if its request was expected, it is not terminal, its blocks are among the
+reserved ones and its checksum matches; so a SUCCESS request's KV is complete and intact, and
+blocks of a FAILED (or dropped) request are never touched again once `drop()` returns.
+One thread accepts connections and one thread serves each connection (one per prefill worker).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+import weakref
+from multiprocessing import resource_tracker, shared_memory
+
+import msgspec
+
+from pdserve.config import TransferConfig
+from pdserve.transfer.frames import FrameError, read_frame_sync, write_frame_sync
+from pdserve.transfer.protocol import (
+    TERMINAL,
+    KVAbort,
+    KVAck,
+    KVChunk,
+    KVPoll,
+    KVSink,
+    checksum,
+    chunk_error,
+    decode_to_receiver,
+    encode,
+)
+
+SHM_PREFIX = "pdkv_"
+_RETAIN_S = 300.0  # terminal requests are remembered this long, so late chunks are refused, then forgotten
+_fake_ids = itertools.count()
+FAKE_RECEIVERS: weakref.WeakValueDictionary[str, KVReceiver] = weakref.WeakValueDictionary()
+
+
+class _Req:
+    __slots__ = ("num_layers", "blocks", "got", "state", "last", "error", "writing")
+
+    def __init__(self, num_layers: int, block_ids: list[int], now: float) -> None:
+        self.num_layers = num_layers
+        self.blocks = frozenset(block_ids)
+        self.got: dict[int, set[int]] = {}
+        self.state = KVPoll.BOOTSTRAPPING
+        self.last = now
+        self.error = ""
+        self.writing = 0
+
+    def complete(self) -> bool:
+        return len(self.got) == self.num_layers and all(g == self.blocks for g in self.got.values())
+
+
+class KVReceiver:
+    """One per decode worker; serves many requests from many senders."""
+
+    def __init__(self, sink: KVSink, config: TransferConfig | None = None, host: str = "127.0.0.1",
+                 port: int = 0, secret: bytes | None = None, timeout_s: float = 30.0,
+                 transport: str | None = None) -> None:
+        self.config = config or TransferConfig()
+        self.transport = transport or self.config.transport
+        if self.transport not in ("tcp", "shm", "fake"):
+            raise ValueError(f"transport must be tcp, shm or fake, got {self.transport!r}")
+        self.sink, self.host, self.port, self.secret, self.timeout_s = sink, host, port, secret, timeout_s
+        self._cond = threading.Condition()
+        self._reqs: dict[str, _Req] = {}
+        self._swept = time.monotonic()
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+        self._fake_id = ""
+
+    # ---- public -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and start serving (tcp/shm), or register in this process (fake)."""
+        if self.transport == "fake":
+            self._fake_id = str(next(_fake_ids))
+            FAKE_RECEIVERS[self._fake_id] = self
+            return
+        self._listener = socket.create_server((self.host, self.port))
+        self._listener.settimeout(0.2)  # lets the accept loop notice close()
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop, "kv-recv-accept")
+
+    def address(self) -> str:
+        """Where senders send: "tcp://host:port", "shm://host:port" (control socket) or "fake://id"."""
+        if self.transport == "fake":
+            return f"fake://{self._fake_id}"
+        return f"{self.transport}://{self.host}:{self.port}"
+
+    def expect(self, request_id: str, num_layers: int, block_ids: list[int]) -> None:
+        """Announce a request whose KV will land in `block_ids` (reserved by the caller)."""
+        if num_layers < 1 or not block_ids:
+            raise ValueError("expect() needs num_layers >= 1 and at least one block")
+        now = time.monotonic()
+        with self._cond:
+            self._sweep(now)
+            self._reqs[request_id] = _Req(num_layers, block_ids, now)
+
+    def poll(self, request_id: str) -> KVPoll:
+        """The request's state; a stalled one turns FAILED here. KeyError if never expected."""
+        with self._cond:
+            st = self._reqs[request_id]
+            if (st.state not in TERMINAL and st.writing == 0
+                    and time.monotonic() - st.last > self.timeout_s):
+                st.state, st.error = KVPoll.FAILED, f"no progress for {self.timeout_s}s"
+            return st.state
+
+    def error(self, request_id: str) -> str:
+        """Why a request FAILED ("" otherwise)."""
+        with self._cond:
+            st = self._reqs.get(request_id)
+            return st.error if st else ""
+
+    def drop(self, request_id: str) -> None:
+        """Refuse further chunks for a request; on return no write to its blocks is in progress."""
+        with self._cond:
+            st = self._reqs.get(request_id)
+            if st is None:  # dropped before expect: still refuse its chunks
+                st = self._reqs[request_id] = _Req(1, [0], time.monotonic())
+            if st.state is not KVPoll.SUCCESS:
+                st.state, st.error = KVPoll.FAILED, st.error or "dropped by the receiver"
+            st.last = time.monotonic()
+            self._cond.wait_for(lambda: st.writing == 0, timeout=self.timeout_s)
+
+    def close(self) -> None:
+        """Stop serving; requests not yet complete become FAILED."""
+        with self._cond:
+            self._closed = True
+            for st in self._reqs.values():
+                if st.state not in TERMINAL:
+                    st.state, st.error = KVPoll.FAILED, "receiver closed"
+            conns = list(self._conns)
+        for conn in conns:
+            _shutdown(conn)
+        for t in self._threads:
+            t.join(timeout=2)
+        if self._listener is not None:
+            self._listener.close()
+
+    # ---- chunk handling (connection threads, and the fake sender's thread) ---------------------
+    def handle_chunk(self, chunk: KVChunk, data: memoryview, seen: set[str] | None = None) -> KVAck:
+        """Verify one chunk, write it through the sink, and say how it went."""
+        rid = chunk.request_id
+        err = chunk_error(chunk, data.nbytes) or (
+            "checksum mismatch" if checksum(data) != chunk.checksum else "")
+        with self._cond:
+            st = self._reqs.get(rid)
+            if st is None or self._closed:
+                return KVAck(rid, chunk.layer, ok=False, error="request not expected here")
+            if seen is not None:
+                seen.add(rid)
+            if st.state is KVPoll.SUCCESS:  # a duplicate: the blocks may already be in use
+                return KVAck(rid, chunk.layer, ok=True, done=True)
+            if st.state is KVPoll.FAILED:
+                return KVAck(rid, chunk.layer, ok=False, error=st.error)
+            if not err and chunk.num_layers != st.num_layers:
+                err = f"chunk says {chunk.num_layers} layers, {st.num_layers} expected"
+            if not err and not st.blocks.issuperset(chunk.block_ids):
+                err = "chunk names blocks that were not reserved for this request"
+            if err:
+                st.state, st.error = KVPoll.FAILED, err
+                return KVAck(rid, chunk.layer, ok=False, error=err)
+            st.writing += 1
+            st.state, st.last = KVPoll.TRANSFERRING, time.monotonic()
+        try:
+            self.sink.write(chunk.layer, list(chunk.block_ids), chunk.dtype, tuple(chunk.shape), data)
+            err = ""
+        except Exception as e:  # the engine's problem, but it must fail the request, not the thread
+            err = f"sink.write failed: {e!r}"
+        with self._cond:
+            st.writing -= 1
+            self._cond.notify_all()
+            if st.state is KVPoll.FAILED:
+                return KVAck(rid, chunk.layer, ok=False, error=st.error)
+            if err:
+                st.state, st.error = KVPoll.FAILED, err
+                return KVAck(rid, chunk.layer, ok=False, error=err)
+            st.got.setdefault(chunk.layer, set()).update(chunk.block_ids)
+            st.last = time.monotonic()
+            if st.complete():
+                st.state = KVPoll.SUCCESS
+            return KVAck(rid, chunk.layer, ok=True, done=st.state is KVPoll.SUCCESS)
+
+    def fail(self, request_id: str, reason: str) -> None:
+        with self._cond:
+            st = self._reqs.get(request_id)
+            if st is not None and st.state not in TERMINAL:
+                st.state, st.error = KVPoll.FAILED, reason
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _spawn(self, target, name: str, *args) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads = [x for x in self._threads if x.is_alive()] + [t]
+        t.start()
+
+    def _sweep(self, now: float) -> None:
+        if now - self._swept < 10:
+            return
+        self._swept = now
+        for rid in [r for r, s in self._reqs.items() if s.state in TERMINAL and now - s.last > _RETAIN_S]:
+            del self._reqs[rid]
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._cond:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            self._spawn(self._serve_conn, "kv-recv-conn", conn)
+
+    def _serve_conn(self, conn: socket.socket) -> None:
+        seen: set[str] = set()  # requests that moved over this connection die with it
+        segments: dict[str, shared_memory.SharedMemory] = {}
+        reason = "connection closed by the sender"
+        try:
+            while True:
+                header, payload = read_frame_sync(conn, self.config.max_frame_bytes, self.secret)
+                msg = decode_to_receiver(header)
+                if isinstance(msg, KVAbort):
+                    self.fail(msg.request_id, f"aborted by the sender: {msg.reason}")
+                    continue
+                if msg.shm_name:
+                    seg = _attach(segments, msg)
+                    view = seg.buf[msg.shm_offset: msg.shm_offset + msg.nbytes]
+                    try:
+                        ack = self.handle_chunk(msg, view, seen)
+                    finally:
+                        view.release()  # a segment cannot close while a view of it lives
+                else:
+                    ack = self.handle_chunk(msg, payload, seen)
+                write_frame_sync(conn, encode(ack), secret=self.secret)
+        except (EOFError, OSError) as e:
+            reason = f"connection lost: {e!r}" if not isinstance(e, EOFError) else reason
+        except (FrameError, msgspec.DecodeError, ValueError) as e:
+            reason = f"bad frame, connection dropped: {e}"  # an unauthenticated peer gets nothing back
+        finally:
+            for rid in seen:
+                self.fail(rid, reason)
+            for seg in segments.values():
+                _close_segment(seg)
+            with self._cond:
+                self._conns.discard(conn)
+            conn.close()
+
+
+def _attach(segments: dict[str, shared_memory.SharedMemory], chunk: KVChunk) -> shared_memory.SharedMemory:
+    """Map the sender's segment (once per name); a new name means the old segment was retired."""
+    seg = segments.get(chunk.shm_name)
+    if seg is None:
+        if not chunk.shm_name.startswith(SHM_PREFIX) or "/" in chunk.shm_name:
+            raise ValueError(f"refusing shared-memory segment {chunk.shm_name!r}")
+        for old in segments.values():
+            _close_segment(old)
+        segments.clear()
+        if sys.version_info >= (3, 13):
+            seg = shared_memory.SharedMemory(chunk.shm_name, track=False)
+        else:
+            seg = shared_memory.SharedMemory(chunk.shm_name)
+            if chunk.sender_pid != os.getpid():  # only the creating process may unlink it at exit
+                resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+        segments[chunk.shm_name] = seg
+    if chunk.shm_offset < 0 or chunk.shm_offset + chunk.nbytes > seg.size:
+        raise ValueError("chunk lies outside its shared-memory segment")
+    return seg
+
+
+def _close_segment(seg: shared_memory.SharedMemory) -> None:
+    try:
+        seg.close()
+    except BufferError:  # a sink kept a view of it; the mapping goes when that view does
+        pass
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
