@@ -1,0 +1,184 @@
+"""CLI subcommands of the simulator: `sim`, `plan`, `kv-size`, `transfer-time`.
+
+`pdserve/cli.py` calls `register(sub)`; until then: `python -m pdserve.sim.commands sim ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from pdserve.config.model import resolve_shape
+from pdserve.sim.calculators import fmt_bytes, kv_size, layered_transfer, transfer_time
+from pdserve.sim.hardware import LINKS, get_link, parse_prices
+from pdserve.sim.metrics import SLO
+from pdserve.workload import PRESETS, generate
+
+
+def _kv_size(args: argparse.Namespace) -> int:
+    shape = resolve_shape(args.model)
+    k = kv_size(shape, args.tokens, args.dtype)
+    print(f"{args.model}: {shape.num_layers} layers, {shape.num_heads} query heads, {shape.num_kv_heads} KV heads, "
+          f"head_dim {shape.head_dim}, {args.dtype or shape.dtype}")
+    print(f"  KV per token:    {k.bytes_per_token:>14,} B  (full MHA would be {k.bytes_per_token_mha:,} B, "
+          f"{k.bytes_per_token_mha / k.bytes_per_token:.0f}x)")
+    print(f"  KV for {args.tokens:,} tokens: {k.bytes_per_sequence:>14,} B = {fmt_bytes(k.bytes_per_sequence)}  "
+          f"(MHA: {fmt_bytes(k.bytes_per_sequence_mha)})")
+    return 0
+
+
+def _transfer_time(args: argparse.Namespace) -> int:
+    if args.bytes is None:
+        if not (args.model and args.tokens):
+            print("transfer-time: give --bytes, or --model and --tokens", file=sys.stderr)
+            return 2
+        shape = resolve_shape(args.model)
+        nbytes, layers = float(shape.kv_bytes_per_token() * args.tokens), args.layers or shape.num_layers
+    else:
+        nbytes, layers = float(args.bytes), args.layers
+    links = list(LINKS) if args.link == "all" else [args.link]
+    for name in links:
+        link = get_link(name)
+        t = transfer_time(nbytes, link)
+        print(f"{link.name:<26} {fmt_bytes(nbytes)}: {link.latency_s * 1e3:.3f} ms + {fmt_bytes(nbytes)} / "
+              f"({link.bandwidth / 1e9:.2f} GB/s x {link.efficiency}) = {t * 1e3:,.2f} ms")
+        if layers and args.prefill_ms is not None:
+            lt = layered_transfer(nbytes, link, layers, args.prefill_ms / 1e3)
+            print(f"{'':<26} per layer ({layers} chunks of {fmt_bytes(nbytes / layers)}): {lt.per_layer_s * 1e3:.3f} ms "
+                  f"each; overlapping a {args.prefill_ms:g} ms prefill the last byte lands "
+                  f"{lt.exposed_s * 1e3:.2f} ms after prefill ends ({'link' if lt.link_bound else 'prefill'}-bound)")
+    return 0
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from pdserve.sim.build import ClusterConfig, build
+    from pdserve.sim.metrics import format_summary, summarize
+
+    if args.scenario == "seed":
+        from pdserve.sim.scenario import format_seed, run_seed
+
+        r = run_seed(args.num_requests or 400)
+        print(format_seed(r))
+        if args.output:
+            Path(args.output).write_text(json.dumps(r, indent=1))
+        return 0
+    cfg = ClusterConfig(model=args.model, mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
+                        num_colocated=args.instances, prefill_gpu=args.gpu, decode_gpu=args.decode_gpu or args.gpu,
+                        tp_prefill=args.tp, tp_decode=args.decode_tp or args.tp, link=args.link,
+                        chunk_tokens=args.chunk_tokens, profile=args.profile)
+    specs = generate(args.workload, args.num_requests, args.rate, args.arrival, args.burstiness, args.seed,
+                     trace=args.trace, time_scale=args.time_scale)
+    r = build(cfg).run(specs, progress=len(specs) >= 2000 and sys.stderr.isatty())
+    res = summarize(r, SLO(args.ttft_slo, args.tpot_slo), {"cluster": asdict(cfg), "label": cfg.label(),
+                                                         "gpus": cfg.num_gpus, "cost_per_hour": cfg.cost_per_hour(),
+                                                         "request_rate": args.rate})
+    print(f"cluster: {cfg.label()} ({cfg.num_gpus} GPUs, ${cfg.cost_per_hour():.2f}/h)")
+    print(format_summary(res))
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=1))
+    if args.plot:
+        from pdserve.sim.plots import plot_sim
+
+        plot_sim(r, args.plot, cfg.label())
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pdserve.sim.planner import PlanInput, format_plan, plan_colocated, plan_disagg, retime
+
+    base = generate(args.workload, args.num_requests, 1.0, seed=args.seed, trace=args.trace)
+    slo = SLO(args.ttft_slo, args.tpot_slo)
+    prices = parse_prices(args.price)
+    rates = [float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.rate]
+    rows = []
+    for rate in rates:
+        inp = PlanInput(args.model, rate, retime(base, rate, args.seed), slo, args.gpus.split(","), args.target,
+                        args.link, prices)
+        dis, col = plan_disagg(inp), plan_colocated(inp)
+        print(format_plan(dis, col, inp))
+        rows.append({"rate": rate, "disagg": dis and {"label": dis.config.label(), "cost": dis.cost},
+                     "colocated": col and {"label": col.config.label(), "cost": col.cost}})
+    if len(rows) > 1:
+        pays = next((r["rate"] for r in rows if r["disagg"] and (not r["colocated"]
+                                                                  or r["disagg"]["cost"] < r["colocated"]["cost"])), None)
+        print(f"disaggregation starts to pay at {pays:g} req/s" if pays else "disaggregation never paid in this sweep")
+    if args.output:
+        Path(args.output).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        from pdserve.sim.plots import plot_sweep
+
+        plot_sweep(rows, args.plot, f"{args.model}, {args.trace or args.workload}, SLO {slo.as_dict()}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `sim`, `plan`, `kv-size` and `transfer-time` to the `pdserve` command."""
+    p = sub.add_parser("kv-size", help="KV cache bytes per token and per sequence (GQA vs MHA)")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_kv_size)
+
+    p = sub.add_parser("transfer-time", help="KV transfer time over a link (base latency + size / bandwidth)")
+    p.add_argument("--bytes", type=float)
+    p.add_argument("--model")
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--link", default="all", help=f"one of {', '.join(LINKS)} or 'all'")
+    p.add_argument("--layers", type=int, help="send in per-layer chunks (default with --model: its layers)")
+    p.add_argument("--prefill-ms", type=float, help="prefill time the per-layer chunks overlap")
+    p.set_defaults(func=_transfer_time)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--model", default="llama-3.1-8b")
+        p.add_argument("--workload", default="chatbot", choices=list(PRESETS))
+        p.add_argument("--trace", help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens)")
+        p.add_argument("--num-requests", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--ttft-slo", type=float, help="ms")
+        p.add_argument("--tpot-slo", type=float, help="ms")
+        p.add_argument("--link", default="cx7-400g", choices=list(LINKS))
+        p.add_argument("--output", help="write the JSON here")
+        p.add_argument("--plot", help="write a PNG here")
+
+    p = sub.add_parser("sim", help="simulate a prefill/decode or colocated cluster")
+    common(p)
+    p.add_argument("--scenario", choices=["seed"])
+    p.add_argument("--mode", default="disagg", choices=["disagg", "colocated"])
+    p.add_argument("--prefill", type=int, default=1)
+    p.add_argument("--decode", type=int, default=1)
+    p.add_argument("--instances", type=int, default=1, help="colocated instances")
+    p.add_argument("--gpu", default="h100")
+    p.add_argument("--decode-gpu")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--decode-tp", type=int)
+    p.add_argument("--chunk-tokens", type=int, default=2048)
+    p.add_argument("--profile", help="profile JSON (pdserve profile) instead of the roofline")
+    p.add_argument("--rate", type=float, default=math.inf)
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "trace"])
+    p.add_argument("--burstiness", type=float, default=1.0)
+    p.add_argument("--time-scale", type=float, default=1.0)
+    p.set_defaults(func=_sim, num_requests=200)
+
+    p = sub.add_parser("plan", help="cheapest cluster meeting the SLOs: disaggregated vs colocated")
+    common(p)
+    p.add_argument("--gpus", default="h100", help="comma-separated GPU types to consider")
+    p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--sweep-rate", help="comma-separated rates, e.g. 1,2,5,10,20")
+    p.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
+    p.add_argument("--price", action="append", help="GPU=USD per GPU-hour (repeatable)")
+    p.set_defaults(func=_plan, num_requests=200, ttft_slo=2000.0, tpot_slo=100.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
