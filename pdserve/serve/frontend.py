@@ -1,0 +1,300 @@
+"""The OpenAI HTTP front: text in, text out. Used by the router and by a standalone worker.
+
+It owns text: tokenization, chat templates, incremental detokenization and stop strings. The
+backend (a local engine or the cluster) only sees token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from transformers import PreTrainedTokenizerBase
+
+from pdserve.engine.detokenizer import TextStream
+from pdserve.serve.backend import Backend, BackendError
+from pdserve.serve.metrics import ServerMetrics
+from pdserve.serve.protocol import APIError, GenerateRequest, parse_chat, parse_completion
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class Choice:
+    """One prompt's generation as it progresses."""
+
+    index: int
+    prompt_ids: list[int]
+    stream: TextStream
+    finish_reason: str | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    cached: int = 0
+
+
+class OpenAIFront:
+    def __init__(self, backend: Backend, tokenizer: PreTrainedTokenizerBase, model_name: str,
+                 api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+        self.vocab_size = len(tokenizer)
+        self.metrics = ServerMetrics(backend.stats)
+        self.created = int(time.time())
+
+    # ---- app --------------------------------------------------------------------------------
+    def app(self) -> FastAPI:
+        app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+        front = self
+
+        @app.on_event("startup")
+        async def _start() -> None:
+            await front.backend.start()
+
+        @app.on_event("shutdown")
+        async def _stop() -> None:
+            await front.backend.stop()
+
+        @app.get("/health")
+        async def health() -> Response:
+            return JSONResponse({"status": "ok"})
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(front.metrics.render(), media_type="text/plain; version=0.0.4")
+
+        @app.get("/v1/models")
+        async def models(request: Request) -> Response:
+            front._auth(request)
+            return JSONResponse({"object": "list", "data": [
+                {"id": front.model_name, "object": "model", "created": front.created, "owned_by": "pdserve",
+                 "max_model_len": front.backend.max_model_len}]})
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            return await front.handle(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            return await front.handle(request, chat=True)
+
+        @app.exception_handler(APIError)
+        async def _api_error(request: Request, exc: APIError) -> Response:
+            return front._error(exc)
+
+        return app
+
+    def _error(self, exc: APIError) -> Response:
+        self.metrics.errors.labels(str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError("invalid or missing API key", status=401, type_="authentication_error",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> Any:
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
+            raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+        raw = bytearray()
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self.max_body_bytes:
+                raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(f"malformed JSON body: {e}") from None
+
+    # ---- requests ---------------------------------------------------------------------------
+    async def handle(self, request: Request, chat: bool) -> Response:
+        try:
+            self._auth(request)
+            body = await self._body(request)
+            req = parse_chat(body) if chat else parse_completion(body)
+            if req.model != self.model_name:
+                raise APIError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                               param="model", code="model_not_found")
+            choices = self._prepare(req)
+        except APIError as e:
+            return self._error(e)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if req.stream:
+            return StreamingResponse(self._stream(rid, req, choices, chat), media_type="text/event-stream")
+        try:
+            return JSONResponse(await self._complete(rid, req, choices, chat))
+        except APIError as e:
+            return self._error(e)
+
+    def _prepare(self, req: GenerateRequest) -> list[Choice]:
+        if req.messages is not None:
+            try:
+                ids = self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # a template can reject a conversation (e.g. role order)
+                raise APIError(f"chat template rejected the messages: {e}", param="messages") from None
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            prompt_ids = [list(ids)]
+        else:
+            assert req.prompts is not None
+            prompt_ids = [self.tokenizer(p).input_ids if isinstance(p, str) else list(p) for p in req.prompts]
+        limit = self.backend.max_model_len
+        choices = []
+        for i, ids in enumerate(prompt_ids):
+            if not ids:
+                raise APIError("prompt is empty", param="prompt")
+            bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise APIError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                               param="prompt")
+            max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
+            if len(ids) + max(1, max_tokens) > limit:
+                raise APIError(
+                    f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
+                    f"and max_tokens asks for {max_tokens} more", param="max_tokens",
+                    code="context_length_exceeded")
+            req.params = dataclasses.replace(req.params, max_tokens=max_tokens)
+            choices.append(Choice(i, ids, TextStream(self.tokenizer, req.params.stop)))
+        return choices
+
+    async def _run(self, rid: str, req: GenerateRequest, choice: Choice,
+                   out: asyncio.Queue[tuple[Choice, str | None] | BaseException]) -> None:
+        """Generate one choice, pushing text deltas to `out`; a None delta marks the end."""
+        sub_id = f"{rid}-{choice.index}"
+        start = time.monotonic()
+        first = last = None
+        n = 0
+        gen = self.backend.generate(sub_id, choice.prompt_ids, req.params)
+        try:
+            async for ev in gen:
+                if ev.error is not None:
+                    raise APIError(ev.error, status=500, type_="server_error")
+                now = time.monotonic()
+                if ev.token_ids:
+                    if first is None:
+                        first = now
+                        self.metrics.ttft.observe(now - start)
+                    elif last is not None:
+                        self.metrics.itl.observe(now - last)
+                    last = now
+                    n += len(ev.token_ids)
+                    delta = choice.stream.add(ev.token_ids)
+                    if choice.stream.stopped:
+                        choice.finish_reason = "stop"
+                        await out.put((choice, delta))
+                        break
+                    if delta:
+                        await out.put((choice, delta))
+                if ev.finish_reason is not None:
+                    choice.finish_reason = "stop" if ev.finish_reason == "stop" else ev.finish_reason
+                    choice.timings, choice.cached = ev.timings, ev.num_cached_tokens
+                    await out.put((choice, choice.stream.flush()))
+                    break
+        except BackendError as e:
+            await out.put(APIError(str(e), status=e.status, type_="server_error",
+                                   headers={"Retry-After": str(int(e.retry_after or 1))}))
+            return
+        except APIError as e:
+            await out.put(e)
+            return
+        finally:
+            await gen.aclose()
+        end = time.monotonic()
+        if choice.finish_reason is None:
+            choice.finish_reason = "abort"
+        self.metrics.e2e.observe(end - start)
+        if first is not None and n > 1:
+            self.metrics.tpot.observe((end - first) / (n - 1))
+        self.metrics.prompt_tokens.inc(len(choice.prompt_ids))
+        self.metrics.generation_tokens.inc(len(choice.stream.token_ids))
+        self.metrics.requests.labels(choice.finish_reason).inc()
+        self.metrics.observe_phases(choice.timings)
+        await out.put((choice, None))
+
+    async def _events(self, rid: str, req: GenerateRequest, choices: list[Choice]
+                      ) -> AsyncIterator[tuple[Choice, str, bool]]:
+        """Merge the choices' deltas; yields (choice, delta, done)."""
+        out: asyncio.Queue[tuple[Choice, str | None] | BaseException] = asyncio.Queue()
+        tasks = [asyncio.create_task(self._run(rid, req, c, out)) for c in choices]
+        live = len(choices)
+        try:
+            while live:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                choice, delta = item
+                live -= delta is None
+                yield choice, delta or "", delta is None
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _usage(self, choices: list[Choice]) -> dict[str, int]:
+        p = sum(len(c.prompt_ids) for c in choices)
+        g = sum(len(c.stream.token_ids) for c in choices)
+        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+
+    async def _complete(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool) -> dict[str, Any]:
+        texts = {c.index: "" for c in choices}
+        async for choice, delta, _ in self._events(rid, req, choices):
+            texts[choice.index] += delta
+        body: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                                "created": int(time.time()), "model": self.model_name}
+        if chat:
+            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+                                "finish_reason": c.finish_reason} for c in choices]
+        else:
+            prefix = {c.index: (req.prompts[c.index] if req.echo and isinstance(req.prompts[c.index], str) else "")  # type: ignore[index]
+                      for c in choices}
+            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index], "logprobs": None,
+                                "finish_reason": c.finish_reason} for c in choices]
+        body["usage"] = self._usage(choices)
+        body["timings"] = [c.timings for c in choices]
+        return body
+
+    async def _stream(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool
+                      ) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(payload: list[dict[str, Any]], **extra: Any) -> bytes:
+            body = {"id": rid, "object": obj, "created": created, "model": self.model_name,
+                    "choices": payload, **extra}
+            return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+        if chat:
+            yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                          "finish_reason": None} for c in choices])
+        try:
+            async for choice, delta, done in self._events(rid, req, choices):
+                if not delta and not done:
+                    continue
+                finish = choice.finish_reason if done else None
+                if chat:
+                    payload = {"index": choice.index, "delta": {"content": delta} if delta else {},
+                               "finish_reason": finish}
+                else:
+                    payload = {"index": choice.index, "text": delta, "logprobs": None, "finish_reason": finish}
+                extra = {"timings": choice.timings} if done else {}
+                yield chunk([payload], **extra)
+        except APIError as e:
+            self.metrics.errors.labels(str(e.status)).inc()
+            yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
+            return
+        if req.include_usage:
+            yield chunk([], usage=self._usage(choices))
+        yield b"data: [DONE]\n\n"

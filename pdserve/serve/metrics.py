@@ -1,0 +1,59 @@
+"""Prometheus metrics for the front (router or standalone worker), one registry per server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                0.3, 0.5, 0.75, 1.0, 2.5)
+PHASES = ("router_queue", "queue", "prefill_queue", "prefill", "transfer", "decode")
+
+
+class ServerMetrics:
+    """Latency histograms, token counters and gauges read from the backend at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdserve:time_per_output_token_seconds", "Mean time per output token after the first",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.itl = Histogram("pdserve:inter_token_latency_seconds", "Time between streamed tokens",
+                             buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("pdserve:e2e_request_latency_seconds", "Request latency, arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.phase = Histogram("pdserve:request_phase_seconds", "Per-request time in each phase",
+                               ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("pdserve:generation_tokens", "Tokens generated", registry=r)
+        self.requests = Counter("pdserve:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.errors = Counter("pdserve:request_errors", "Requests answered with an error", ["status"],
+                              registry=r)
+        self._gauges = {
+            name: Gauge(f"pdserve:{name}", help_, registry=r)
+            for name, help_ in [
+                ("num_requests_running", "Requests being computed"),
+                ("num_requests_waiting", "Requests queued"),
+                ("kv_cache_usage", "Fraction of KV blocks in use (0-1)"),
+                ("kv_free_blocks", "Free KV blocks"),
+                ("kv_total_blocks", "KV blocks in all"),
+                ("busy_fraction", "Share of wall time spent computing"),
+            ]
+        }
+        self._stats = stats
+
+    def observe_phases(self, timings: dict[str, float]) -> None:
+        for phase, seconds in timings.items():
+            if phase in PHASES and seconds >= 0:
+                self.phase.labels(phase).observe(seconds)
+
+    def render(self) -> bytes:
+        for name, value in self._stats().items():
+            if name in self._gauges:
+                self._gauges[name].set(value)
+        return generate_latest(self.registry)
