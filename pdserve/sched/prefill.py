@@ -66,8 +66,9 @@ class PrefillBatcher:
     def _ready(self, q: deque[Request], now: float) -> bool:
         if not q:
             return False
-        waited_ms = (now - self.enqueued_at[q[0].request_id]) * 1000.0
-        if waited_ms >= self.config.max_wait_ms or len(q) >= self.config.max_num_seqs:
+        # Same arithmetic as next_wakeup, so waking at that time always finds the batch ready.
+        deadline = self.enqueued_at[q[0].request_id] + self.config.max_wait_ms / 1000.0
+        if now >= deadline or len(q) >= self.config.max_num_seqs:
             return True
         return sum(r.num_uncomputed_tokens for r in q) >= self.config.target_utilization * self.budget
 
@@ -135,6 +136,7 @@ class PrefillBatcher:
                     del self.enqueued_at[request_id]
                     self.block_manager.free(req)
                     req.status = RequestStatus.FINISHED_ABORTED
+                    req.finished_time = now
                     return req
         req = self.transferring.get(request_id)
         if req is not None:
