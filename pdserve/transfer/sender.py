@@ -83,10 +83,11 @@ class KVSender:
                 raise RuntimeError("KVSender is closed")
             self._sweep(now)
             st = self._reqs.get(request_id)
-            if st is None:
+            changed = st is not None and (st.dest != dest or st.num_layers != num_layers)
+            if st is None or (changed and st.state in TERMINAL):  # a retry elsewhere starts afresh
                 st = self._reqs[request_id] = _Req(dest, num_layers, now)
-            elif st.dest != dest or st.num_layers != num_layers:
-                raise ValueError(f"request {request_id!r} was started to {st.dest} with {st.num_layers} layers")
+            elif changed:
+                raise ValueError(f"request {request_id!r} is in flight to {st.dest} with {st.num_layers} layers")
             if st.state in TERMINAL:
                 return  # aborted or failed: the caller learns it from poll()
             st.last = now
