@@ -204,6 +204,9 @@ class _Link(threading.Thread):
         while (item := self.queue.get()) is not None:
             rid = item[1]
             if item[0] == "abort":
+                if self.scheme == "fake" and (receiver := FAKE_RECEIVERS.get(self.where)) is not None:
+                    receiver.fail(rid, "aborted by the sender")
+                    continue
                 conn = self.conn
                 if conn is not None and not conn.dead and rid in conn.rids:
                     try:
