@@ -6,6 +6,7 @@ computes; the core samples and hands results back. Time comes from an injected c
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class EngineCore:
         self.eos_ids = frozenset(runner.shape.eos_token_ids)
         # Set by the prefill role: called as each layer's KV lands, to stream it out.
         self.layer_hook: Callable[[SchedulerOutput, int], None] | None = None
+        # Held while the policy decides or updates, not while the model runs, so another thread
+        # may make a quick policy call (a decode reservation) without waiting for a whole step.
+        self.lock = threading.RLock()
 
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
         stop = set(params.stop_token_ids)
@@ -64,11 +68,13 @@ class EngineCore:
         )
 
     def add(self, req: Request) -> None:
-        self.policy.add_request(req, self.clock())
+        with self.lock:
+            self.policy.add_request(req, self.clock())
 
     def step(self) -> StepResult:
         start = self.clock()
-        out = self.policy.schedule(start)
+        with self.lock:
+            out = self.policy.schedule(start)
         result = StepResult(output=out, started=start)
         if not out.chunks:
             return result
@@ -79,6 +85,7 @@ class EngineCore:
         tokens = sample(logits, params, [len(r.output_token_ids) for r in rows])
         result.new_tokens = {r.request_id: t for r, t in zip(rows, tokens, strict=True)}
         now = self.clock()
-        result.finished = self.policy.update(out, result.new_tokens, now)
+        with self.lock:
+            result.finished = self.policy.update(out, result.new_tokens, now)
         result.duration = now - start
         return result

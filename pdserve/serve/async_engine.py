@@ -48,12 +48,13 @@ class EngineThread:
             fn = self.commands.get(timeout=timeout) if timeout is None or timeout > 0 else self.commands.get_nowait()
         except queue.Empty:
             return
-        fn()
-        while True:
-            try:
-                self.commands.get_nowait()()
-            except queue.Empty:
-                return
+        with self.core.lock:  # commands touch the policy, which the lock guards
+            fn()
+            while True:
+                try:
+                    self.commands.get_nowait()()
+                except queue.Empty:
+                    return
 
     def _run(self) -> None:
         policy = self.core.policy

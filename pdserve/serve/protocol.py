@@ -53,7 +53,8 @@ def _get(body: dict[str, Any], key: str, types: tuple[type, ...], default: Any =
 
 
 def _range(key: str, v: float, lo: float, hi: float, lo_open: bool = False) -> None:
-    if v < lo or v > hi or (lo_open and v == lo):
+    # `not lo <= v <= hi` (rather than `v < lo or v > hi`) also rejects NaN, which Python's json accepts.
+    if not lo <= v <= hi or (lo_open and v == lo):
         bracket = "(" if lo_open else "["
         raise APIError(f"'{key}' must be in {bracket}{lo}, {hi}], got {v}", param=key)
 
@@ -102,7 +103,7 @@ def _sampling(body: dict[str, Any], max_tokens_default: int | None) -> tuple[Sam
 def _common(body: Any, req: GenerateRequest) -> None:
     req.stream = bool(_get(body, "stream", (bool,), False))
     opts = _get(body, "stream_options", (dict,), {}) or {}
-    req.include_usage = bool(opts.get("include_usage", False))
+    req.include_usage = bool(_get(opts, "include_usage", (bool,), False))
     req.return_timings = bool(_get(body, "return_timings", (bool,), False))
 
 

@@ -32,7 +32,7 @@ def build_colocated(args: argparse.Namespace) -> OpenAIFront:
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.role == "colocated":
+    if args.role == "colocated" and not args.internal:
         front = build_colocated(args)
         log.info("colocated worker for %s on http://%s:%d", args.model, args.host, args.port)
         uvicorn.run(front.app(), host=args.host, port=args.port, log_level="warning")

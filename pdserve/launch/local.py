@@ -1,0 +1,162 @@
+"""`pdserve up`: the workers as local processes, the router in this process.
+
+Workers get free loopback ports and a fresh cluster secret (every frame between them and the
+router is authenticated). Ctrl-C stops the router, then SIGTERMs the workers, which finish their
+in-flight requests and transfers before exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from pdserve.config.cluster import ClusterConfig
+
+
+@dataclass
+class WorkerProc:
+    role: str
+    index: int
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def worker_command(cfg: ClusterConfig, role: str, port: int) -> list[str]:
+    """The `pdserve serve` command line of one worker of the cluster."""
+    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", role, "--internal",
+           "--host", "127.0.0.1", "--port", str(port), "--model", cfg.model, "--device", cfg.device,
+           "--threads", str(cfg.threads), "--block-size", str(cfg.block_size),
+           "--kv-cache-memory-gb", str(cfg.kv_cache_memory_gb)]
+    if cfg.dtype:
+        cmd += ["--dtype", cfg.dtype]
+    t = cfg.transfer
+    cmd += ["--transport", t.transport, "--bandwidth-gbps", str(t.bandwidth_gbps), "--latency-ms", str(t.latency_ms)]
+    if role == "prefill":
+        p = cfg.prefill
+        cmd += ["--max-batch-tokens", str(p.max_batch_tokens), "--max-num-seqs", str(p.max_num_seqs),
+                "--max-wait-ms", str(p.max_wait_ms), "--target-utilization", str(p.target_utilization),
+                "--max-num-batched-tokens", str(max(p.max_batch_tokens, 16))]
+        if p.length_buckets:
+            cmd += ["--length-buckets", ",".join(map(str, p.length_buckets))]
+    elif role == "decode":
+        d = cfg.decode
+        cmd += ["--max-batch-size", str(d.max_batch_size), "--max-num-seqs", str(d.max_num_seqs),
+                "--max-num-batched-tokens", str(d.max_num_batched_tokens),
+                "--tpot-target-ms", str(d.tpot_target_ms)]
+        if d.adaptive_batch:
+            cmd.append("--adaptive-batch")
+    else:
+        c = cfg.colocated
+        cmd += ["--max-num-batched-tokens", str(c.max_num_batched_tokens), "--max-num-seqs", str(c.max_num_seqs)]
+    return cmd
+
+
+def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stderr.write(f"[{prefix}] {line.decode(errors='replace')}")
+
+
+def start_workers(cfg: ClusterConfig, secret: str) -> list[WorkerProc]:
+    env = {**os.environ, "PDSERVE_CLUSTER_SECRET": secret}
+    procs: list[WorkerProc] = []
+    for role, n in (("prefill", cfg.prefill.workers), ("decode", cfg.decode.workers),
+                    ("colocated", cfg.colocated.workers)):
+        for i in range(n):
+            port = free_port()
+            proc = subprocess.Popen(worker_command(cfg, role, port), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            w = WorkerProc(role, i, port, proc)
+            threading.Thread(target=_pump, args=(proc, w.name), daemon=True).start()
+            procs.append(w)
+    return procs
+
+
+def wait_ready(workers: list[WorkerProc], timeout: float = 180.0) -> None:
+    """Until every worker accepts connections; raises if one exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    pending = list(workers)
+    while pending:
+        for w in list(pending):
+            if w.proc.poll() is not None:
+                raise RuntimeError(f"{w.name} exited with status {w.proc.returncode} while starting")
+            try:
+                socket.create_connection(("127.0.0.1", w.port), timeout=0.2).close()
+                pending.remove(w)
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"workers not ready after {timeout}s: {[w.name for w in pending]}")
+        time.sleep(0.2)
+
+
+def stop_workers(workers: list[WorkerProc], grace: float = 30.0) -> None:
+    """SIGTERM (drain), then SIGKILL whatever is still alive after `grace` seconds."""
+    for w in workers:
+        if w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for w in workers:
+        try:
+            w.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+
+
+def run_cluster(cfg: ClusterConfig) -> int:
+    """Start everything, serve until interrupted, stop everything."""
+    import uvicorn
+
+    from pdserve.config.model import resolve_shape
+    from pdserve.model.tokenizer import load_tokenizer
+    from pdserve.serve.frontend import OpenAIFront
+    from pdserve.serve.router import ClusterBackend, RouterConfig
+
+    secret = secrets.token_hex(16)
+    shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
+    r = cfg.router
+    print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "
+          f"{cfg.colocated.workers} colocated worker(s) for {cfg.model}...", flush=True)
+    workers = start_workers(cfg, secret)
+    try:
+        wait_ready(workers)
+        by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
+        backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
+                                 secret=secret.encode(), config=RouterConfig(disagg_threshold=r.disagg_threshold))
+        front = OpenAIFront(backend, load_tokenizer(cfg.model), cfg.model, api_key=r.api_key or None)
+        auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""
+        url = f"http://{r.host}:{r.port}"
+        print(f"pdserve: serving {cfg.model} at {url}/v1  (metrics: {url}/metrics)\n"
+              f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"""-d '{{"model": "{cfg.model}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
+              f"  Ctrl-C stops the cluster.", flush=True)
+        server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=r.port, log_level="warning",
+                                               timeout_graceful_shutdown=30))
+        asyncio.run(server.serve())
+    finally:
+        print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
+        stop_workers(workers)
+    return 0

@@ -1,0 +1,137 @@
+"""Typed control messages between the router and workers (msgpack via msgspec; never pickle).
+
+Router -> worker:  Generate, Reserve, Prefill, Start, Abort, StatsQuery
+Worker -> router:  Reserved, Tokens, TransferDone, Stats
+Every message names its request, so one connection carries many requests at once.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from pdserve.engine.sampler import SamplingParams
+
+
+class Params(msgspec.Struct, frozen=True):
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+    @classmethod
+    def of(cls, p: SamplingParams) -> Params:
+        return cls(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop_token_ids),
+                   p.ignore_eos, p.min_tokens)
+
+    def sampling(self) -> SamplingParams:
+        """Validated engine parameters (raises ValueError on out-of-range values)."""
+        return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed, stop_token_ids=list(self.stop_token_ids),
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+
+
+class Generate(msgspec.Struct, tag="generate", frozen=True):
+    """Serve the whole request here (colocated worker, or a decode worker running the prefill)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+
+
+class Reserve(msgspec.Struct, tag="reserve", frozen=True):
+    """Decode: hold KV blocks for this prompt; answer at once."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+
+
+class Prefill(msgspec.Struct, tag="prefill", frozen=True):
+    """Prefill: compute the prompt, sample the first token, push KV into the decode worker's blocks."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Params
+    kv_address: str
+    block_ids: list[int]
+    block_size: int
+    decode_free_fraction: float = 1.0  # back-pressure: how idle the chosen decode worker is
+
+
+class Start(msgspec.Struct, tag="start", frozen=True):
+    """Decode: the first token; admit the request once its KV has fully arrived."""
+
+    request_id: str
+    first_token: int
+
+
+class Abort(msgspec.Struct, tag="abort", frozen=True):
+    request_id: str
+
+
+class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
+    nonce: str
+
+
+class Reserved(msgspec.Struct, tag="reserved", frozen=True):
+    request_id: str
+    ok: bool
+    kv_address: str = ""
+    block_ids: list[int] = []
+    block_size: int = 0
+    reason: str = ""
+
+
+class Tokens(msgspec.Struct, tag="tokens", frozen=True):
+    request_id: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+    timings: dict[str, float] = {}
+    num_cached_tokens: int = 0
+
+
+class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):
+    request_id: str
+    ok: bool
+    seconds: float = 0.0
+    error: str = ""
+
+
+class Stats(msgspec.Struct, tag="stats", frozen=True):
+    nonce: str
+    role: str
+    running: int
+    waiting: int
+    free_blocks: int
+    total_blocks: int
+    busy_fraction: float
+    queued_prompt_tokens: int = 0
+    reserved: int = 0
+    block_size: int = 16
+    draining: bool = False
+
+
+ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery
+ToRouter = Reserved | Tokens | TransferDone | Stats
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(ToWorker)
+_to_router = msgspec.msgpack.Decoder(ToRouter)
+
+
+def encode(msg: ToWorker | ToRouter) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_to_worker(data: bytes) -> ToWorker:
+    """Raises msgspec.ValidationError / DecodeError on anything malformed."""
+    return _to_worker.decode(data)
+
+
+def decode_to_router(data: bytes) -> ToRouter:
+    return _to_router.decode(data)
