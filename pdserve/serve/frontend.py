@@ -48,7 +48,7 @@ class OpenAIFront:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.vocab_size = len(tokenizer)
-        self.metrics = ServerMetrics(backend.stats)
+        self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None))
         self.created = int(time.time())
 
     # ---- app --------------------------------------------------------------------------------
@@ -262,6 +262,9 @@ class OpenAIFront:
                       for c in choices}
             body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index], "logprobs": None,
                                 "finish_reason": c.finish_reason} for c in choices]
+        if req.return_token_ids:  # extension (as in vLLM): exact ids, for clients that compare tokens
+            for c, out in zip(choices, body["choices"], strict=True):
+                out["token_ids"] = list(c.stream.token_ids)
         body["usage"] = self._usage(choices)
         body["timings"] = [c.timings for c in choices]
         return body

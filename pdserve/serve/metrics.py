@@ -16,7 +16,8 @@ PHASES = ("router_queue", "queue", "prefill_queue", "prefill", "transfer", "deco
 class ServerMetrics:
     """Latency histograms, token counters and gauges read from the backend at scrape time."""
 
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, float]],
+                 worker_stats: Callable[[], list[tuple[str, str, dict[str, float]]]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token",
@@ -46,6 +47,16 @@ class ServerMetrics:
             ]
         }
         self._stats = stats
+        self._worker_stats = worker_stats
+        self._worker_gauges = {
+            name: Gauge(f"pdserve:worker_{name}", help_, ["worker", "role"], registry=r)
+            for name, help_ in [
+                ("up", "1 if the router can use the worker"),
+                ("busy_fraction", "Share of the worker's wall time spent computing"),
+                ("kv_free_blocks", "Free KV blocks on the worker"),
+                ("inflight", "Requests the router has on the worker"),
+            ]
+        }
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for phase, seconds in timings.items():
@@ -56,4 +67,9 @@ class ServerMetrics:
         for name, value in self._stats().items():
             if name in self._gauges:
                 self._gauges[name].set(value)
+        if self._worker_stats is not None:
+            for worker, role, values in self._worker_stats():
+                for name, value in values.items():
+                    if name in self._worker_gauges:
+                        self._worker_gauges[name].labels(worker, role).set(value)
         return generate_latest(self.registry)

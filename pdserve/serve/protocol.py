@@ -35,7 +35,7 @@ class GenerateRequest:
     stream: bool = False
     include_usage: bool = False
     echo: bool = False
-    return_timings: bool = False
+    return_token_ids: bool = False
 
 
 def _get(body: dict[str, Any], key: str, types: tuple[type, ...], default: Any = None,
@@ -104,7 +104,7 @@ def _common(body: Any, req: GenerateRequest) -> None:
     req.stream = bool(_get(body, "stream", (bool,), False))
     opts = _get(body, "stream_options", (dict,), {}) or {}
     req.include_usage = bool(_get(opts, "include_usage", (bool,), False))
-    req.return_timings = bool(_get(body, "return_timings", (bool,), False))
+    req.return_token_ids = bool(_get(body, "return_token_ids", (bool,), False))
 
 
 def parse_completion(body: Any) -> GenerateRequest:
