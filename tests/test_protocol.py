@@ -1,0 +1,178 @@
+"""Parsing of OpenAI request bodies (pdserve/serve/protocol.py): no server, no model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from pdserve.serve.protocol import APIError, parse_chat, parse_completion
+
+CHAT_MSGS = [{"role": "user", "content": "hi"}]
+
+
+def comp(**kw):
+    return parse_completion({"model": "m", "prompt": "hi", **kw})
+
+
+def chat(**kw):
+    return parse_chat({"model": "m", "messages": CHAT_MSGS, **kw})
+
+
+def bad(fn, body, param):
+    with pytest.raises(APIError) as ei:
+        fn(body)
+    e = ei.value
+    assert e.status == 400
+    assert e.param == param
+    body = e.body()
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["message"]
+    json.dumps(body)  # serializable as is
+    return e
+
+
+# ---- good requests --------------------------------------------------------------------------
+
+def test_completion_defaults():
+    r = comp()
+    assert r.model == "m" and r.prompts == ["hi"] and r.messages is None
+    assert r.max_tokens == 16 and r.params.max_tokens == 16  # OpenAI's completions default
+    assert r.params.temperature == 1.0 and r.params.top_p == 1.0 and r.params.top_k == -1
+    assert r.params.stop == [] and r.params.seed is None
+    assert not r.stream and not r.include_usage and not r.echo
+
+
+def test_chat_max_tokens_left_open():
+    r = chat()
+    assert r.max_tokens is None  # the front fills in what fits in the context
+    assert r.messages == CHAT_MSGS and r.prompts is None
+
+
+@pytest.mark.parametrize("prompt,expected", [
+    ("a", ["a"]),
+    (["a", "b"], ["a", "b"]),
+    ([1, 2, 3], [[1, 2, 3]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
+])
+def test_prompt_shapes(prompt, expected):
+    assert comp(prompt=prompt).prompts == expected
+
+
+def test_sampling_fields_pass_through():
+    r = comp(max_tokens=7, temperature=0, top_p=0.5, top_k=3, seed=11, stop=["x", "yy"],
+             stop_token_ids=[2, 5], ignore_eos=True, min_tokens=2, stream=True,
+             stream_options={"include_usage": True}, echo=True)
+    p = r.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed) == (7, 0.0, 0.5, 3, 11)
+    assert p.stop == ["x", "yy"] and p.stop_token_ids == [2, 5]
+    assert p.ignore_eos and p.min_tokens == 2 and p.greedy
+    assert r.stream and r.include_usage and r.echo
+
+
+def test_stop_string_becomes_list_and_nulls_mean_default():
+    assert comp(stop="END").params.stop == ["END"]
+    r = comp(max_tokens=None, temperature=None, stop=None, stream=None)
+    assert r.max_tokens == 16 and r.params.temperature == 1.0 and r.params.stop == [] and not r.stream
+
+
+def test_max_completion_tokens_alias():
+    assert chat(max_completion_tokens=9).max_tokens == 9
+    assert chat(max_tokens=4, max_completion_tokens=9).max_tokens == 4
+
+
+def test_chat_text_parts_joined():
+    r = parse_chat({"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
+    assert r.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+def test_range_edges_accepted():
+    assert comp(temperature=2).params.temperature == 2.0
+    assert comp(top_p=1).params.top_p == 1.0
+    assert comp(top_k=1).params.greedy
+
+
+# ---- bad requests ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", [None, [], "x", 3])
+def test_body_not_object(body):
+    for fn in (parse_completion, parse_chat):
+        bad(fn, body, None)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", 0), ("max_tokens", -1), ("max_tokens", "ten"), ("max_tokens", 1.5), ("max_tokens", True),
+    ("max_completion_tokens", 0),
+    ("temperature", 5), ("temperature", -0.1), ("temperature", "hot"), ("temperature", math.nan),
+    ("temperature", math.inf),
+    ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan),
+    ("top_k", 0), ("top_k", -2), ("top_k", 2.0),
+    ("n", 2), ("n", 0),
+    ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("logprobs", True), ("logprobs", 5),
+    ("stream", "yes"), ("stream", 1),
+    ("stream_options", [1]),
+    ("echo", "yes"),
+    ("seed", 1.5),
+    ("min_tokens", -1),
+    ("ignore_eos", "no"),
+])
+def test_bad_sampling_field(field, value):
+    param = "max_tokens" if field == "max_completion_tokens" else field
+    e = bad(parse_completion, {"model": "m", "prompt": "hi", field: value}, param)
+    assert param in e.message
+
+
+def test_bad_include_usage_type():
+    bad(parse_completion, {"model": "m", "prompt": "hi", "stream": True,
+                           "stream_options": {"include_usage": "x"}}, "include_usage")
+
+
+@pytest.mark.parametrize("stop", [[""], "", [1], ["a"] * 17, 5])
+def test_bad_stop(stop):
+    bad(parse_completion, {"model": "m", "prompt": "hi", "stop": stop}, "stop")
+
+
+@pytest.mark.parametrize("ids", [[-1], [1.5], ["a"], [True]])
+def test_bad_stop_token_ids(ids):
+    bad(parse_completion, {"model": "m", "prompt": "hi", "stop_token_ids": ids}, "stop_token_ids")
+
+
+@pytest.mark.parametrize("prompt", [123, None, [], [[]], [1, "a"], [True, 1], [["a"]], [[1], "a"], {"a": 1}, 1.5])
+def test_bad_prompt(prompt):
+    body = {"model": "m"} if prompt is None else {"model": "m", "prompt": prompt}
+    bad(parse_completion, body, "prompt")
+
+
+def test_too_many_prompts():
+    assert len(comp(prompt=["a"] * 64).prompts) == 64
+    bad(parse_completion, {"model": "m", "prompt": ["a"] * 65}, "prompt")
+
+
+@pytest.mark.parametrize("fn,extra", [(parse_completion, {"prompt": "hi"}), (parse_chat, {"messages": CHAT_MSGS})])
+@pytest.mark.parametrize("model", [None, 5, ["m"]])
+def test_bad_model(fn, extra, model):
+    body = dict(extra) if model is None else {"model": model, **extra}
+    bad(fn, body, "model")
+
+
+@pytest.mark.parametrize("messages", [
+    "hi", [], None, {"role": "user"}, ["hi"], [{"content": "hi"}], [{"role": "wizard", "content": "hi"}],
+    [{"role": "user", "content": 5}], [{"role": "user"}], [{"role": 1, "content": "x"}],
+    [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+])
+def test_bad_messages(messages):
+    body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
+    bad(parse_chat, body, "messages")
+
+
+def test_error_body_and_headers():
+    e = APIError("nope", status=401, type_="authentication_error", code="invalid_api_key",
+                 headers={"WWW-Authenticate": "Bearer"})
+    assert e.body() == {"error": {"message": "nope", "type": "authentication_error", "param": None,
+                                  "code": "invalid_api_key"}}
+    assert e.status == 401 and e.headers == {"WWW-Authenticate": "Bearer"} and str(e) == "nope"
