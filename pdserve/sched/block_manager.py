@@ -31,6 +31,17 @@ def block_hashes(token_ids: list[int], block_size: int, parent: int | None = Non
     return out
 
 
+def _token_slice(req: Request, start: int, end: int) -> list[int]:
+    """`req.all_token_ids[start:end]` without concatenating the whole prompt and output."""
+    prompt = req.prompt_token_ids
+    p = len(prompt)
+    if end <= p:
+        return prompt[start:end]
+    if start >= p:
+        return req.output_token_ids[start - p : end - p]
+    return prompt[start:] + req.output_token_ids[: end - p]
+
+
 class BlockManager:
     """Hands out KV blocks to requests; the engine and the simulator use the same one."""
 
@@ -129,9 +140,8 @@ class BlockManager:
         At least one token is always left to compute, since the engine needs its logits.
         """
         if not self.enable_prefix_caching or req.block_ids:
-            return 0
-        tokens = req.all_token_ids
-        hashes = block_hashes(tokens[: len(tokens) - 1], self.block_size)
+            return 0  # before any token list is built
+        hashes = block_hashes(_token_slice(req, 0, req.num_tokens - 1), self.block_size)
         self.queries += len(hashes)
         reused: list[int] = []
         for h in hashes:
@@ -156,24 +166,21 @@ class BlockManager:
 
     def allocate(self, req: Request, num_new_tokens: int) -> bool:
         """Grow the request's blocks to hold `num_new_tokens` more; False (and no change) if full."""
-        need = self.blocks_needed(req.num_computed_tokens + num_new_tokens) - len(req.block_ids)
-        if need > self.num_free_blocks:
-            return False
-        for _ in range(max(0, need)):
-            block = self._take()
-            self.ref_count[block] = 1
-            req.block_ids.append(block)
-        return True
+        return self.allocate_tokens(req, req.num_computed_tokens + num_new_tokens)
 
     def allocate_tokens(self, req: Request, num_tokens: int) -> bool:
         """Reserve blocks for `num_tokens` tokens in total (decode role: before KV arrives)."""
-        need = self.blocks_needed(num_tokens) - len(req.block_ids)
-        if need > self.num_free_blocks:
+        blocks = req.block_ids
+        need = -(-num_tokens // self.block_size) - len(blocks)
+        if need <= 0:
+            return True  # the last block still has room: the common decode step
+        if need > len(self._free) + self._evictable:
             return False
-        for _ in range(max(0, need)):
-            block = self._take()
+        free = self._free
+        for _ in range(need):
+            block = free.popleft() if free else self._take()
             self.ref_count[block] = 1
-            req.block_ids.append(block)
+            blocks.append(block)
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -184,10 +191,10 @@ class BlockManager:
         num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
         if num_full <= len(done):
             return
-        tokens = req.all_token_ids[: num_full * self.block_size]
         parent = done[-1] if done else None
         start = len(done)
-        new = block_hashes(tokens[start * self.block_size :], self.block_size, parent)
+        tokens = _token_slice(req, start * self.block_size, num_full * self.block_size)
+        new = block_hashes(tokens, self.block_size, parent)
         for i, h in enumerate(new, start):
             block = req.block_ids[i]
             done.append(h)

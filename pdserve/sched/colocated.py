@@ -72,58 +72,70 @@ class ColocatedScheduler:
         return self.config.max_num_seqs
 
     # ---- one step ---------------------------------------------------------------------------
+    # `schedule` and `update` run once per engine step (and per simulated step, millions of times on
+    # a long trace), so token counts are read straight from the request's lists here rather than
+    # through its chains of properties; the arithmetic is the same.
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
+        chunks = out.chunks
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
-        # Decodes first, then prefill chunks; within each, oldest admission first.
-        order = [r for r in self.running if not r.is_prefill] + [r for r in self.running if r.is_prefill]
+        chunked = self.config.enable_chunked_prefill
+        bm = self.block_manager
+        bs = bm.block_size
+        running_status = RequestStatus.RUNNING
+        # Decodes first, then prefill chunks; within each, oldest admission first. (A copy: running
+        # shrinks when a request is preempted during the loop.)
+        running = self.running
+        order = [r for r in running
+                 if len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens <= 1]
+        if len(order) != len(running):
+            order += [r for r in running
+                      if len(r.prompt_token_ids) + len(r.output_token_ids) - r.num_computed_tokens > 1]
         for req in order:
             if budget <= 0:
                 break
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # preempted earlier in this step
-            n = self._chunk_size(req, budget)
+            computed = req.num_computed_tokens
+            left = len(req.prompt_token_ids) + len(req.output_token_ids) - computed
+            n = left if left <= budget else (budget if chunked else 0)
             if n == 0:
                 continue
-            if not self._allocate_or_preempt(req, n, scheduled, out):
+            # A new block is needed only when the chunk crosses the last block's end.
+            if -(-(computed + n) // bs) > len(req.block_ids) and not self._allocate_or_preempt(req, n, out):
                 continue
-            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
-            scheduled.add(req.request_id)
+            chunks.append(ScheduledChunk(req, n, n == left))
             budget -= n
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         if out.preempted:
             return out  # memory is tight: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.running_limit():
-            req = self.waiting[0]
+        waiting = self.waiting
+        while waiting and budget > 0 and len(running) < self.running_limit():
+            req = waiting[0]
             if not req.block_ids:
-                self.block_manager.match_prefix(req)
-            n = self._chunk_size(req, budget)
-            if n == 0 or not self.block_manager.allocate(req, n):
+                bm.match_prefix(req)
+            left = len(req.prompt_token_ids) + len(req.output_token_ids) - req.num_computed_tokens
+            n = left if left <= budget else (budget if chunked else 0)
+            if n == 0 or not bm.allocate(req, n):
                 if req.num_cached_tokens:
-                    self.block_manager.free(req)  # don't pin cached blocks while queued
+                    bm.free(req)  # don't pin cached blocks while queued
                     req.num_cached_tokens = 0
                 break
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
-            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
+            waiting.popleft()
+            req.status = running_status
+            running.append(req)
+            chunks.append(ScheduledChunk(req, n, n == left))
             budget -= n
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         return out
 
-    def _chunk_size(self, req: Request, budget: int) -> int:
-        n = req.num_uncomputed_tokens
-        if n <= budget:
-            return n
-        return budget if self.config.enable_chunked_prefill else 0
-
-    def _allocate_or_preempt(
-        self, req: Request, n: int, scheduled: set[str], out: SchedulerOutput
-    ) -> bool:
+    def _allocate_or_preempt(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        scheduled: set[str] | None = None
         while not self.block_manager.allocate(req, n):
+            if scheduled is None:  # the requests already given a chunk this step are not victims
+                scheduled = {c.request.request_id for c in out.chunks}
             victim = next(
                 (r for r in reversed(self.running) if r is not req and r.request_id not in scheduled),
                 None,
@@ -146,22 +158,32 @@ class ColocatedScheduler:
     def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
         """Apply a step's results; return the requests that finished."""
         finished: list[Request] = []
+        running_status = RequestStatus.RUNNING
+        bm = self.block_manager
+        caching = bm.enable_prefix_caching  # cache_full_blocks does nothing without it
         for chunk in out.chunks:
             req = chunk.request
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is not running_status:
                 continue  # aborted while the step ran
             req.num_computed_tokens += chunk.num_tokens
-            self.block_manager.cache_full_blocks(req)
+            if caching:
+                bm.cache_full_blocks(req)
             if not chunk.sample:
                 continue
             if req.first_token_time is None:
                 req.first_token_time = now
             status = req.append_token(sampled[req.request_id])
             if status is not None:
-                self.running.remove(req)
                 del self.requests[req.request_id]
                 self._release(req, status, now)
                 finished.append(req)
+        if finished:
+            # One pass instead of a list.remove per finished request (order is kept).
+            if len(finished) == 1:
+                self.running.remove(finished[0])
+            else:
+                done = set(finished)
+                self.running[:] = [r for r in self.running if r not in done]
         return finished
 
     def next_wakeup(self, now: float) -> float | None:

@@ -34,6 +34,8 @@ class DecodeScheduler(ColocatedScheduler):
         # Fitted step time t = a + b * batch, for the adaptive batch size (from observed steps).
         self._step_obs: list[tuple[int, float]] = []
         self._last_step: tuple[float, int] | None = None
+        # Free blocks new reservations leave untouched while sequences run (see `reserve`).
+        self.watermark = max(1, block_manager.num_blocks // 100)
 
     @property
     def num_reserved(self) -> int:
@@ -44,11 +46,24 @@ class DecodeScheduler(ColocatedScheduler):
 
     # ---- reservations -----------------------------------------------------------------------
     def reserve(self, req: Request, now: float) -> bool:
-        """Hold blocks for the prompt's KV (+ the first token). Answers at once; False = full."""
+        """Hold blocks for the prompt's KV (+ the first token). Answers at once; False = full.
+
+        Refused while a preempted request waits to be recomputed: new reservations would take the
+        blocks it needs, and under steady load it would starve (the decode stall). While sequences
+        run (or wait to run) here, `watermark` blocks stay free for them to grow into.
+        """
         if len(self.requests) + len(self.reserved) >= self.decode_config.max_num_seqs:
             return False
+        preempted = RequestStatus.PREEMPTED
+        if any(r.status is preempted for r in self.waiting):
+            return False
+        bm = self.block_manager
+        if self.running or self.waiting:
+            need = bm.blocks_needed(req.num_prompt_tokens + 1) - len(req.block_ids)
+            if bm.num_free_blocks - need < self.watermark:
+                return False
         req.num_computed_tokens = 0
-        if not self.block_manager.allocate(req, req.num_prompt_tokens + 1):
+        if not bm.allocate(req, req.num_prompt_tokens + 1):
             return False
         req.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.reserved[req.request_id] = (req, now + self.decode_config.reservation_timeout_s)
@@ -121,11 +136,16 @@ class DecodeScheduler(ColocatedScheduler):
 
     def schedule(self, now: float) -> SchedulerOutput:
         out = super().schedule(now)
-        self._last_step = (now, out.num_decode_seqs) if out.chunks and not out.num_prefill_tokens else None
+        # A pure decode step (every chunk one sampled token) is an observation for the fit.
+        n = len(out.chunks)
+        self._last_step = (now, n) if n and out.num_decode_seqs == n else None
         return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
         if self._last_step is not None:
             start, batch = self._last_step
-            self._step_obs = (self._step_obs + [(batch, now - start)])[-64:]
+            obs = self._step_obs
+            obs.append((batch, now - start))
+            if len(obs) > 64:
+                del obs[: len(obs) - 64]  # keep the latest 64
         return super().update(out, sampled, now)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pdserve.sched.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledChunk:
     """Compute KV for tokens [request.num_computed_tokens, + num_tokens); sample if `sample`."""
 
@@ -20,22 +20,22 @@ class ScheduledChunk:
         return self.request.num_computed_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum([c.num_tokens for c in self.chunks])
 
     @property
     def num_prefill_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks if c.num_tokens > 1 or not c.sample)
+        return sum([c.num_tokens for c in self.chunks if c.num_tokens > 1 or not c.sample])
 
     @property
     def num_decode_seqs(self) -> int:
-        return sum(1 for c in self.chunks if c.num_tokens == 1 and c.sample)
+        return len([c for c in self.chunks if c.num_tokens == 1 and c.sample])
 
     def __bool__(self) -> bool:
         return bool(self.chunks)

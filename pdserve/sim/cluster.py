@@ -86,7 +86,8 @@ class Simulator:
 
     def _new_request(self, i: int, now: float) -> Request:
         s = self.specs[i]
-        return Request(str(i), [0] * s.prompt_tokens, s.output_tokens, now)
+        # payload: the request's index, so per-token bookkeeping needs no int(request_id).
+        return Request(str(i), [0] * s.prompt_tokens, s.output_tokens, now, payload=i)
 
     def _route(self, i: int, now: float) -> bool:
         """Reserve on a decode instance, then queue the prefill; False if no decode can take it."""
@@ -123,25 +124,36 @@ class Simulator:
             for req in finished:
                 self._prefilled(inst, req, out, now)
             return
+        seen, last, itls = self.seen, self.last_token, self.itls
         for c in out.chunks:
-            if c.sample:
-                self._token(int(c.request.request_id), len(c.request.output_token_ids), now)
-        usage = inst.policy.block_manager.usage
-        if usage > getattr(inst, "kv_peak", 0.0):
-            inst.kv_peak = usage  # type: ignore[attr-defined]
+            if c.sample:  # self._token, inlined: this runs for every generated token
+                req = c.request
+                i, n = req.payload, len(req.output_token_ids)
+                if n <= seen[i]:
+                    continue
+                if seen[i] == 0:
+                    self.first_token[i] = now
+                else:
+                    itls.append(now - last[i])
+                last[i] = now
+                seen[i] = n
+        bm = inst.policy.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        if used > inst.kv_peak_blocks:
+            inst.kv_peak_blocks = used
         for req in finished:
             self._finished(req, now)
         if finished and self._pending:
             self._drain_pending(now)
 
     def _finished(self, req: Request, now: float) -> None:
-        i = int(req.request_id)
+        i = req.payload
         self.finish[i] = now
         self.num_finished += 1
         req.prompt_token_ids = []  # the policy is done with it; keep memory flat on long traces
 
     def _prefilled(self, pre: SimInstance, req: Request, out: SchedulerOutput, now: float) -> None:
-        i = int(req.request_id)
+        i = req.payload
         pre.outstanding_tokens -= req.num_prompt_tokens
         self._token(i, 1, now)  # the first token streams from the prefill worker at once
         _, dec, _ = self._pairs[i]

@@ -21,17 +21,21 @@ class EventLoop:
     def at(self, t: float, fn: Callable[..., None], *args: Any) -> None:
         """Run `fn(t, *args)` at time `t` (never earlier than now)."""
         self._seq += 1
-        heapq.heappush(self._heap, (max(t, self.now), self._seq, fn, args))
+        heapq.heappush(self._heap, (t if t > self.now else self.now, self._seq, fn, args))
 
     def run(self, until: float = float("inf"), on_event: Callable[[], None] | None = None) -> None:
         heap, pop = self._heap, heapq.heappop
-        while heap and heap[0][0] <= until:
-            t, _, fn, args = pop(heap)
-            self.now = t
-            self.num_events += 1
-            fn(t, *args)
-            if on_event is not None:
-                on_event()
+        n = 0
+        try:
+            while heap and heap[0][0] <= until:
+                t, _, fn, args = pop(heap)
+                self.now = t
+                n += 1
+                fn(t, *args)
+                if on_event is not None:
+                    on_event()
+        finally:
+            self.num_events += n
 
     def __len__(self) -> int:
         return len(self._heap)

@@ -22,6 +22,16 @@ from pdserve.sim.perf_model import StepTimeModel
 StepHook = Callable[["SimInstance", SchedulerOutput, list[Request], float], None]
 
 
+class _AllZeros(dict):  # type: ignore[type-arg]
+    """The sampled tokens of every step: 0 for any request id (no per-step dict to build)."""
+
+    def __missing__(self, key: str) -> int:
+        return 0
+
+
+_ZEROS: dict[str, int] = _AllZeros()
+
+
 class SimInstance:
     """A policy (ColocatedScheduler, PrefillBatcher or DecodeScheduler) plus a step-time model."""
 
@@ -38,6 +48,7 @@ class SimInstance:
         self.num_steps = 0
         self.num_batched_tokens = 0
         self.outstanding_tokens = 0  # prompt tokens routed here and not yet prefilled (router's view)
+        self.kv_peak_blocks = 0  # most KV blocks in use after any step
         self._wake_at: float | None = None
         self.loop: EventLoop | None = None
         self.on_step: StepHook | None = None
@@ -47,19 +58,27 @@ class SimInstance:
         self.on_step = on_step
 
     def step_time(self, out: SchedulerOutput) -> float:
+        return self._step_time(out)[0]
+
+    def _step_time(self, out: SchedulerOutput) -> tuple[float, int]:
+        """(step seconds, tokens computed): one pass over the chunks."""
         decode: list[int] = []
         prefill: list[tuple[int, int]] = []
+        tokens = 0
         for c in out.chunks:
             prior = c.request.num_computed_tokens
-            if c.num_tokens == 1 and c.sample and prior:
+            n = c.num_tokens
+            if n == 1 and c.sample and prior:
                 decode.append(prior)
             else:
-                prefill.append((c.num_tokens, prior))
+                prefill.append((n, prior))
+                tokens += n
+        tokens += len(decode)
         if not prefill:
-            return self.model.decode_time(decode)
+            return self.model.decode_time(decode), tokens
         if not decode and not any(p for _, p in prefill):
-            return self.model.prefill_time([n for n, _ in prefill])
-        return self.model.mixed_time(prefill, decode)
+            return self.model.prefill_time([n for n, _ in prefill]), tokens
+        return self.model.mixed_time(prefill, decode), tokens
 
     def kick(self, now: float) -> None:
         """Start a step if idle and the policy has one; else arm the policy's timer, if any."""
@@ -72,11 +91,11 @@ class SimInstance:
                 self._wake_at = max(wake, now + 1e-9)
                 self.loop.at(self._wake_at, self._wake)  # type: ignore[union-attr]
             return
-        dt = self.step_time(out)
+        dt, tokens = self._step_time(out)
         self.busy = True
         self.busy_time += dt
         self.num_steps += 1
-        self.num_batched_tokens += out.num_batched_tokens
+        self.num_batched_tokens += tokens
         self.loop.at(now + dt, self._step_done, out)  # type: ignore[union-attr]
 
     def _wake(self, now: float) -> None:
@@ -85,8 +104,7 @@ class SimInstance:
         self.kick(now)
 
     def _step_done(self, now: float, out: SchedulerOutput) -> None:
-        sampled = {c.request.request_id: 0 for c in out.chunks if c.sample}
-        finished = self.policy.update(out, sampled, now)
+        finished = self.policy.update(out, _ZEROS, now)
         self.busy = False
         self.on_step(self, out, finished, now)  # type: ignore[misc]
         self.kick(now)
@@ -98,5 +116,5 @@ class SimInstance:
             "steps": self.num_steps,
             "busy_frac": self.busy_time / duration if duration > 0 else 0.0,
             "mean_batched_tokens": self.num_batched_tokens / self.num_steps if self.num_steps else 0.0,
-            "kv_peak_usage": getattr(self, "kv_peak", 0.0),
+            "kv_peak_usage": self.kv_peak_blocks / self.policy.block_manager.num_blocks,
         }

@@ -46,30 +46,46 @@ class RooflineModel:
         self._kv_tok = s.kv_bytes_per_token()
         self._act = DTYPE_BYTES[s.dtype] * s.hidden_size
         self._link = get_link(self.gpu.tp_link)
+        # Constant factors of step_time, grouped exactly as there (same floating-point results).
+        self._body2, self._head2 = 2 * self._body, 2 * self._head
+        self._flop_rate = self.tp * self.gpu.bf16_flops * self.mfu
+        self._byte_rate = self.tp * self.gpu.mem_bw * self.mbu
+        self._ar_frac = 2 * (self.tp - 1) / self.tp
+        self._ar_ops = 2 * self.shape.num_layers
+        self._ar_cache: dict[int, float] = {}  # allreduce_time by token count (decode: batch size)
 
     # ---- pieces ------------------------------------------------------------------------------
     def step_time(self, tokens: int, sampled: int, pairs: float, kv_read: int) -> float:
         """`tokens` computed, `sampled` logits, `pairs` attention (query, key) pairs, `kv_read` KV tokens read."""
-        flops = 2 * self._body * tokens + 2 * self._head * sampled + self._attn * pairs
-        t_flop = flops / (self.tp * self.gpu.bf16_flops * self.mfu)
+        flops = self._body2 * tokens + self._head2 * sampled + self._attn * pairs
+        t_flop = flops / self._flop_rate
         byts = self._weights + self._kv_tok * (kv_read + tokens)  # read weights + KV, write new KV
-        t_mem = byts / (self.tp * self.gpu.mem_bw * self.mbu)
-        return max(t_flop, t_mem) + self.allreduce_time(tokens) + self.overhead_s
+        t_mem = byts / self._byte_rate
+        t = t_flop if t_flop > t_mem else t_mem
+        ar = self._ar_cache.get(tokens)
+        if ar is None:
+            ar = self._ar_cache[tokens] = self.allreduce_time(tokens)
+        return t + ar + self.overhead_s
 
     def allreduce_time(self, tokens: int) -> float:
         """Two ring all-reduces per layer (after attention and after the MLP) of the activations."""
         if self.tp == 1:
             return 0.0
         size = tokens * self._act
-        per_op = 2 * (self.tp - 1) / self.tp * size / self._link.effective_bandwidth
-        return 2 * self.shape.num_layers * (per_op + self.allreduce_latency_s)
+        per_op = self._ar_frac * size / self._link.effective_bandwidth
+        return self._ar_ops * (per_op + self.allreduce_latency_s)
 
     # ---- StepTimeModel -----------------------------------------------------------------------
     def prefill_time(self, token_counts: list[int]) -> float:
         return self.mixed_time([(n, 0) for n in token_counts], [])
 
     def decode_time(self, context_lens: list[int]) -> float:
-        return self.mixed_time([], context_lens)
+        # mixed_time([], context_lens) without the empty prefill loop (the simulator's hottest call).
+        tokens = len(context_lens)
+        if tokens == 0:
+            return 0.0
+        kv_read = sum(context_lens)
+        return self.step_time(tokens, tokens, float(kv_read) + tokens, kv_read)
 
     def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         tokens = len(decode_contexts)

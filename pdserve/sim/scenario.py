@@ -56,6 +56,8 @@ def run_seed(num_requests: int = 400) -> dict[str, Any]:
         rows[name] = {
             "gpus": cfg.num_gpus,
             "cost_per_hour": cfg.cost_per_hour(),
+            "completed": res["completed"],
+            "num_preemptions": res["num_preemptions"],
             "output_throughput": res["output_throughput"],
             "output_throughput_per_gpu": res["output_throughput"] / cfg.num_gpus,
             "request_throughput": res["request_throughput"],
@@ -87,9 +89,9 @@ def format_seed(r: dict[str, Any]) -> str:
              "", "KV size", f"  per token: {a['kv_per_token_gqa']}", f"  the seed's: {a['kv_per_token_mha']}",
              f"  per sequence: {a['kv_per_sequence']}", "Transfer", f"  {a['transfer_100g']}", "",
              f"Clusters at saturation ({r['num_requests']} requests at t=0):",
-             f"  {'cluster':<34}{'GPUs':>5}{'out tok/s':>11}{'per GPU':>9}{'TTFT p50':>10}{'TPOT p50':>10}"]
+             f"  {'cluster':<34}{'GPUs':>5}{'done':>6}{'out tok/s':>11}{'per GPU':>9}{'TTFT p50':>10}{'TPOT p50':>10}"]
     for name, c in r["clusters"].items():
-        lines.append(f"  {name:<34}{c['gpus']:>5}{c['output_throughput']:>11.0f}"
+        lines.append(f"  {name:<34}{c['gpus']:>5}{c.get('completed', 0):>6}{c['output_throughput']:>11.0f}"
                      f"{c['output_throughput_per_gpu']:>9.0f}{c['median_ttft_ms']:>9.0f}ms{c['median_tpot_ms']:>8.1f}ms")
     lines.append("Ratios (seed claims 6.37x):")
     for k, v in r["ratios"].items():
