@@ -1,0 +1,55 @@
+"""`pdserve bench run` (load one server) and `pdserve bench compare` (colocated vs disaggregated)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.bench.run import add_workload_flags
+
+
+def _run_cmd(args: argparse.Namespace) -> int:
+    from pdserve.bench.report import format_run, run_payload, write_json
+    from pdserve.bench.run import prepare, run_once, workload_config
+
+    prep = prepare(args, args.rate)
+    res, run = run_once(args.url, args, prep)
+    print(format_run(res))
+    if args.out:
+        write_json(args.out, run_payload({**workload_config(args), "url": args.url, "rate": args.rate}, res, run))
+        print(f"wrote {args.out}")
+    return 0 if res["completed"] else 1
+
+
+def _compare_cmd(args: argparse.Namespace) -> int:
+    from pdserve.bench.compare import run_compare
+
+    return run_compare(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmark a server, or colocated vs disaggregated side by side")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+
+    run = bsub.add_parser("run", help="send a workload to a running server and report vllm-style metrics")
+    run.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
+    run.add_argument("--rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
+    run.add_argument("--out", default=None, help="write the summary and every request's record here (JSON)")
+    add_workload_flags(run)
+    run.set_defaults(func=_run_cmd)
+
+    cmp_ = bsub.add_parser("compare", help="colocated vs disaggregated on this machine, same workers, "
+                                           "same workload, a sweep of rates; JSON, PNGs and a table")
+    cmp_.add_argument("--workers", type=int, default=2, help="workers per cluster (N)")
+    cmp_.add_argument("--prefill", type=int, default=None,
+                      help="prefill workers in the disaggregated cluster (default N//2; decode gets the rest)")
+    cmp_.add_argument("--rates", default="0.5,1,2,3", help="comma-separated request rates (req/s)")
+    cmp_.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    cmp_.add_argument("--port", type=int, default=8600, help="router port (the clusters run one after another)")
+    cmp_.add_argument("--out-dir", default="bench/results", help="where the JSON and PNGs go")
+    cmp_.add_argument("--name", default=None, help="file name stem (default compare_<workload>)")
+    cmp_.add_argument("--startup-timeout", type=float, default=180.0)
+    add_workload_flags(cmp_)
+    # Defaults sized for `demo` on 2 shared CPU cores (about 6 minutes): chatbot-small at a quarter of
+    # its lengths (prompts 64-192, outputs 16-48 tokens).
+    cmp_.set_defaults(func=_compare_cmd, num_requests=32, workload="chatbot-small", length_scale=0.25,
+                      slo_ttft_ms=1000.0, slo_tpot_ms=100.0)

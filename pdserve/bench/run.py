@@ -1,0 +1,81 @@
+"""One benchmark run: the workload's requests, their prompts, the load client, the summary.
+
+Shared by `pdserve bench run` (one server, one rate) and `pdserve bench compare` (two clusters,
+a sweep of rates). The same (workload, rate, seed) always gives the same requests and prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.bench.client import RunResult, run_requests
+from pdserve.bench.prompts import synth_prompts, vocab_ids
+from pdserve.bench.report import summarize_run
+from pdserve.metrics_summary import SLO
+from pdserve.workload import PRESETS, RequestSpec, generate
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo", help="model name sent to the server; also its tokenizer")
+    p.add_argument("--tokenizer", default=None, help="model folder whose tokenizer to use (default: --model)")
+    p.add_argument("--workload", default="search-small", choices=sorted(PRESETS),
+                   help="length preset (ignored for lengths when --trace is given)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "trace"],
+                   help="arrival process; 'trace' replays --trace's own times")
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: >1 is burstier")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", default=None, help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens)")
+    p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times")
+    p.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="clip prompt lengths")
+    p.add_argument("--max-output-tokens", type=int, default=None, help="clip output lengths")
+    p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput and attainment")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput and attainment")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def slo_from(args: argparse.Namespace) -> SLO:
+    return SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+
+
+def specs_for(args: argparse.Namespace, rate: float) -> list[RequestSpec]:
+    return generate(args.workload, args.num_requests, rate, arrival=args.arrival, burstiness=args.burstiness,
+                    seed=args.seed, trace=args.trace, time_scale=args.time_scale,
+                    length_scale=args.length_scale, max_prompt_tokens=args.max_prompt_tokens,
+                    max_output_tokens=args.max_output_tokens)
+
+
+def workload_config(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("model", "workload", "num_requests", "arrival", "burstiness", "seed", "trace", "time_scale",
+            "length_scale", "max_prompt_tokens", "max_output_tokens", "max_concurrency", "slo_ttft_ms",
+            "slo_tpot_ms")
+    return {k: getattr(args, k) for k in keys}
+
+
+@dataclass
+class Prepared:
+    """Requests and prompts for one rate, made once and sent to every system under test."""
+
+    rate: float
+    specs: list[RequestSpec]
+    prompts: list[list[int]]
+
+
+def prepare(args: argparse.Namespace, rate: float, ids: list[int] | None = None) -> Prepared:
+    specs = specs_for(args, rate)
+    ids = ids if ids is not None else vocab_ids(args.tokenizer or args.model)
+    return Prepared(rate, specs, synth_prompts(specs, ids, args.seed))
+
+
+def run_once(url: str, args: argparse.Namespace, prep: Prepared) -> tuple[dict[str, Any], RunResult]:
+    run = asyncio.run(run_requests(url, args.model, prep.specs, prep.prompts, args.max_concurrency,
+                                   progress=not args.no_progress))
+    res = summarize_run(run, slo_from(args))
+    res["request_rate"] = prep.rate if not math.isinf(prep.rate) else "inf"
+    return res, run
