@@ -41,8 +41,9 @@ class TextStream:
         return self._emit(max(self.sent, len(text) - hold))
 
     def flush(self) -> str:
-        """At the end of generation: emit whatever was held back."""
-        return self._emit(len(self.text.rstrip("\ufffd")) if not self.stopped else len(self.text))
+        """At the end of generation: emit whatever was held back (a broken last character too:
+        no more bytes will come to complete it, and the text then equals a plain decode)."""
+        return self._emit(len(self.text))
 
     def _emit(self, upto: int) -> str:
         delta = self.text[self.sent : upto]

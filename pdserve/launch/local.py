@@ -147,13 +147,14 @@ def run_cluster(cfg: ClusterConfig) -> int:
         backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
                                  secret=secret.encode(), config=RouterConfig(disagg_threshold=r.disagg_threshold))
         front = OpenAIFront(backend, load_tokenizer(cfg.model), cfg.model, api_key=r.api_key or None)
+        port = r.port or free_port()  # --port 0: pick one, and print the real one
         auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""
-        url = f"http://{r.host}:{r.port}"
+        url = f"http://{r.host}:{port}"
         print(f"pdserve: serving {cfg.model} at {url}/v1  (metrics: {url}/metrics)\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"""-d '{{"model": "{cfg.model}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
               f"  Ctrl-C stops the cluster.", flush=True)
-        server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=r.port, log_level="warning",
+        server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
                                                timeout_graceful_shutdown=30))
         asyncio.run(server.serve())
     finally:
