@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -11,6 +12,7 @@ from pdserve import LLM, SamplingParams
 
 ARCH_NAMES = ["llama", "qwen2", "qwen3", "mistral"]
 MAX_TOKENS = 12
+DEVICE = os.environ.get("PDSERVE_TEST_DEVICE", "cpu")  # e.g. cuda, on a GPU machine
 
 
 def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
@@ -36,7 +38,7 @@ def _hf_greedy(folder, prompts: list[list[int]]) -> list[list[int]]:
 
 
 def _ours(folder, prompts, **kw) -> list[list[int]]:
-    llm = LLM(str(folder), dtype="float32", **kw)
+    llm = LLM(str(folder), dtype="float32", device=DEVICE, **kw)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert llm.block_manager.num_used_blocks == 0, "blocks leaked"
     return [o.outputs[0].token_ids for o in outs]
@@ -70,7 +72,7 @@ def test_chunked_prefill_small_blocks_match(arch, tiny_models, expected):
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_preemption_with_tiny_cache_matches(arch, tiny_models, expected):
     prompts, want = expected[arch]
-    llm = LLM(str(tiny_models[arch]), dtype="float32", block_size=4, num_blocks=24,
+    llm = LLM(str(tiny_models[arch]), dtype="float32", device=DEVICE, block_size=4, num_blocks=24,
               max_num_batched_tokens=32)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert [o.outputs[0].token_ids for o in outs] == want
@@ -81,7 +83,7 @@ def test_preemption_with_tiny_cache_matches(arch, tiny_models, expected):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prefix_cache_hits_match(arch, tiny_models, expected):
     prompts, want = expected[arch]
-    llm = LLM(str(tiny_models[arch]), dtype="float32", block_size=4)
+    llm = LLM(str(tiny_models[arch]), dtype="float32", device=DEVICE, block_size=4)
     first = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
     assert [o.outputs[0].token_ids for o in first] == want

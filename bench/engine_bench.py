@@ -1,0 +1,415 @@
+"""Engine throughput beside `transformers` generate, and decode/prefill against the hardware limits.
+
+    .venv/bin/python bench/engine_bench.py [--model demo] [--device cpu] [--dtype float32]
+                                           [--out bench/results/engine_cpu.json]
+
+One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
+`transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
+prompts, greedy, `max_tokens` new tokens each with EOS ignored:
+
+* pdserve `LLM.generate` (continuous batching, chunked prefill; prefix caching off so repeats
+  don't hit the cache) and `transformers` `generate` on the batch left-padded, alternated
+  `--repeats` times; output tokens/s of each and the ratio. The outputs are compared token for
+  token; a prompt that differs is re-run through `transformers` alone (no padding) to tell padding
+  numerics from an engine bug.
+* The memory copy bandwidth of this device (a large tensor copy, bytes read + written per second),
+  and pdserve's decode step time at batch 1 and at the batch size against the bound
+  (weight bytes [+ KV bytes read]) / copy bandwidth.
+* pdserve's prefill tokens/s and achieved FLOP/s (2 x params x tokens; no peak is known for a CPU).
+
+Results (machine, command, raw step times) go to JSON; a table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pdserve import LLM, SamplingParams  # noqa: E402
+from pdserve.config import CATALOG  # noqa: E402
+from pdserve.config.model import ModelShape  # noqa: E402
+
+GB = 1e9
+_ids = itertools.count()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---- machine --------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "loadavg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(torch.device(device))
+        info.update(cuda=torch.version.cuda, gpu_name=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1),
+                    gpu_sms=p.multi_processor_count)
+    return info
+
+
+def copy_bandwidth(device: str, nbytes: int, reps: int = 5) -> dict[str, float]:
+    """Best of `reps` copies of one large tensor; GB/s counting bytes read plus bytes written."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in / warm up
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    del src, dst
+    return {"bytes": nbytes, "best_s": best, "median_s": statistics.median(times),
+            "gbps_read_plus_write": 2 * nbytes / best / GB}
+
+
+# ---- prompts and models ---------------------------------------------------------------------------
+def mixed_prompts(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[list[int]]:
+    """`n` prompts of random token ids (3..vocab), lengths spread evenly over [lo, hi], shuffled."""
+    rng = random.Random(seed)
+    lengths = [round(lo + (hi - lo) * i / max(1, n - 1)) for i in range(n)]
+    rng.shuffle(lengths)
+    return [[rng.randrange(3, vocab) for _ in range(k)] for k in lengths]
+
+
+def hf_config(shape: ModelShape):  # type: ignore[no-untyped-def]
+    """A `transformers` config of the same shape as a catalog model (dummy weights)."""
+    import transformers
+
+    cls = getattr(transformers, shape.architecture.replace("ForCausalLM", "Config"))
+    kw: dict[str, Any] = dict(
+        vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads, head_dim=shape.head_dim,
+        max_position_embeddings=shape.max_position_embeddings, rms_norm_eps=shape.rms_norm_eps,
+        rope_theta=shape.rope_theta, tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=shape.bos_token_id, eos_token_id=list(shape.eos_token_ids), pad_token_id=0,
+    )
+    if shape.rope_scaling:
+        kw["rope_scaling"] = dict(shape.rope_scaling)
+    if shape.architecture == "LlamaForCausalLM":
+        kw["attention_bias"] = shape.attention_bias
+    cfg = cls(**kw)
+    cfg.architectures = [shape.architecture]
+    return cfg
+
+
+def hf_model(model: str, llm: LLM, device: str, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """The `transformers` model with exactly the weights `llm` runs."""
+    from transformers import AutoModelForCausalLM
+
+    if model not in CATALOG:
+        return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
+    cfg = hf_config(llm.runner.shape)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    missing, unexpected = hf.load_state_dict(llm.runner.model.state_dict(), strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    if missing or unexpected:
+        raise RuntimeError(f"state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    hf = hf.to(device)
+    hf.generation_config.eos_token_id = None  # ignore EOS, as pdserve's ignore_eos does
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+@torch.inference_mode()
+def hf_generate(hf, prompts: list[list[int]], max_tokens: int, device: str) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """One batched greedy `generate`, prompts left-padded with token 0."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    gen = hf.generate(ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    sync(device)
+    return gen[:, width:].tolist()
+
+
+def ours_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict[str, Any]:
+    prefix = []
+    for a, b in zip(ours, ref, strict=True):
+        k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        prefix.append(k)
+    n_tok = sum(len(r) for r in ref)
+    return {
+        "sequences_equal": sum(a == b for a, b in zip(ours, ref, strict=True)),
+        "sequences": len(ref),
+        "first_token_equal": sum(bool(a) and bool(b) and a[0] == b[0] for a, b in zip(ours, ref, strict=True)),
+        "common_prefix_tokens": prefix,
+        "common_prefix_fraction": sum(prefix) / n_tok if n_tok else 1.0,
+    }
+
+
+# ---- engine step profiles -------------------------------------------------------------------------
+def run_steps(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[dict[str, Any]]:
+    """Feed `prompts` to the engine core and step it dry; one record per step."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    for p in prompts:
+        llm.core.add(llm.core.make_request(f"bench-{next(_ids)}", p, params))
+    steps = []
+    while llm.scheduler.has_work():
+        r = llm.core.step()
+        steps.append({"decode_seqs": r.output.num_decode_seqs, "prefill_tokens": r.output.num_prefill_tokens,
+                      "duration_s": r.duration})
+    return steps
+
+
+def decode_profile(llm: LLM, batch: int, ctx: int, steps: int, bw_gbps: float, seed: int) -> dict[str, Any]:
+    """Median time of the engine steps that decode all `batch` sequences (context ~`ctx`) and nothing
+    else, against (weight bytes [+ the KV bytes each step reads]) / copy bandwidth."""
+    shape = llm.runner.shape
+    prompts = mixed_prompts(batch, ctx, ctx, shape.vocab_size, seed)
+    # Chunked prefill overlaps the first sequences' decode with the later ones' prefill: give each
+    # sequence enough tokens to still be running `steps` steps after the last prefill chunk.
+    budget = llm.scheduler.config.max_num_batched_tokens
+    prefill_steps = -(-batch * ctx // max(1, budget - batch)) + 1
+    recs = run_steps(llm, prompts, steps + prefill_steps + 1)
+    dec = [r["duration_s"] for r in recs if r["prefill_tokens"] == 0 and r["decode_seqs"] == batch]
+    if not dec:
+        raise RuntimeError(f"no pure decode step at batch {batch} (max_num_seqs too small?)")
+    step = statistics.median(dec)
+    wbytes = shape.weight_bytes()
+    ctx_timed = ctx + prefill_steps / 2 + steps / 2  # about the mean context over the timed steps
+    kv_bytes = batch * ctx_timed * shape.kv_bytes_per_token()
+    bound = wbytes / (bw_gbps * GB)
+    bound_kv = (wbytes + kv_bytes) / (bw_gbps * GB)
+    return {
+        "batch": batch, "context": ctx, "context_timed_approx": ctx_timed, "steps_timed": len(dec), "step_s_median": step,
+        "step_s_min": min(dec), "step_s_all": dec, "tokens_per_s": batch / step,
+        "weight_bytes": wbytes, "kv_bytes_read_per_step": kv_bytes,
+        "bound_s_weights": bound, "bound_s_weights_kv": bound_kv,
+        "bound_over_achieved": bound / step,  # fraction of the bandwidth roofline reached (weights only)
+        "bound_kv_over_achieved": bound_kv / step,
+        "achieved_over_bound": step / bound,  # how many times slower than the bound
+    }
+
+
+def prefill_profile(llm: LLM, lengths: list[int], seed: int, peak_flops: float | None = None) -> dict[str, Any]:
+    """Prefill `lengths` prompts (1 output token each); tokens/s and FLOP/s over the pure prefill steps."""
+    shape = llm.runner.shape
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, shape.vocab_size) for _ in range(n)] for n in lengths]
+    recs = run_steps(llm, prompts, 1)
+    pre = [r for r in recs if r["prefill_tokens"] > 0 and r["decode_seqs"] == 0]
+    tokens = sum(r["prefill_tokens"] for r in pre)
+    secs = sum(r["duration_s"] for r in pre)
+    flops_2n = 2.0 * shape.num_params() * tokens
+    # Matmul FLOPs plus causal attention (each token sees on average half its prompt).
+    flops_model = sum(shape.flops_per_token(n / 2) * n for n in lengths)
+    out = {
+        "prompt_lengths": lengths, "steps": len(pre), "step_tokens": [r["prefill_tokens"] for r in pre],
+        "step_s": [r["duration_s"] for r in pre], "tokens": tokens, "seconds": secs,
+        "tokens_per_s": tokens / secs, "flops_2n_per_s": flops_2n / secs,
+        "flops_model_per_s": flops_model / secs,
+    }
+    if peak_flops:
+        out["peak_flops"] = peak_flops
+        out["mfu_2n"] = flops_2n / secs / peak_flops
+        out["mfu_model"] = flops_model / secs / peak_flops
+    return out
+
+
+# ---- main -----------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="demo", help="catalog name (dummy weights) or HF checkpoint folder")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the model's)")
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--min-len", type=int, default=16)
+    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating timed runs of each engine")
+    ap.add_argument("--decode-ctx", type=int, default=256)
+    ap.add_argument("--decode-steps", type=int, default=24)
+    ap.add_argument("--copy-mb", type=int, default=512, help="size of the bandwidth-test tensor")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--skip-hf", action="store_true", help="pdserve numbers only")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    dev = args.device
+    out_path = Path(args.out or Path(__file__).parent / "results" / f"engine_{dev.split(':')[0]}.json")
+    result: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "machine": machine_info(dev),
+        "args": vars(args),
+    }
+    t_all = time.perf_counter()
+
+    log(f"copy bandwidth on {dev} ({args.copy_mb} MB tensor)")
+    bw = copy_bandwidth(dev, args.copy_mb * 2**20)
+    result["copy_bandwidth"] = bw
+    log(f"  {bw['gbps_read_plus_write']:.1f} GB/s (read + write)")
+
+    log(f"loading pdserve model {args.model} on {dev}")
+    llm = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
+              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=max(64, args.num_prompts),
+              seed=args.seed)
+    shape = llm.runner.shape
+    result["model"] = {"name": args.model, "dtype": shape.dtype, "params": shape.num_params(),
+                       "weight_bytes": shape.weight_bytes(), "kv_bytes_per_token": shape.kv_bytes_per_token()}
+    prompts = mixed_prompts(args.num_prompts, args.min_len, args.max_len, shape.vocab_size, args.seed)
+    lens = [len(p) for p in prompts]
+    n_out = args.num_prompts * args.max_tokens
+    result["prompts"] = {"lengths": lens, "max_tokens": args.max_tokens, "total_prompt_tokens": sum(lens)}
+    log(f"{len(prompts)} prompts, lengths {min(lens)}..{max(lens)} ({sum(lens)} tokens), {args.max_tokens} new each")
+
+    hf = None
+    if not args.skip_hf:
+        log("building the transformers model with the same weights")
+        hf = hf_model(args.model, llm, dev, llm.runner.dtype)
+
+    # Warm up both (allocator, kernels, thread pools) on a small batch.
+    warm = mixed_prompts(2, 8, 32, shape.vocab_size, args.seed + 1)
+    ours_generate(llm, warm, 4)
+    if hf is not None:
+        hf_generate(hf, warm, 4, dev)
+
+    times: dict[str, list[float]] = {"pdserve": [], "transformers": []}
+    ours_out = ref_out = None
+    for rep in range(args.repeats):
+        t = time.perf_counter()
+        ours_out = ours_generate(llm, prompts, args.max_tokens)
+        sync(dev)
+        times["pdserve"].append(time.perf_counter() - t)
+        log(f"  run {rep + 1}/{args.repeats}: pdserve {times['pdserve'][-1]:.2f}s "
+            f"({n_out / times['pdserve'][-1]:.0f} tok/s)")
+        if hf is not None:
+            t = time.perf_counter()
+            ref_out = hf_generate(hf, prompts, args.max_tokens, dev)
+            times["transformers"].append(time.perf_counter() - t)
+            log(f"  run {rep + 1}/{args.repeats}: transformers {times['transformers'][-1]:.2f}s "
+                f"({n_out / times['transformers'][-1]:.0f} tok/s)")
+    thr: dict[str, Any] = {"output_tokens": n_out, "seconds": times}
+    for k, v in times.items():
+        if v:
+            thr[f"{k}_tok_per_s_best"] = n_out / min(v)
+            thr[f"{k}_tok_per_s_median"] = n_out / statistics.median(v)
+    if times["transformers"]:
+        thr["speedup_best"] = min(times["transformers"]) / min(times["pdserve"])
+        thr["speedup_median"] = statistics.median(times["transformers"]) / statistics.median(times["pdserve"])
+    result["throughput"] = thr
+
+    if hf is not None and ours_out is not None and ref_out is not None:
+        agr = agreement(ours_out, ref_out)
+        # A prompt that differs: is it padding numerics (matches unpadded HF) or a real difference?
+        rechecks = []
+        for i, (a, b) in enumerate(zip(ours_out, ref_out, strict=True)):
+            if a != b and len(rechecks) < 4:
+                alone = hf_generate(hf, [prompts[i]], args.max_tokens, dev)[0]
+                rechecks.append({"prompt": i, "length": lens[i], "equal_to_hf_unpadded": a == alone,
+                                 "common_prefix_unpadded": agreement([a], [alone])["common_prefix_tokens"][0]})
+        agr["rechecked_unpadded"] = rechecks
+        result["agreement"] = agr
+        log(f"agreement: {agr['sequences_equal']}/{agr['sequences']} sequences equal, "
+            f"{agr['common_prefix_fraction']:.1%} of tokens in the common prefix; rechecks {rechecks}")
+        del hf
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    log("decode step profiles")
+    dec = []
+    for b in sorted({1, args.num_prompts}):
+        d = decode_profile(llm, b, args.decode_ctx, args.decode_steps, bw["gbps_read_plus_write"], args.seed + 7)
+        dec.append(d)
+        log(f"  batch {b}: {d['step_s_median'] * 1e3:.2f} ms/step, bound {d['bound_s_weights'] * 1e3:.2f} ms "
+            f"-> {d['bound_over_achieved']:.0%} of the bandwidth bound")
+    result["decode"] = dec
+
+    log("prefill profile")
+    pre_lens = [min(args.max_num_batched_tokens, 512)] * 4
+    result["prefill"] = prefill_profile(llm, pre_lens, args.seed + 11)
+    p = result["prefill"]
+    log(f"  {p['tokens_per_s']:.0f} tok/s, {p['flops_2n_per_s'] / 1e9:.1f} GFLOP/s (2 x params x tokens)")
+    result["total_s"] = time.perf_counter() - t_all
+    result["loadavg_at_end"] = list(os.getloadavg())
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    log(f"wrote {out_path}")
+
+
+def print_table(r: dict[str, Any]) -> None:
+    m, t = r["machine"], r["throughput"]
+    print(f"\n{r['model']['name']} ({r['model']['dtype']}, {r['model']['params'] / 1e6:.1f}M params) on "
+          f"{m.get('gpu_name') or m['cpu_model']}, {m['torch_threads']} threads")
+    print(f"{'metric':<44}{'value':>14}")
+    rows = [("copy bandwidth, GB/s (read + write)", f"{r['copy_bandwidth']['gbps_read_plus_write']:.1f}"),
+            ("pdserve output tok/s (best)", f"{t['pdserve_tok_per_s_best']:.0f}")]
+    if "transformers_tok_per_s_best" in t:
+        rows += [("transformers output tok/s (best)", f"{t['transformers_tok_per_s_best']:.0f}"),
+                 ("pdserve / transformers (best, median)", f"{t['speedup_best']:.2f}x {t['speedup_median']:.2f}x")]
+    if "agreement" in r:
+        a = r["agreement"]
+        rows.append(("greedy sequences equal to transformers", f"{a['sequences_equal']}/{a['sequences']}"))
+    for d in r["decode"]:
+        rows += [(f"decode step, batch {d['batch']} (ctx {d['context']}), ms", f"{d['step_s_median'] * 1e3:.2f}"),
+                 ("  bound weights / bw, ms", f"{d['bound_s_weights'] * 1e3:.2f}"),
+                 ("  bound / achieved (weights; +KV)",
+                  f"{d['bound_over_achieved']:.0%}; {d['bound_kv_over_achieved']:.0%}")]
+    p = r["prefill"]
+    rows += [("prefill tok/s", f"{p['tokens_per_s']:.0f}"),
+             ("prefill GFLOP/s (2 x params x tokens)", f"{p['flops_2n_per_s'] / 1e9:.1f}")]
+    for k, v in rows:
+        print(f"{k:<44}{v:>14}")
+
+
+if __name__ == "__main__":
+    main()
