@@ -75,17 +75,53 @@ def _wait_health(c: Cluster, timeout: float) -> None:
     raise RuntimeError(f"pdserve {' '.join(c.args)} not healthy after {timeout:.0f}s:\n{c.tail()}")
 
 
-def stop(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+def _children(pid: int) -> list[int]:
+    """Every descendant of `pid` now (from /proc), so workers can be reaped if the launcher dies first."""
+    kids: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                kids.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def stop(proc: subprocess.Popen[bytes], grace: float = 60.0) -> None:
+    """Ctrl-C the launcher (it drains and stops its workers), then make sure every descendant is gone.
+
+    SIGINT, not SIGTERM: `pdserve up` stops its workers on Ctrl-C; on SIGTERM it can exit without them.
+    """
     if proc.poll() is not None:
         return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+    family = _children(proc.pid)
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+            os.kill(proc.pid, sig)
         try:
             proc.wait(timeout=wait)
-            return
+            break
         except subprocess.TimeoutExpired:
             continue
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [p for p in family if _alive(p)]
+        for p in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + 10.0
+        while any(_alive(p) for p in alive) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def parse_busy(text: str) -> dict[str, float]:
