@@ -8,6 +8,9 @@ in-flight requests and transfers before exiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import secrets
 import signal
@@ -87,7 +90,8 @@ def start_workers(cfg: ClusterConfig, secret: str) -> list[WorkerProc]:
         for i in range(n):
             port = free_port()
             proc = subprocess.Popen(worker_command(cfg, role, port), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+                                    stderr=subprocess.STDOUT, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
             w = WorkerProc(role, i, port, proc)
             threading.Thread(target=_pump, args=(proc, w.name), daemon=True).start()
             procs.append(w)
@@ -126,6 +130,29 @@ def stop_workers(workers: list[WorkerProc], grace: float = 30.0) -> None:
             w.proc.wait()
 
 
+def _serve_until_signal(server) -> None:  # type: ignore[no-untyped-def]
+    """Serve until SIGINT/SIGTERM, then return (uvicorn alone would re-raise the signal and
+    kill this process before it could stop the workers)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        server.capture_signals = contextlib.nullcontext  # keep our handlers
+        await server.serve()
+
+    asyncio.run(main())
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: a worker gets SIGTERM if `up` dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: stop_workers still stops them on a normal exit
+
+
 def run_cluster(cfg: ClusterConfig) -> int:
     """Start everything, serve until interrupted, stop everything."""
     import uvicorn
@@ -156,7 +183,7 @@ def run_cluster(cfg: ClusterConfig) -> int:
               f"  Ctrl-C stops the cluster.", flush=True)
         server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
                                                timeout_graceful_shutdown=30))
-        asyncio.run(server.serve())
+        _serve_until_signal(server)
     finally:
         print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
         stop_workers(workers)

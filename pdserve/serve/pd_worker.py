@@ -33,7 +33,8 @@ from pdserve.serve.rpc import Peer, RpcServer
 from pdserve.transfer import KVPoll, KVReceiver, KVSender
 
 log = logging.getLogger("pdserve.worker")
-POLL_S = 0.002
+POLL_S = 0.002  # transfer state polling while transfers are in flight
+IDLE_POLL_S = 0.05
 
 
 def cluster_secret() -> bytes | None:
@@ -263,7 +264,7 @@ class PDWorker:
     async def _poll_transfers(self) -> None:
         last_expiry = 0.0
         while True:
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S if self.sending or self.awaiting else IDLE_POLL_S)
             if self.sender is not None:
                 self._poll_sends()
             if self.receiver is not None:
