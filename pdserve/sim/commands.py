@@ -1,4 +1,7 @@
-"""CLI subcommands of the simulator: `sim`, `plan`, `kv-size`, `transfer-time`.
+"""CLI subcommands of the simulator: `sim`, `plan`, `kv-size`, `transfer-time`, `profile`.
+
+`profile` runs the real engine (torch): its code lives in `pdserve/engine/profiler.py` and is imported
+only inside its handler, so this module (and all of `pdserve/sim/`) stays torch-free.
 
 `pdserve/cli.py` calls `register(sub)`; until then: `python -m pdserve.sim.commands sim ...`.
 """
@@ -115,8 +118,14 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from pdserve.engine.profiler import main as profile_main  # torch: only when profiling
+
+    return profile_main(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `sim`, `plan`, `kv-size` and `transfer-time` to the `pdserve` command."""
+    """Add `sim`, `plan`, `kv-size`, `transfer-time` and `profile` to the `pdserve` command."""
     p = sub.add_parser("kv-size", help="KV cache bytes per token and per sequence (GQA vs MHA)")
     p.add_argument("--model", default="demo")
     p.add_argument("--tokens", type=int, default=1)
@@ -162,6 +171,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--burstiness", type=float, default=1.0)
     p.add_argument("--time-scale", type=float, default=1.0)
     p.set_defaults(func=_sim, num_requests=200)
+
+    p = sub.add_parser("profile", help="time the real engine on this machine; write a profile for sim --profile")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: a cluster's workers on this machine run with 1; 0 = torch's default)")
+    p.add_argument("--out", default="profile.json")
+    p.add_argument("--prefill-tokens", default="16,32,64,128,256,512,1024", help="comma-separated prompt lengths")
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated decode batch sizes")
+    p.add_argument("--contexts", default="64,128,256,512,1024", help="comma-separated decode context lengths")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per point (the median is kept)")
+    p.set_defaults(func=_profile)
 
     p = sub.add_parser("plan", help="cheapest cluster meeting the SLOs: disaggregated vs colocated")
     common(p)

@@ -1,0 +1,91 @@
+"""`pdserve profile`: the steps it builds, its file format, and the simulator reading it back."""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdserve.engine.profiler import ProfilePlan, Profiler
+from pdserve.sched.output import SchedulerOutput
+from pdserve.sim.build import ClusterConfig, build
+from pdserve.sim.commands import register
+from pdserve.sim.profile import ProfiledModel
+from pdserve.workload import RequestSpec
+
+
+class FakeClockRunner:
+    """A runner whose step 'takes' a known time: the sim's own cost model with chosen coefficients."""
+
+    block_size = 4
+    num_blocks = 4096
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.truth = ProfiledModel((0.002, 1e-4, 1e-7), (0.003, 2e-4, 1e-6))
+        self.steps: list[list[tuple[int, int, bool]]] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def execute(self, out: SchedulerOutput) -> None:
+        rows = [(c.num_tokens, c.start, c.sample) for c in out.chunks]
+        for c in out.chunks:  # the block table covers every token the step writes
+            assert len(c.request.block_ids) * self.block_size >= c.start + c.num_tokens
+        self.steps.append(rows)
+        pre = [(n, s) for n, s, _ in rows if n > 1]
+        dec = [s for n, s, _ in rows if n == 1]
+        self.now += self.truth.mixed_time(pre, dec)
+
+
+def test_profiler_steps_match_the_simulators_definitions_and_fit_recovers_the_model(tmp_path: Path) -> None:
+    runner = FakeClockRunner()
+    plan = ProfilePlan((8, 32, 128), (1, 4, 16), (16, 64), warmup=1, repeats=3)
+    lines: list[str] = []
+    prefill, decode = Profiler(runner, plan, clock=runner.clock, log=lines.append).run()
+    assert [n for n, _ in prefill] == [8, 32, 128]
+    assert [(b, c) for b, c, _ in decode] == [(b, c) for b in (1, 4, 16) for c in (16, 64)]
+    assert len(runner.steps) == (3 + 6) * 4  # warmup + repeats per point
+    assert runner.steps[0] == [(8, 0, True)]  # prefill: nothing cached
+    assert runner.steps[-1] == [(1, 64, True)] * 16  # decode: one token after `context` cached
+    assert len(lines) == 9 and lines[-1].startswith("[9/9] decode batch  16")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"model": "fake", "prefill": prefill, "decode": decode}))
+    fit = ProfiledModel.load(path)
+    for n, t in prefill:
+        assert fit.prefill_time([n]) == pytest.approx(t, rel=1e-6)
+    for b, c, t in decode:
+        assert fit.decode_time([c] * b) == pytest.approx(t, rel=1e-6)
+
+
+def test_profile_command_on_the_real_engine_writes_a_profile_the_sim_uses(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["profile", "--model", "demo", "--out", str(out), "--prefill-tokens", "4,8,16",
+                              "--batch-sizes", "1,2", "--contexts", "4,8", "--warmup", "0", "--repeats", "1",
+                              "--block-size", "4"])
+    assert args.func(args) == 0
+    prof = json.loads(out.read_text())
+    assert prof["model"] == "demo" and prof["device"].startswith("cpu") and "1 thread" in prof["device"]
+    assert [p[0] for p in prof["prefill"]] == [4, 8, 16]
+    assert [p[:2] for p in prof["decode"]] == [[1, 4], [1, 8], [2, 4], [2, 8]]
+    assert all(p[-1] > 0 for p in prof["prefill"] + prof["decode"])
+    fit = ProfiledModel.load(out)
+    # Predicts its own points: generous bounds, since these are real timings on a shared machine.
+    for n, t in prof["prefill"]:
+        assert t / 5 < fit.prefill_time([n]) < t * 5
+    for b, c, t in prof["decode"]:
+        assert t / 5 < fit.decode_time([c] * b) < t * 5
+    # ...and `pdserve sim --profile` runs on it.
+    sim = build(ClusterConfig(model="demo", mode="colocated", profile=str(out), num_blocks=256))
+    r = sim.run([RequestSpec(0.0, 20, 3), RequestSpec(0.0, 12, 2)])
+    assert all(f == f for f in r.finish)
+
+
+def test_sim_package_does_not_pull_torch() -> None:
+    code = ("import sys, pdserve.sim.commands, pdserve.sim.build, pdserve.sim.cluster, pdserve.sim.planner, "
+            "pdserve.sim.scenario, pdserve.sim.profile; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
