@@ -18,6 +18,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("cluster roles (prefill, decode, or colocated behind a router)")
     g.add_argument("--internal", action="store_true",
                    help="colocated role: speak the router's internal RPC instead of HTTP")
+    g.add_argument("--max-waiting", type=int, default=256, help="queued requests before refusing more")
     g.add_argument("--transport", choices=["tcp", "shm"], default="tcp", help="KV transfer transport")
     g.add_argument("--bandwidth-gbps", type=float, default=0.0, help="emulated link bandwidth (0: off)")
     g.add_argument("--latency-ms", type=float, default=0.0, help="emulated link latency per chunk")

@@ -69,10 +69,19 @@ class RouterSection:
     port: int = 8000
     disagg_threshold: int = 0  # prompts shorter than this are served without a prefill worker
     api_key: str = ""
+    max_inflight: int = 512  # requests in the router at once; beyond them: 503 + Retry-After
+    max_attempts: int = 4  # tries per request across worker failures
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         _check(0 <= self.port < 65536, "port", "must be in 0..65535")
         _check(self.disagg_threshold >= 0, "disagg_threshold", "must be >= 0")
+        _check(self.max_inflight >= 1, "max_inflight", "must be >= 1")
+        _check(self.max_attempts >= 1, "max_attempts", "must be >= 1")
+        for key in ("first_token_timeout_s", "token_timeout_s", "request_timeout_s"):
+            _check(getattr(self, key) > 0, key, "must be > 0")
 
 
 @dataclass

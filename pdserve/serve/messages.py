@@ -91,6 +91,7 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    error_kind: str = ""  # invalid | transfer | overloaded | draining | internal
     timings: dict[str, float] = {}
     num_cached_tokens: int = 0
 

@@ -75,6 +75,7 @@ class PDWorker:
         self.requests: dict[str, Request] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
+        self.max_waiting = args.max_waiting  # queue bound: beyond it new work is refused (overload)
         # prefill: where each request's KV goes; requests whose transfer is in flight
         self.kv_dest: dict[str, m.Prefill] = {}
         self.sending: dict[str, float] = {}
@@ -102,7 +103,7 @@ class PDWorker:
         self.loop.add_signal_handler(signal.SIGINT, stop.set)
         poller = asyncio.create_task(self._poll_transfers())
         log.info("%s worker ready on %s:%d (%d KV blocks)", self.role, self.rpc.host, self.rpc.port, self.bm.num_blocks)
-        print(f"READY {self.role} {self.rpc.host}:{self.rpc.port}", flush=True)
+        print(f"READY {self.role} {self.rpc.host}:{self.rpc.port} pid={os.getpid()}", flush=True)
         await stop.wait()
         await self.drain()
         poller.cancel()
@@ -141,14 +142,14 @@ class PDWorker:
         elif isinstance(msg, m.Generate) and self.role != "prefill":
             self._admit(msg, peer)
         else:
-            await self._refuse(msg, peer, f"a {self.role} worker does not take {type(msg).__name__}")
+            await self._refuse(msg, peer, f"a {self.role} worker does not take {type(msg).__name__}", "invalid")
 
-    async def _refuse(self, msg: m.ToWorker, peer: Peer, why: str) -> None:
+    async def _refuse(self, msg: m.ToWorker, peer: Peer, why: str, kind: str = "draining") -> None:
         rid = getattr(msg, "request_id", "")
         if isinstance(msg, m.Reserve):
             await peer.send(m.Reserved(rid, False, reason=why))
         else:
-            await peer.send(m.Tokens(rid, [], error=why))
+            await peer.send(m.Tokens(rid, [], error=why, error_kind=kind))
 
     def _make(self, msg: m.Generate | m.Reserve | m.Prefill) -> Request | str:
         try:
@@ -164,9 +165,13 @@ class PDWorker:
         return self.core.make_request(msg.request_id, msg.prompt_token_ids, params)
 
     def _admit(self, msg: m.Generate | m.Prefill, peer: Peer) -> bool:
+        if self.policy.num_waiting >= self.max_waiting:
+            asyncio.ensure_future(peer.send(m.Tokens(msg.request_id, [], error="queue full",
+                                                     error_kind="overloaded")))
+            return False
         req = self._make(msg)
         if isinstance(req, str):
-            asyncio.ensure_future(peer.send(m.Tokens(msg.request_id, [], error=req)))
+            asyncio.ensure_future(peer.send(m.Tokens(msg.request_id, [], error=req, error_kind="invalid")))
             return False
         self.owners[req.request_id] = peer
         self.requests[req.request_id] = req
@@ -177,7 +182,7 @@ class PDWorker:
         assert isinstance(self.policy, DecodeScheduler) and self.receiver is not None
         req = self._make(msg)
         if isinstance(req, str):
-            return m.Reserved(msg.request_id, False, reason=req)
+            return m.Reserved(msg.request_id, False, reason=f"invalid: {req}")
         with self.core.lock:  # answers at once, between (not after) engine steps
             ok = self.policy.reserve(req, self.core.clock())
         if not ok:
@@ -317,12 +322,12 @@ class PDWorker:
         assert isinstance(self.policy, DecodeScheduler)
         req = self.policy.remote_kv_failed(rid, self.core.clock())
         if req is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self._error_now, rid, f"KV transfer failed: {err}")
+            self.loop.call_soon_threadsafe(self._error_now, rid, f"KV transfer failed: {err}", "transfer")
 
     def _expire(self) -> None:
         assert isinstance(self.policy, DecodeScheduler) and self.loop is not None
         for req in self.policy.expire_reservations(self.core.clock()):
-            self.loop.call_soon_threadsafe(self._error_now, req.request_id, "KV reservation expired")
+            self.loop.call_soon_threadsafe(self._error_now, req.request_id, "KV reservation expired", "transfer")
 
     def _finish_now(self, req: Request) -> None:
         peer = self.owners.get(req.request_id)
@@ -330,12 +335,12 @@ class PDWorker:
             asyncio.ensure_future(_send_all(peer, [self._tokens(req, [], req)]))
         self._forget(req.request_id, req)
 
-    def _error_now(self, rid: str, err: str) -> None:
+    def _error_now(self, rid: str, err: str, kind: str) -> None:
         if self.receiver is not None:
             self.receiver.drop(rid)
         peer = self.owners.get(rid)
         if peer is not None:
-            asyncio.ensure_future(_send_all(peer, [m.Tokens(rid, [], error=err)]))
+            asyncio.ensure_future(_send_all(peer, [m.Tokens(rid, [], error=err, error_kind=kind)]))
         self._forget(rid, None)
 
     def _stats(self, nonce: str) -> m.Stats:

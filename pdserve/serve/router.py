@@ -5,19 +5,28 @@ next, then 503) ──▶ Prefill on the prefill worker with the fewest queued p
 reserved blocks ──▶ its first token goes to the client at once ──▶ Start on the decode worker ──▶
 its tokens stream on. Prompts shorter than `disagg_threshold` (and clusters without prefill
 workers) are served whole by a colocated worker, or else by a decode worker.
+
+Failures (see README, "Failure semantics"): the router remembers every token it streamed. A lost
+or silent worker, or a failed KV transfer, ends that attempt; the next attempt re-prefills
+prompt + tokens so far on another pair, after an exponential backoff with jitter, within a bounded
+number of attempts and the request's deadline. A transfer that fails twice falls back to the
+colocated path. Circuit breakers keep work away from failing workers and links.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from pdserve.config.model import ModelShape
 from pdserve.engine.sampler import SamplingParams
+from pdserve.sched.breaker import CircuitBreaker
 from pdserve.sched.routing import WorkerLoad, pick_colocated, pick_prefill, rank_decode
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
@@ -30,30 +39,44 @@ log = logging.getLogger("pdserve.router")
 class RouterConfig:
     disagg_threshold: int = 0  # prompts shorter than this skip the prefill pool
     reserve_timeout_s: float = 2.0
-    first_token_timeout_s: float = 120.0
+    first_token_timeout_s: float = 60.0  # prefill silent this long: try elsewhere
+    token_timeout_s: float = 30.0  # decode silent this long mid-stream: try elsewhere
+    request_timeout_s: float = 600.0  # overall deadline of one request
+    max_attempts: int = 4
+    backoff_base_s: float = 0.05
+    backoff_max_s: float = 2.0
+    max_inflight: int = 512  # requests in the router at once; beyond: 503 at once
     stats_interval_s: float = 0.1
+    breaker_failures: int = 3
+    breaker_reset_s: float = 5.0
 
 
-class WorkerLost(BackendError):
-    """The connection to a worker broke while it held the request."""
+class Retryable(BackendError):
+    """This attempt failed in a way another worker may not: try again elsewhere."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, worker: str = "", transfer: bool = False) -> None:
         super().__init__(message, 503, retry_after=1)
+        self.worker, self.transfer = worker, transfer
 
 
 class Worker:
-    """The router's view of one worker: its connection and its load."""
+    """The router's view of one worker: its connection, its load, its breaker."""
 
-    def __init__(self, role: str, address: str, secret: bytes | None) -> None:
+    def __init__(self, role: str, address: str, secret: bytes | None, config: RouterConfig) -> None:
         self.role = role
         self.client = RpcClient(address, secret)
         self.load = WorkerLoad(name=f"{role}@{address}", available=False)
-        self.inflight = 0  # requests this router has on it
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.healthy = False  # answered its last heartbeat and is not draining
+        self.inflight = 0
         self.busy_fraction = 0.0
 
     @property
     def name(self) -> str:
         return self.load.name
+
+    def refresh_available(self, now: float) -> None:
+        self.load.available = self.healthy and self.breaker.allow(now)
 
 
 class ClusterBackend:
@@ -63,15 +86,29 @@ class ClusterBackend:
                  secret: bytes | None = None, config: RouterConfig | None = None) -> None:
         self.shape = shape
         self.max_model_len = shape.max_model_len
-        self.config = config or RouterConfig()
-        self.workers = ([Worker("prefill", a, secret) for a in prefill]
-                        + [Worker("decode", a, secret) for a in decode]
-                        + [Worker("colocated", a, secret) for a in colocated])
+        self.config = cfg = config or RouterConfig()
+        self.workers = ([Worker("prefill", a, secret, cfg) for a in prefill]
+                        + [Worker("decode", a, secret, cfg) for a in decode]
+                        + [Worker("colocated", a, secret, cfg) for a in colocated])
+        self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
+        self.inflight = 0
+        self.retries = 0
         self._nonce = itertools.count()
         self._poller: asyncio.Task[None] | None = None
+        self._rng = random.Random()
 
     def _pool(self, role: str) -> list[Worker]:
-        return [w for w in self.workers if w.role == role]
+        now = time.monotonic()
+        pool = [w for w in self.workers if w.role == role]
+        for w in pool:
+            w.refresh_available(now)
+        return pool
+
+    def _link(self, p: Worker, d: Worker) -> CircuitBreaker:
+        key = (p.name, d.name)
+        if key not in self.links:
+            self.links[key] = CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s)
+        return self.links[key]
 
     # ---- lifecycle and health ---------------------------------------------------------------
     async def start(self) -> None:
@@ -90,7 +127,7 @@ class ClusterBackend:
             await asyncio.gather(*(self._refresh(w) for w in self.workers))
 
     async def _refresh(self, w: Worker) -> None:
-        """Ask a worker for its load; an unreachable or silent worker leaves the pool."""
+        """Heartbeat: ask a worker for its load; an unreachable or silent one leaves the pool."""
         nonce = f"stats-{next(self._nonce)}"
         q = w.client.open(nonce)
         try:
@@ -102,23 +139,23 @@ class ClusterBackend:
             w.load.free_blocks, w.load.total_blocks = s.free_blocks, s.total_blocks
             w.load.running = s.running + s.reserved + s.waiting
             w.busy_fraction = s.busy_fraction
-            if not w.load.available and not s.draining:
-                log.info("%s joined", w.name)
-            w.load.available = not s.draining
+            if not w.healthy and not s.draining:
+                log.info("%s joined the pool", w.name)
+            w.healthy = not s.draining
         except (TimeoutError, OSError, ConnectionError) as e:
-            if w.load.available:
+            if w.healthy:
                 log.warning("%s left the pool: %s", w.name, e or type(e).__name__)
-            w.load.available = False
+            w.healthy = False
         finally:
             w.client.close_queue(nonce)
 
     def stats(self) -> dict[str, float]:
-        kv = [w for w in self.workers if w.role != "prefill" and w.load.available]
+        kv = [w for w in self.workers if w.role != "prefill" and w.healthy]
         free = sum(w.load.free_blocks for w in kv)
         total = sum(w.load.total_blocks for w in kv) or 1
-        live = [w for w in self.workers if w.load.available]
+        live = [w for w in self.workers if w.healthy]
         return {
-            "num_requests_running": float(sum(w.inflight for w in self.workers)),
+            "num_requests_running": float(self.inflight),
             "num_requests_waiting": float(sum(w.load.queued_prompt_tokens > 0 for w in self._pool("prefill"))),
             "kv_cache_usage": 1.0 - free / total,
             "kv_free_blocks": float(free),
@@ -128,9 +165,9 @@ class ClusterBackend:
 
     def worker_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         """Per worker: (name, role, gauges) for the router's /metrics."""
-        return [(w.name, w.role, {"up": float(w.load.available), "busy_fraction": w.busy_fraction,
-                                  "kv_free_blocks": float(w.load.free_blocks),
-                                  "inflight": float(w.inflight)}) for w in self.workers]
+        return [(w.name, w.role, {"up": float(w.healthy), "busy_fraction": w.busy_fraction,
+                                  "kv_free_blocks": float(w.load.free_blocks), "inflight": float(w.inflight),
+                                  "breaker_state": float(w.breaker.state.value)}) for w in self.workers]
 
     # ---- requests ---------------------------------------------------------------------------
     async def abort(self, request_id: str) -> None:
@@ -138,107 +175,163 @@ class ClusterBackend:
             if request_id in w.client.queues and w.client.connected:
                 await w.client.send(m.Abort(request_id))
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-                 ) -> AsyncIterator[TokenEvent]:
-        return self._generate(request_id, prompt_token_ids, params)
-
-    async def _generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+    async def generate(self, rid: str, prompt: list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
+        """Tokens of one request, whatever fails underneath (within attempts and the deadline)."""
+        cfg = self.config
+        if self.inflight >= cfg.max_inflight:
+            raise BackendError("the router is at capacity; retry shortly", 503, retry_after=1)
         t0 = time.monotonic()
-        prefill_pool = [w.load for w in self._pool("prefill")]
-        short = len(prompt) < self.config.disagg_threshold
-        if short or pick_prefill(prefill_pool) is None:
-            stream = self._local(rid, prompt, params, t0)
-        else:
-            stream = self._disagg(rid, prompt, params, t0)
-        async for ev in stream:
-            yield ev
+        deadline = t0 + cfg.request_timeout_s
+        produced: list[int] = []
+        avoid: set[str] = set()  # workers that failed this request
+        transfer_failures = 0
+        attempt = 0
+        self.inflight += 1
+        try:
+            while True:
+                sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
+                                          min_tokens=max(0, params.min_tokens - len(produced)))
+                sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
+                local = (len(prompt) < cfg.disagg_threshold or transfer_failures >= 2
+                         or pick_prefill([w.load for w in self._pool("prefill")], frozenset(avoid)) is None)
+                stream = (self._local(sub_rid, prompt + produced, sub, avoid) if local
+                          else self._disagg(sub_rid, prompt + produced, sub, avoid))
+                try:
+                    async for ev in _with_deadline(stream, deadline):
+                        produced += ev.token_ids
+                        if ev.finish_reason is not None and attempt:
+                            ev.timings["retries"] = float(attempt)
+                        yield ev
+                        if ev.finish_reason is not None:
+                            return
+                    return
+                except Retryable as e:
+                    attempt += 1
+                    self.retries += 1
+                    transfer_failures += e.transfer
+                    if e.worker:
+                        avoid.add(e.worker)
+                    now = time.monotonic()
+                    if attempt >= cfg.max_attempts or now >= deadline:
+                        raise BackendError(f"gave up after {attempt} attempts: {e}", 503, retry_after=1) from e
+                    log.warning("request %s attempt %d failed (%s); retrying with %d tokens so far",
+                                rid, attempt, e, len(produced))
+                    backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
+                    await asyncio.sleep(min(deadline - now, backoff * (0.5 + self._rng.random())))
+        finally:
+            self.inflight -= 1
 
-    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, t0: float
+    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
                      ) -> AsyncIterator[TokenEvent]:
         pool = self._pool("colocated") or self._pool("decode")
-        pick = pick_colocated([w.load for w in pool])
+        pick = pick_colocated([w.load for w in pool], frozenset(avoid))
         if pick is None:
             raise BackendError("no worker is available", 503, retry_after=1)
         w = next(w for w in pool if w.load is pick)
         q = w.client.open(rid)
         w.inflight += 1
         w.load.running += 1
+        w.breaker.on_dispatch()
         done = False
+        t0 = time.monotonic()
         try:
-            await w.client.send(m.Generate(rid, prompt, m.Params.of(params)))
-            queued = time.monotonic() - t0
+            await _send(w, m.Generate(rid, prompt, m.Params.of(params)))
+            t_sent = time.monotonic()
+            timeout = self.config.first_token_timeout_s
             while True:
-                msg = await q.get()
-                ev = _event(msg, w)
-                if ev.finish_reason is not None:
-                    ev.timings = {"router_queue": queued, **ev.timings}
-                    done = True
+                ev = _event(await _get(q, w, timeout), w)
+                timeout = self.config.token_timeout_s
+                done = ev.finish_reason is not None
+                if done:
+                    ev.timings = {"router_queue": t_sent - t0, **ev.timings}
+                    w.breaker.record_success(time.monotonic())
                 yield ev
                 if done:
                     return
+        except Retryable:
+            w.breaker.record_failure(time.monotonic())
+            raise
         finally:
             w.inflight -= 1
             w.client.close_queue(rid)
             if not done and w.client.connected:
                 await w.client.send(m.Abort(rid))
 
-    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams
+    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
                        ) -> tuple[Worker, m.Reserved]:
         decode = self._pool("decode")
-        for load in rank_decode([w.load for w in decode]):
+        for load in rank_decode([w.load for w in decode], frozenset(avoid)):
             w = next(w for w in decode if w.load is load)
             q = w.client.open(rid)
             try:
-                await w.client.send(m.Reserve(rid, prompt, m.Params.of(params)))
-                reply = await asyncio.wait_for(q.get(), self.config.reserve_timeout_s)
-            except (TimeoutError, OSError, ConnectionError):
+                await _send(w, m.Reserve(rid, prompt, m.Params.of(params)))
+                reply = await _get(q, w, self.config.reserve_timeout_s)
+            except Retryable:
+                w.breaker.record_failure(time.monotonic())
                 reply = None
             if isinstance(reply, m.Reserved) and reply.ok:
                 w.load.free_blocks -= len(reply.block_ids)
                 w.load.running += 1
                 return w, reply
             w.client.close_queue(rid)
-            if isinstance(reply, m.Reserved) and "outside" in reply.reason:
+            if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
                 raise BackendError(reply.reason, 400)
         raise BackendError("every decode worker is full; retry shortly", 503, retry_after=1)
 
-    async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, t0: float
+    async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
                       ) -> AsyncIterator[TokenEvent]:
-        d, res = await self._reserve(rid, prompt, params)
+        t0 = time.monotonic()
+        d, res = await self._reserve(rid, prompt, params, avoid)
         dq = d.client.queues[rid]
-        pick = pick_prefill([w.load for w in self._pool("prefill")])
+        prefill = self._pool("prefill")
+        ok_links = frozenset(avoid | {w.name for w in prefill if not self._link(w, d).allow(t0)})
+        pick = pick_prefill([w.load for w in prefill], ok_links) or pick_prefill([w.load for w in prefill],
+                                                                                  frozenset(avoid))
         if pick is None:
             d.client.close_queue(rid)
             await d.client.send(m.Abort(rid))
             raise BackendError("no prefill worker is available", 503, retry_after=1)
-        p = next(w for w in self._pool("prefill") if w.load is pick)
+        p = next(w for w in prefill if w.load is pick)
+        link = self._link(p, d)
         pq = p.client.open(rid)
         finished = False
         d.inflight += 1
         p.inflight += 1
         p.load.queued_prompt_tokens += len(prompt)
+        for b in (p.breaker, d.breaker, link):
+            b.on_dispatch()
+        stage = p
         try:
-            await p.client.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                          res.block_size, d.load.free_fraction))
+            await _send(p, m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
+                                     res.block_size, d.load.free_fraction))
             queued = time.monotonic() - t0
-            first = await asyncio.wait_for(pq.get(), self.config.first_token_timeout_s)
-            ev = _event(first, p)
+            ev = _event(await _get(pq, p, self.config.first_token_timeout_s), p)
+            p.breaker.record_success(time.monotonic())
             prefill_timings = dict(ev.timings)
-            if ev.finish_reason is not None:
+            if ev.finish_reason is not None:  # the first token already ended it
                 ev.timings = {"router_queue": queued, **prefill_timings}
                 finished = True
                 yield ev
                 return
             yield ev
-            await d.client.send(m.Start(rid, ev.token_ids[0]))
+            stage = d
+            await _send(d, m.Start(rid, ev.token_ids[0]))
             while True:
-                ev = _event(await dq.get(), d)
+                ev = _event(await _get(dq, d, self.config.token_timeout_s), d)
                 if ev.finish_reason is not None:
                     ev.timings = {"router_queue": queued, **prefill_timings, **ev.timings}
                     finished = True
+                    for b in (d.breaker, link):
+                        b.record_success(time.monotonic())
                 yield ev
                 if finished:
                     return
+        except Retryable as e:
+            now = time.monotonic()
+            (link if e.transfer else stage.breaker).record_failure(now)
+            if e.transfer:
+                raise Retryable(str(e), d.name, transfer=True) from e
+            raise
         finally:
             d.inflight -= 1
             p.inflight -= 1
@@ -250,12 +343,43 @@ class ClusterBackend:
                         await w.client.send(m.Abort(rid))
 
 
+async def _send(w: Worker, msg: m.ToWorker) -> None:
+    try:
+        await w.client.send(msg)
+    except (OSError, ConnectionError, TimeoutError) as e:
+        raise Retryable(f"cannot reach {w.name}: {e}", w.name) from e
+
+
+async def _get(q: asyncio.Queue[m.ToRouter | None], w: Worker, timeout: float) -> m.ToRouter | None:
+    """The next message for this request; skips messages that carry no tokens (TransferDone)."""
+    while True:
+        try:
+            msg = await asyncio.wait_for(q.get(), timeout)
+        except TimeoutError:
+            raise Retryable(f"{w.name} silent for {timeout:.0f}s", w.name) from None
+        if not isinstance(msg, m.TransferDone):
+            return msg
+
+
 def _event(msg: m.ToRouter | None, w: Worker) -> TokenEvent:
     if msg is None:
-        raise WorkerLost(f"lost the connection to {w.name}")
-    if isinstance(msg, m.TransferDone | m.Reserved | m.Stats):
-        return TokenEvent([])  # not a token message: nothing to show
+        raise Retryable(f"lost the connection to {w.name}", w.name)
+    if not isinstance(msg, m.Tokens):
+        raise Retryable(f"{w.name} sent an unexpected {type(msg).__name__}", w.name)
     if msg.error is not None:
-        raise BackendError(f"{w.name}: {msg.error}", 500)
+        if msg.error_kind == "transfer":
+            raise Retryable(f"{w.name}: {msg.error}", w.name, transfer=True)
+        if msg.error_kind in ("overloaded", "draining"):
+            raise Retryable(f"{w.name}: {msg.error}", w.name)
+        raise BackendError(f"{w.name}: {msg.error}", 400 if msg.error_kind == "invalid" else 500)
     return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
                       num_cached_tokens=msg.num_cached_tokens)
+
+
+async def _with_deadline(stream: AsyncIterator[TokenEvent], deadline: float) -> AsyncIterator[TokenEvent]:
+    """Ends the request with an error once its overall deadline has passed. Waits between events
+    are bounded by the first-token and token timeouts, so checking between events suffices."""
+    async for ev in stream:
+        if time.monotonic() > deadline:
+            raise BackendError("request deadline exceeded", 504)
+        yield ev
