@@ -80,6 +80,7 @@ def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         sys.stderr.write(f"[{prefix}] {line.decode(errors='replace')}")
+    proc.wait()  # reap it as soon as it exits, so no zombie lingers
 
 
 def start_workers(cfg: ClusterConfig, secret: str) -> list[WorkerProc]:

@@ -74,6 +74,8 @@ class RpcServer:
             log.warning("rejected a frame (%s); closing that connection", e)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass  # shutting down: asyncio would otherwise log the cancelled handler as an error
         finally:
             self.peers.discard(peer)
             peer.closed = True

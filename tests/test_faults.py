@@ -1,0 +1,113 @@
+"""Real faults: workers killed with SIGKILL mid-run; every request completes, greedy output unchanged."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.test_cluster import _up, _wait_for, _worker_gauge
+
+pytestmark = pytest.mark.slow
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def _pids(output: str) -> dict[str, int]:
+    """role-index -> pid, from the workers' READY lines in `pdserve up`'s output."""
+    return {f"{m.group(1)}-{m.group(2)}": int(m.group(3))
+            for m in re.finditer(r"\[(\w+)-(\d+)\] READY \w+ \S+ pid=(\d+)", output)}
+
+
+async def _stream_all(url: str, model: str, prompts: list[list[int]], max_tokens: int,
+                      on_progress=None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    sem = asyncio.Semaphore(200)
+    done = 0
+
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(p: list[int]) -> list[int]:
+            nonlocal done
+            async with sem:
+                body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                        "ignore_eos": True, "return_token_ids": True}
+                r = await client.post(url + "/v1/completions", json=body)
+                assert r.status_code == 200, r.text
+                done += 1
+                if on_progress:
+                    on_progress(done)
+                return r.json()["choices"][0]["token_ids"]
+
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
+    """2P2D, 200 concurrent requests; SIGKILL one prefill and one decode worker mid-run."""
+    folder = tiny_models["llama"]
+    rng = random.Random(5)
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.choice([4, 20, 60]))] for _ in range(200)]
+    with _up(str(folder), "--prefill", "1", "--decode", "1", "--colocated", "0") as ref:
+        want = asyncio.run(_stream_all(ref.url, str(folder), prompts, 24))
+    with _up(str(folder), "--prefill", "2", "--decode", "2") as srv:
+        pids = _pids(srv.output())
+        assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= set(pids)
+        killed = False
+
+        def chaos(done: int) -> None:
+            nonlocal killed
+            if done >= 30 and not killed:
+                killed = True
+                os.kill(pids["prefill-0"], signal.SIGKILL)
+                os.kill(pids["decode-1"], signal.SIGKILL)
+
+        got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 24, chaos))
+        assert killed
+        assert got == want
+        up = _worker_gauge(srv.url, "up")
+        _wait_for(lambda: sum(_worker_gauge(srv.url, "up").values()) == 2, timeout=10)
+        assert len(up) == 4
+
+
+def test_sigterm_drains_in_flight_requests(tiny_models):
+    """SIGTERM to a decode worker: it takes no new work, finishes what it has, then exits."""
+    folder = tiny_models["llama"]
+    with _up(str(folder), "--prefill", "1", "--decode", "2") as srv:
+        pids = _pids(srv.output())
+
+        async def run() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def one(i: int) -> int:
+                    body = {"model": str(folder), "prompt": [5 + i, 6, 7], "max_tokens": 60,
+                            "temperature": 0, "ignore_eos": True}
+                    r = await client.post(srv.url + "/v1/completions", json=body)
+                    return r.status_code
+
+                tasks = [asyncio.create_task(one(i)) for i in range(16)]
+                await asyncio.sleep(1.0)
+                os.kill(pids["decode-0"], signal.SIGTERM)
+                return list(await asyncio.gather(*tasks))
+
+        assert asyncio.run(run()) == [200] * 16
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not _alive(pids["decode-0"]):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the drained decode worker did not exit")
+        # The cluster keeps serving on the remaining decode worker.
+        r = httpx.post(srv.url + "/v1/completions", json={"model": str(folder), "prompt": [9, 8, 7],
+                                                          "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        _wait_for(lambda: sorted(_worker_gauge(srv.url, "up").values()) == [0.0, 1.0, 1.0], timeout=10)
