@@ -23,6 +23,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--bandwidth-gbps", type=float, default=0.0, help="emulated link bandwidth (0: off)")
     g.add_argument("--latency-ms", type=float, default=0.0, help="emulated link latency per chunk")
     g.add_argument("--transfer-timeout-s", type=float, default=30.0)
+    g.add_argument("--fault-corrupt-prob", type=float, default=0.0, help="fault injection: corrupt KV chunks")
+    g.add_argument("--fault-cut-prob", type=float, default=0.0, help="fault injection: cut KV connections")
     g.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill: saturation token budget")
     g.add_argument("--max-wait-ms", type=float, default=50.0, help="prefill: longest wait before a batch")
     g.add_argument("--target-utilization", type=float, default=0.85, help="prefill: batch start threshold")

@@ -124,9 +124,15 @@ class TransferConfig:
     bandwidth_gbps: float = 0.0  # link emulation: 0 = as fast as the transport goes
     latency_ms: float = 0.0  # link emulation: added one-way latency per chunk
     max_frame_bytes: int = 256 * 1024 * 1024
+    # Fault injection, for tests and drills: corrupt a chunk after its checksum, or cut the
+    # connection after sending a chunk, with these probabilities per chunk.
+    fault_corrupt_prob: float = 0.0
+    fault_cut_prob: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.transport in ("tcp", "shm"), "transport", "must be 'tcp' or 'shm'")
+        _check(0 <= self.fault_corrupt_prob <= 1, "fault_corrupt_prob", "must be in [0, 1]")
+        _check(0 <= self.fault_cut_prob <= 1, "fault_cut_prob", "must be in [0, 1]")
         _check(self.bandwidth_gbps >= 0, "bandwidth_gbps", "must be >= 0")
         _check(self.latency_ms >= 0, "latency_ms", "must be >= 0")
         _check(self.max_frame_bytes >= 4096, "max_frame_bytes", "must be >= 4096")

@@ -52,7 +52,8 @@ class PDWorker:
                                ea.cache.eviction)
         self.secret = cluster_secret()
         self.transfer = TransferConfig(transport=args.transport, bandwidth_gbps=args.bandwidth_gbps,
-                                       latency_ms=args.latency_ms)
+                                       latency_ms=args.latency_ms, fault_corrupt_prob=args.fault_corrupt_prob,
+                                       fault_cut_prob=args.fault_cut_prob)
         self.policy: ColocatedScheduler | PrefillBatcher | DecodeScheduler
         if self.role == "prefill":
             self.policy = PrefillBatcher(PrefillConfig(

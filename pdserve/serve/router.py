@@ -183,8 +183,8 @@ class ClusterBackend:
         t0 = time.monotonic()
         deadline = t0 + cfg.request_timeout_s
         produced: list[int] = []
-        avoid: set[str] = set()  # workers that failed this request
-        transfer_failures = 0
+        avoid: set[str] = set()  # workers lost or silent on this request
+        bad_kv: set[str] = set()  # decode workers a transfer to failed (still fine to run it whole)
         attempt = 0
         self.inflight += 1
         try:
@@ -192,10 +192,11 @@ class ClusterBackend:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
                                           min_tokens=max(0, params.min_tokens - len(produced)))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
-                local = (len(prompt) < cfg.disagg_threshold or transfer_failures >= 2
+                no_kv_dest = rank_decode([w.load for w in self._pool("decode")], frozenset(avoid | bad_kv)) == []
+                local = (len(prompt) < cfg.disagg_threshold or len(bad_kv) >= 2 or no_kv_dest
                          or pick_prefill([w.load for w in self._pool("prefill")], frozenset(avoid)) is None)
                 stream = (self._local(sub_rid, prompt + produced, sub, avoid) if local
-                          else self._disagg(sub_rid, prompt + produced, sub, avoid))
+                          else self._disagg(sub_rid, prompt + produced, sub, avoid | bad_kv))
                 try:
                     async for ev in _with_deadline(stream, deadline):
                         produced += ev.token_ids
@@ -208,9 +209,8 @@ class ClusterBackend:
                 except Retryable as e:
                     attempt += 1
                     self.retries += 1
-                    transfer_failures += e.transfer
                     if e.worker:
-                        avoid.add(e.worker)
+                        (bad_kv if e.transfer else avoid).add(e.worker)
                     now = time.monotonic()
                     if attempt >= cfg.max_attempts or now >= deadline:
                         raise BackendError(f"gave up after {attempt} attempts: {e}", 503, retry_after=1) from e

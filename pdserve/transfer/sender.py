@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -65,6 +66,7 @@ class KVSender:
         self._links: dict[str, _Link] = {}
         self._swept = time.monotonic()
         self._closed = False
+        self.fault_rng = random.Random()  # drives injected faults (TransferConfig.fault_*)
 
     def send_layer(self, request_id: str, dest: str, layer: int, num_layers: int, block_ids: list[int],
                    data: Any, dtype: str | None = None) -> None:
@@ -259,7 +261,16 @@ class _Link(threading.Thread):
             conn.pending.append((rid, off))  # before writing: the ack may beat us back
             conn.rids.add(rid)
             st.started, st.state, st.last = True, KVPoll.TRANSFERRING, time.monotonic()
-        write_frame_sync(conn.sock, encode(chunk), b"" if off is not None else data, s.secret)
+        payload = b"" if off is not None else data
+        if cfg.fault_corrupt_prob and s.fault_rng.random() < cfg.fault_corrupt_prob and data.nbytes:
+            broken = bytearray(data)  # injected fault: the bytes no longer match the checksum
+            broken[len(broken) // 2] ^= 0xFF
+            payload = broken if off is None else payload
+            if off is not None:
+                conn.ring.put(off, np.frombuffer(bytes(broken), dtype=np.uint8))  # type: ignore[union-attr]
+        write_frame_sync(conn.sock, encode(chunk), payload, s.secret)
+        if cfg.fault_cut_prob and s.fault_rng.random() < cfg.fault_cut_prob:
+            _shutdown(conn.sock)  # injected fault: the link drops mid-transfer
 
     def _reserve(self, conn: _Conn, st: _Req, n: int) -> int | None:
         """Room for n bytes in the ring, growing it when n alone does not fit; None if st ended."""
