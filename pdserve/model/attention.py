@@ -47,14 +47,11 @@ def paged_attention(
     for q_start, q_len, ctx, table in meta.prefill_chunks:
         k = _gather(cache[0], table, ctx).transpose(0, 1)  # [kv, ctx, d]
         v = _gather(cache[1], table, ctx).transpose(0, 1)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=0)
-            v = v.repeat_interleave(group, dim=0)
         qq = q[q_start : q_start + q_len].transpose(0, 1)  # [heads, q_len, d]
         # Query i sits at position ctx - q_len + i and sees keys up to and including itself.
         qpos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
         mask = torch.arange(ctx, device=q.device)[None, :] <= qpos
-        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale)
+        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
         out[q_start : q_start + q_len] = o.transpose(0, 1)
     if meta.decode_idx is not None:
         assert meta.decode_tables is not None and meta.decode_ctx is not None
@@ -63,11 +60,9 @@ def paged_attention(
         d = q.shape[-1]
         k = cache[0][meta.decode_tables].reshape(b, max_blocks * bs, n_kv, d).transpose(1, 2)
         v = cache[1][meta.decode_tables].reshape(b, max_blocks * bs, n_kv, d).transpose(1, 2)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         mask = torch.arange(max_blocks * bs, device=q.device)[None, :] < meta.decode_ctx[:, None]
         qq = q[meta.decode_idx].unsqueeze(2)  # [B, heads, 1, d]
-        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+        o = F.scaled_dot_product_attention(qq, k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                           enable_gqa=group > 1)
         out[meta.decode_idx] = o.squeeze(2)
     return out
