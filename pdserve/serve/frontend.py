@@ -48,7 +48,8 @@ class OpenAIFront:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.vocab_size = len(tokenizer)
-        self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None))
+        self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None),
+                                     getattr(backend, "link_stats", None))
         self.created = int(time.time())
 
     # ---- app --------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ class ServerMetrics:
     """Latency histograms, token counters and gauges read from the backend at scrape time."""
 
     def __init__(self, stats: Callable[[], dict[str, float]],
-                 worker_stats: Callable[[], list[tuple[str, str, dict[str, float]]]] | None = None) -> None:
+                 worker_stats: Callable[[], list[tuple[str, str, dict[str, float]]]] | None = None,
+                 link_stats: Callable[[], list[tuple[str, str, float]]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token",
@@ -55,8 +56,13 @@ class ServerMetrics:
                 ("busy_fraction", "Share of the worker's wall time spent computing"),
                 ("kv_free_blocks", "Free KV blocks on the worker"),
                 ("inflight", "Requests the router has on the worker"),
+                ("breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open"),
             ]
         }
+        self._link_gauge = Gauge("pdserve:link_breaker_state",
+                                 "Circuit breaker of a (prefill, decode) link: 0 closed, 1 half-open, 2 open",
+                                 ["prefill", "decode"], registry=r)
+        self._link_stats = link_stats
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for phase, seconds in timings.items():
@@ -72,4 +78,7 @@ class ServerMetrics:
                 for name, value in values.items():
                     if name in self._worker_gauges:
                         self._worker_gauges[name].labels(worker, role).set(value)
+        if self._link_stats is not None:
+            for prefill, decode, state in self._link_stats():
+                self._link_gauge.labels(prefill, decode).set(state)
         return generate_latest(self.registry)

@@ -169,6 +169,10 @@ class ClusterBackend:
                                   "kv_free_blocks": float(w.load.free_blocks), "inflight": float(w.inflight),
                                   "breaker_state": float(w.breaker.state.value)}) for w in self.workers]
 
+    def link_stats(self) -> list[tuple[str, str, float]]:
+        """Breaker state of every (prefill, decode) link used so far."""
+        return [(p, d, float(b.state.value)) for (p, d), b in self.links.items()]
+
     # ---- requests ---------------------------------------------------------------------------
     async def abort(self, request_id: str) -> None:
         for w in self.workers:
