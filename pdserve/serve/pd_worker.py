@@ -250,6 +250,9 @@ class PDWorker:
         wait = self.transfer_wait.pop(req.request_id, None)
         if wait is not None:
             timings["transfer"] = wait
+        else:  # prefilled here (colocated role, or a decode worker running a short prompt whole)
+            timings.update(_prefill_timings(done))
+            timings["queue"] = timings.pop("prefill_queue", 0.0)
         return m.Tokens(req.request_id, toks, done.status.finish_reason, timings=timings,
                         num_cached_tokens=done.num_cached_tokens)
 
