@@ -133,7 +133,7 @@ class PDWorker:
                 self.awaiting[msg.request_id] = (msg.first_token, time.monotonic())
         elif self.draining:
             await self._refuse(msg, peer, "worker is draining")
-        elif isinstance(msg, m.Reserve):
+        elif isinstance(msg, m.Reserve) and self.role == "decode":
             await peer.send(self._reserve(msg, peer))
         elif isinstance(msg, m.Prefill) and self.role == "prefill":
             if self._admit(msg, peer):
