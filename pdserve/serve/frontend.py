@@ -88,6 +88,23 @@ class OpenAIFront:
         async def chat(request: Request) -> Response:
             return await front.handle(request, chat=True)
 
+        if hasattr(front.backend, "add_worker"):
+            @app.post("/admin/workers")
+            async def add_worker(request: Request) -> Response:
+                try:
+                    front._auth(request)
+                    body = await front._body(request)
+                    if not isinstance(body, dict):
+                        raise APIError("body must be {\"role\": ..., \"address\": \"host:port\"}")
+                    try:
+                        name = await front.backend.add_worker(str(body.get("role")), str(body.get("address")))  # type: ignore[attr-defined]
+                    except ValueError as e:
+                        raise APIError(str(e)) from None
+                except APIError as e:
+                    return front._error(e)
+                up = dict((n, v["up"]) for n, _, v in front.backend.worker_stats())  # type: ignore[attr-defined]
+                return JSONResponse({"worker": name, "up": bool(up.get(name))})
+
         @app.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError) -> Response:
             return front._error(exc)
@@ -134,7 +151,17 @@ class OpenAIFront:
             return self._error(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if req.stream:
-            return StreamingResponse(self._stream(rid, req, choices, chat), media_type="text/event-stream")
+            # Wait for the first event before answering, so that a request refused up front (router at
+            # capacity, every decode worker full, a worker rejecting it) gets its real status code and
+            # Retry-After header rather than a 200 followed by an error event.
+            events = self._events(rid, req, choices)
+            try:
+                first = await anext(events)
+            except APIError as e:
+                await events.aclose()
+                return self._error(e)
+            return StreamingResponse(self._stream(rid, req, choices, chat, events, first),
+                                     media_type="text/event-stream")
         try:
             return JSONResponse(await self._complete(rid, req, choices, chat))
         except APIError as e:
@@ -270,7 +297,8 @@ class OpenAIFront:
         body["timings"] = [c.timings for c in choices]
         return body
 
-    async def _stream(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool
+    async def _stream(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool,
+                      events: AsyncIterator[tuple[Choice, str, bool]], first: tuple[Choice, str, bool]
                       ) -> AsyncIterator[bytes]:
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -284,7 +312,7 @@ class OpenAIFront:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                           "finish_reason": None} for c in choices])
         try:
-            async for choice, delta, done in self._events(rid, req, choices):
+            async for choice, delta, done in _prepend(first, events):
                 if not delta and not done:
                     continue
                 finish = choice.finish_reason if done else None
@@ -302,3 +330,13 @@ class OpenAIFront:
         if req.include_usage:
             yield chunk([], usage=self._usage(choices))
         yield b"data: [DONE]\n\n"
+
+
+async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]
+                   ) -> AsyncIterator[tuple[Choice, str, bool]]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
