@@ -134,3 +134,44 @@ def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transpor
         assert got == want
         assert "KV transfer failed" in srv.output() or "attempt" in srv.output()
         _wait_for(lambda: _worker_gauge(srv.url, "kv_free_blocks") == start, timeout=30)
+
+
+def test_new_worker_joins_a_running_router(tiny_models):
+    """A decode worker started later joins through POST /admin/workers and takes over the load."""
+    import subprocess
+    import sys
+
+    from tests.servers import free_port
+
+    folder = tiny_models["llama"]
+    env = {**os.environ, "PDSERVE_CLUSTER_SECRET": "join-me"}
+    with running_server_env(env, str(folder)) as srv:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", "decode", "--internal",
+                                 "--model", str(folder), "--threads", "1", "--port", str(port)],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if b"READY decode" in line:
+                    break
+            r = httpx.post(srv.url + "/admin/workers", json={"role": "decode", "address": f"127.0.0.1:{port}"},
+                           timeout=30)
+            assert r.status_code == 200 and r.json()["up"] is True, r.text
+            bad = httpx.post(srv.url + "/admin/workers", json={"role": "boss", "address": "x"}, timeout=30)
+            assert bad.status_code == 400
+            os.kill(_pids(srv.output())["decode-0"], signal.SIGKILL)
+            prompts = [[7, 8, 9 + i] for i in range(6)]
+            got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
+            assert all(len(g) == 6 for g in got)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def running_server_env(env: dict[str, str], model: str):  # type: ignore[no-untyped-def]
+    from tests.servers import running_server
+
+    args = ["up", "--model", model, "--threads", "1", "--port", "0", "--prefill", "1", "--decode", "1"]
+    return running_server(args, env=env, port_flag=None, url_pattern=r"serving \S+ at (http://[0-9.:]+)/v1",
+                          timeout=240)

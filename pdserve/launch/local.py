@@ -164,7 +164,8 @@ def run_cluster(cfg: ClusterConfig) -> int:
     from pdserve.serve.frontend import OpenAIFront
     from pdserve.serve.router import ClusterBackend, RouterConfig
 
-    secret = secrets.token_hex(16)
+    # A given secret lets workers started elsewhere join (POST /admin/workers); else a fresh one.
+    secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
     shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
     r = cfg.router
     print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "

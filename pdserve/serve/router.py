@@ -90,6 +90,7 @@ class ClusterBackend:
         self.workers = ([Worker("prefill", a, secret, cfg) for a in prefill]
                         + [Worker("decode", a, secret, cfg) for a in decode]
                         + [Worker("colocated", a, secret, cfg) for a in colocated])
+        self.secret = secret
         self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
         self.inflight = 0
         self.retries = 0
@@ -168,6 +169,20 @@ class ClusterBackend:
         return [(w.name, w.role, {"up": float(w.healthy), "busy_fraction": w.busy_fraction,
                                   "kv_free_blocks": float(w.load.free_blocks), "inflight": float(w.inflight),
                                   "breaker_state": float(w.breaker.state.value)}) for w in self.workers]
+
+    async def add_worker(self, role: str, address: str) -> str:
+        """A worker started after the router joins the pool (it needs the cluster secret)."""
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError("role must be prefill, decode or colocated")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError("address must be host:port")
+        existing = next((w for w in self.workers if w.role == role and w.client.address == address), None)
+        if existing is None:
+            existing = Worker(role, address, self.secret, self.config)
+            self.workers.append(existing)
+        await self._refresh(existing)
+        return existing.name
 
     def link_stats(self) -> list[tuple[str, str, float]]:
         """Breaker state of every (prefill, decode) link used so far."""

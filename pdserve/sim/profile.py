@@ -8,7 +8,8 @@ Profile file (JSON), written by `pdserve profile` and read by `pdserve sim --pro
       "decode":  [[batch_size, context_len, seconds], ...]  # batch_size sequences, each context_len long
     }
 
-Fitted forms (least squares, coefficients clipped at zero):
+Fitted forms (least squares on relative error, i.e. each point weighted by 1 / its time, so a
+1-sequence step weighs as much as a 32 x 1024 one; coefficients clipped at zero):
     prefill(n_1..n_k)   = a_p + b_p * sum n_i + c_p * sum n_i^2     (linear layers + causal attention)
     decode(c_1..c_B)    = a_d + b_d * B + c_d * sum c_i              (per-sequence work + KV reads)
     mixed               = max(a_p, a_d) + the variable parts of both
@@ -24,8 +25,16 @@ from typing import Any
 import numpy as np
 
 
-def _nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares, then refit without any negative coefficient (tiny active-set NNLS)."""
+def _nnls(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
+    """Least squares, then refit without any negative coefficient (tiny active-set NNLS).
+
+    relative: minimise sum ((fit - y) / y)^2 instead of sum (fit - y)^2. Plain least squares lets
+    the few slowest points (big batches, long contexts: seconds) decide the fit and drives the fixed
+    per-step cost to 0, so small steps, the common case, come out several times too fast.
+    """
+    if relative:
+        w = 1.0 / np.maximum(np.abs(y), 1e-12)
+        x, y = x * w[:, None], y * w
     active = list(range(x.shape[1]))
     coef = np.zeros(x.shape[1])
     while active:
