@@ -72,6 +72,8 @@ async def _run(url: str, model: str, seed: int) -> dict[str, int]:
         print("failures:", *failures[:5], sep="\n  ")
     if slow:
         print(f"{len(slow)} requests took over 5 s (longest {max(slow):.1f} s)")
+    # A failed transfer must end its attempt at once, not after the 30 s transfer timeout.
+    assert not [t for t in slow if t > 20], f"requests stuck behind a failed transfer: {slow}"
     return counts
 
 

@@ -124,6 +124,7 @@ class TransferConfig:
     bandwidth_gbps: float = 0.0  # link emulation: 0 = as fast as the transport goes
     latency_ms: float = 0.0  # link emulation: added one-way latency per chunk
     max_frame_bytes: int = 256 * 1024 * 1024
+    timeout_s: float = 30.0  # a transfer without progress this long fails (both sides free its blocks)
     # Fault injection, for tests and drills: corrupt a chunk after its checksum, or cut the
     # connection after sending a chunk, with these probabilities per chunk.
     fault_corrupt_prob: float = 0.0
@@ -136,3 +137,4 @@ class TransferConfig:
         _check(self.bandwidth_gbps >= 0, "bandwidth_gbps", "must be >= 0")
         _check(self.latency_ms >= 0, "latency_ms", "must be >= 0")
         _check(self.max_frame_bytes >= 4096, "max_frame_bytes", "must be >= 4096")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")

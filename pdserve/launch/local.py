@@ -56,7 +56,8 @@ def worker_command(cfg: ClusterConfig, role: str, port: int) -> list[str]:
         cmd += ["--dtype", cfg.dtype]
     t = cfg.transfer
     cmd += ["--transport", t.transport, "--bandwidth-gbps", str(t.bandwidth_gbps), "--latency-ms", str(t.latency_ms),
-            "--fault-corrupt-prob", str(t.fault_corrupt_prob), "--fault-cut-prob", str(t.fault_cut_prob)]
+            "--fault-corrupt-prob", str(t.fault_corrupt_prob), "--fault-cut-prob", str(t.fault_cut_prob),
+            "--transfer-timeout-s", str(t.timeout_s)]
     if role == "prefill":
         p = cfg.prefill
         cmd += ["--max-batch-tokens", str(p.max_batch_tokens), "--max-num-seqs", str(p.max_num_seqs),

@@ -320,6 +320,7 @@ class ClusterBackend:
         for b in (p.breaker, d.breaker, link):
             b.on_dispatch()
         stage = p
+        watcher: asyncio.Task[None] | None = None
         try:
             await _send(p, m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
                                      res.block_size, d.load.free_fraction))
@@ -334,6 +335,7 @@ class ClusterBackend:
                 return
             yield ev
             stage = d
+            watcher = asyncio.create_task(_watch_transfer(rid, pq, dq))
             await _send(d, m.Start(rid, ev.token_ids[0]))
             while True:
                 ev = _event(await _get(dq, d, self.config.token_timeout_s), d)
@@ -352,6 +354,8 @@ class ClusterBackend:
                 raise Retryable(str(e), d.name, transfer=True) from e
             raise
         finally:
+            if watcher is not None:
+                watcher.cancel()
             d.inflight -= 1
             p.inflight -= 1
             p.client.close_queue(rid)
@@ -360,6 +364,21 @@ class ClusterBackend:
                 for w in (p, d):
                     if w.client.connected:
                         await w.client.send(m.Abort(rid))
+
+
+async def _watch_transfer(rid: str, pq: asyncio.Queue[m.ToRouter | None],
+                          dq: asyncio.Queue[m.ToRouter | None]) -> None:
+    """After the first token: if the prefill side reports the KV push failed (or its connection
+    drops before confirming it), fail this attempt at once rather than when the decode worker's
+    wait for the missing KV times out."""
+    while True:
+        msg = await pq.get()
+        if isinstance(msg, m.TransferDone) and msg.ok:
+            return
+        if msg is None or isinstance(msg, m.TransferDone):
+            why = msg.error if msg is not None else "prefill worker lost before the KV was confirmed"
+            dq.put_nowait(m.Tokens(rid, [], error=f"KV transfer failed: {why}", error_kind="transfer"))
+            return
 
 
 async def _send(w: Worker, msg: m.ToWorker) -> None:
