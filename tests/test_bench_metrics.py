@@ -16,7 +16,9 @@ from pdserve.cli import build_parser
 from pdserve.metrics_summary import SLO, summarize
 
 NAN = float("nan")
-TRACES = Path("/work/shared/traces")
+TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"  # shared/ lies beside the repo
+if not TRACES.is_dir():
+    TRACES = Path("/work/shared/traces")
 
 
 def _records() -> list[RequestRecord]:
