@@ -107,12 +107,18 @@ def _common(body: Any, req: GenerateRequest) -> None:
     req.return_token_ids = bool(_get(body, "return_token_ids", (bool,), False))
 
 
-def parse_completion(body: Any) -> GenerateRequest:
+def _model(body: Any) -> str:
+    """The body must be an object naming the model."""
     if not isinstance(body, dict):
         raise APIError("request body must be a JSON object")
     model = _get(body, "model", (str,), None, allow_none=False)
     if model is None:
         raise APIError("'model' is required", param="model")
+    return model
+
+
+def parse_completion(body: Any) -> GenerateRequest:
+    model = _model(body)
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list[str | list[int]] = [prompt]
@@ -136,11 +142,7 @@ def parse_completion(body: Any) -> GenerateRequest:
 
 
 def parse_chat(body: Any) -> GenerateRequest:
-    if not isinstance(body, dict):
-        raise APIError("request body must be a JSON object")
-    model = _get(body, "model", (str,), None, allow_none=False)
-    if model is None:
-        raise APIError("'model' is required", param="model")
+    model = _model(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list", param="messages")
