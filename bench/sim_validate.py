@@ -133,11 +133,23 @@ def real_run(mode: str, args: argparse.Namespace) -> dict[str, Any]:
             "worker_busy_fraction": busy, "summary": rec["summary"], "requests": rec["requests"]}
 
 
-def sim_run(mode: str, args: argparse.Namespace, link: str) -> dict[str, Any]:
+def sim_run(mode: str, args: argparse.Namespace, link: str, decode_grid: bool = True) -> dict[str, Any]:
+    """decode_grid=False: decode steps from the fitted plane only (the model before the grid existed)."""
+    import dataclasses
+
+    from pdserve.sim import profile as prof
+
     cfg = sim_config(mode, args, link)
     specs = generate(args.workload, args.num_requests, args.rate, arrival="poisson", seed=args.seed,
                      length_scale=args.length_scale)
-    r = build(cfg).run(specs)
+    load = prof.ProfiledModel.load
+    if not decode_grid:
+        prof.ProfiledModel.load = classmethod(  # type: ignore[method-assign]
+            lambda cls, path: dataclasses.replace(load(path), decode_grid=None))
+    try:
+        r = build(cfg).run(specs)
+    finally:
+        prof.ProfiledModel.load = load  # type: ignore[method-assign]
     res = summarize(r)
     m = per_request_ms(r)
     from dataclasses import asdict
@@ -217,6 +229,7 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/sim_validation.json")
     ap.add_argument("--sim-only", action="store_true",
                     help="keep the real runs recorded in --out; re-run only the simulator")
+    ap.add_argument("--note", action="append", help="a line recorded under notes in the JSON")
     args = ap.parse_args()
     os.chdir(REPO)
 
@@ -229,7 +242,9 @@ def main() -> int:
     for mode in args.modes.split(","):
         real = prior["modes"][mode]["real"] if prior else real_run(mode, args)
         sim = sim_run(mode, args, link)
+        plane = sim_run(mode, args, link, decode_grid=False)
         modes[mode] = {"real": real, "sim": sim, "errors": compare(real, sim),
+                       "errors_decode_plane_fit_only": compare(real, plane),
                        "real_phase_medians_ms": real_phase_medians(real),
                        "diagnostics": diagnostics(real, args.profile)}
     config = {k: getattr(args, k) for k in ("model", "workload", "length_scale", "num_requests", "rate", "seed",
@@ -241,7 +256,8 @@ def main() -> int:
                            "load_average_1min": profile.get("load_average_1min"), "device": profile.get("device")},
                "link": link_fit, "modes": modes}
     if prior:
-        payload["real_runs_from"] = {"date": prior.get("date"), "command": prior.get("command")}
+        payload["real_runs_from"] = prior.get("real_runs_from") or {"date": prior.get("date"),
+                                                                    "command": prior.get("command")}
     # Earlier validations (their tables and errors): the machine is noisy, so keep the spread visible.
     history = list((old or {}).get("previous_runs", []))
     if old and not args.sim_only:
@@ -250,6 +266,8 @@ def main() -> int:
                           "load_average": {m: v["real"]["load_average"] for m, v in old["modes"].items()},
                           "profile_load_average_1min": (old.get("profile") or {}).get("load_average_1min")})
     payload["previous_runs"] = history
+    if args.note:
+        payload["notes"] = args.note
     table = format_table(modes)
     payload["table"] = table
     write_json(args.out, payload)

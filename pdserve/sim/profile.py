@@ -13,6 +13,10 @@ Fitted forms (least squares on relative error, i.e. each point weighted by 1 / i
     prefill(n_1..n_k)   = a_p + b_p * sum n_i + c_p * sum n_i^2     (linear layers + causal attention)
     decode(c_1..c_B)    = a_d + b_d * B + c_d * sum c_i              (per-sequence work + KV reads)
     mixed               = max(a_p, a_d) + the variable parts of both
+Decode steps inside the measured grid (batch sizes x contexts) are instead interpolated bilinearly
+in (B, mean c_i) from the measurements themselves, as Vidur does: on CPU the step time is not
+linear in B (one sequence takes a faster path, B = 2..8 cost 15-30% more than the plane through
+all points), and the measured grid says so. Outside the grid the fitted plane extends it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class ProfiledModel:
     prefill_coef: tuple[float, float, float]  # a_p, b_p, c_p
     decode_coef: tuple[float, float, float]  # a_d, b_d, c_d
     meta: dict[str, Any] | None = None
+    # Measured decode grid: (batch sizes, contexts, seconds[i][j]); None: the fitted plane only.
+    decode_grid: tuple[list[float], list[float], list[list[float]]] | None = None
 
     @classmethod
     def fit(cls, profile: dict[str, Any]) -> ProfiledModel:
@@ -65,7 +71,7 @@ class ProfiledModel:
         b, c = dec[:, 0], dec[:, 1]
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
-        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta)  # type: ignore[arg-type]
+        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec))  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path) -> ProfiledModel:
@@ -77,6 +83,27 @@ class ProfiledModel:
     def decode_time(self, context_lens: list[int]) -> float:
         return self.mixed_time([], context_lens)
 
+    def _plane(self, b: float, ctx_sum: float) -> float:
+        ad, bd, cd = self.decode_coef
+        return ad + bd * b + cd * ctx_sum
+
+    def _decode_total(self, contexts: list[int]) -> float:
+        """Decode part of a step, fixed cost included: the measured grid where it reaches, else the plane."""
+        b, total = len(contexts), sum(contexts)
+        if self.decode_grid is None:
+            return self._plane(b, total)
+        bs, cs, t = self.decode_grid
+        c = total / b
+        bq, cq = min(max(b, bs[0]), bs[-1]), min(max(c, cs[0]), cs[-1])
+        i = max(0, min(int(np.searchsorted(bs, bq)) - 1, len(bs) - 2)) if len(bs) > 1 else 0
+        j = max(0, min(int(np.searchsorted(cs, cq)) - 1, len(cs) - 2)) if len(cs) > 1 else 0
+        u = (bq - bs[i]) / (bs[i + 1] - bs[i]) if len(bs) > 1 else 0.0
+        v = (cq - cs[j]) / (cs[j + 1] - cs[j]) if len(cs) > 1 else 0.0
+        i1, j1 = min(i + 1, len(bs) - 1), min(j + 1, len(cs) - 1)
+        grid = ((1 - u) * (1 - v) * t[i][j] + u * (1 - v) * t[i1][j] + (1 - u) * v * t[i][j1] + u * v * t[i1][j1])
+        # Beyond the grid: the plane's change from the clamped point.
+        return grid + self._plane(b, total) - self._plane(bq, bq * cq)
+
     def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         if not prefill_chunks and not decode_contexts:
             return 0.0
@@ -87,8 +114,17 @@ class ProfiledModel:
             # A chunk of n after `prior` cached tokens costs n^2 + 2 n prior in attention pairs.
             t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + 2 * n * p for n, p in prefill_chunks)
         if decode_contexts:
-            t += bd * len(decode_contexts) + cd * sum(decode_contexts)
+            t += self._decode_total(decode_contexts) - ad
         return t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)
+
+
+def _grid(dec: np.ndarray) -> tuple[list[float], list[float], list[list[float]]] | None:
+    """The decode points as a full (batch size x context) table, or None if they do not form one."""
+    bs, cs = sorted({float(x) for x in dec[:, 0]}), sorted({float(x) for x in dec[:, 1]})
+    cell = {(float(b), float(c)): float(t) for b, c, t in dec}
+    if len(cell) != len(dec) or len(cell) != len(bs) * len(cs):
+        return None
+    return bs, cs, [[cell[(b, c)] for c in cs] for b in bs]
 
 
 def write_profile(path: str | Path, prefill: list[list[float]], decode: list[list[float]], **meta: Any) -> None:
