@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -84,6 +85,7 @@ class PDWorker:
         # decode: requests whose first token came and whose KV is awaited
         self.receiver: KVReceiver | None = None
         self.awaiting: dict[str, tuple[int, float]] = {}
+        self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
         self.transfer_wait: dict[str, float] = {}  # KV still arriving after the first token, seconds
         if self.role == "prefill":
             self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=args.transfer_timeout_s)
@@ -131,6 +133,7 @@ class PDWorker:
         elif isinstance(msg, m.Start):
             if msg.request_id in self.requests:
                 self.awaiting[msg.request_id] = (msg.first_token, time.monotonic())
+                self._transfer_started.set()
         elif self.draining:
             await self._refuse(msg, peer, "worker is draining")
         elif isinstance(msg, m.Reserve) and self.role == "decode":
@@ -233,6 +236,7 @@ class PDWorker:
                 out.setdefault(peer, []).append(m.Tokens(rid, [tok], reason, timings=_prefill_timings(req),
                                                          num_cached_tokens=req.num_cached_tokens))
                 self.sending[rid] = time.monotonic()
+                self._transfer_started.set()
                 continue
             done = finished.get(rid)
             out.setdefault(peer, []).append(self._tokens(req, [tok], done))
@@ -273,7 +277,12 @@ class PDWorker:
     async def _poll_transfers(self) -> None:
         last_expiry = 0.0
         while True:
-            await asyncio.sleep(POLL_S if self.sending or self.awaiting else IDLE_POLL_S)
+            if self.sending or self.awaiting:
+                await asyncio.sleep(POLL_S)
+            else:  # idle: sleep until a transfer starts (or a while, for reservation expiry)
+                self._transfer_started.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._transfer_started.wait(), IDLE_POLL_S)
             if self.sender is not None:
                 self._poll_sends()
             if self.receiver is not None:

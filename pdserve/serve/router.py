@@ -97,6 +97,7 @@ class ClusterBackend:
         self._nonce = itertools.count()
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self._cleanup: set[asyncio.Future[None]] = set()  # abort sends in flight
 
     def _pool(self, role: str) -> list[Worker]:
         now = time.monotonic()
@@ -189,6 +190,22 @@ class ClusterBackend:
         return [(p, d, float(b.state.value)) for (p, d), b in self.links.items()]
 
     # ---- requests ---------------------------------------------------------------------------
+    def _abort_on(self, workers: list[Worker], rid: str) -> None:
+        """Tell workers to drop a request, in a task of its own: this runs in `finally` blocks of
+        requests being cancelled (client gone), where an awaited send could itself be cancelled
+        half-way and leave blocks held."""
+        async def send() -> None:
+            for w in workers:
+                if w.client.connected:
+                    try:
+                        await w.client.send(m.Abort(rid))
+                    except (OSError, ConnectionError):
+                        pass  # the worker is gone, and its blocks with it
+
+        task = asyncio.ensure_future(send())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
+
     async def abort(self, request_id: str) -> None:
         for w in self.workers:
             if request_id in w.client.queues and w.client.connected:
@@ -273,8 +290,8 @@ class ClusterBackend:
         finally:
             w.inflight -= 1
             w.client.close_queue(rid)
-            if not done and w.client.connected:
-                await w.client.send(m.Abort(rid))
+            if not done:
+                self._abort_on([w], rid)
 
     async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
                        ) -> tuple[Worker, m.Reserved]:
@@ -293,6 +310,8 @@ class ClusterBackend:
                 w.load.running += 1
                 return w, reply
             w.client.close_queue(rid)
+            if reply is None:
+                self._abort_on([w], rid)  # a late "yes" must not leave blocks held
             if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
                 raise BackendError(reply.reason, 400)
         raise BackendError("every decode worker is full; retry shortly", 503, retry_after=1)
@@ -308,7 +327,7 @@ class ClusterBackend:
                                                                                   frozenset(avoid))
         if pick is None:
             d.client.close_queue(rid)
-            await d.client.send(m.Abort(rid))
+            self._abort_on([d], rid)
             raise BackendError("no prefill worker is available", 503, retry_after=1)
         p = next(w for w in prefill if w.load is pick)
         link = self._link(p, d)
@@ -361,9 +380,7 @@ class ClusterBackend:
             p.client.close_queue(rid)
             d.client.close_queue(rid)
             if not finished:  # client gone or a failure: free everything, everywhere
-                for w in (p, d):
-                    if w.client.connected:
-                        await w.client.send(m.Abort(rid))
+                self._abort_on([p, d], rid)
 
 
 async def _watch_transfer(rid: str, pq: asyncio.Queue[m.ToRouter | None],
