@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -91,14 +90,14 @@ def _run_router(args: argparse.Namespace) -> int:
     from pdserve.model.tokenizer import load_tokenizer
     from pdserve.serve.frontend import OpenAIFront
     from pdserve.serve.router import ClusterBackend, RouterConfig
+    from pdserve.serve.rpc import cluster_secret
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not (args.prefill or args.decode or args.colocated):
         print("pdserve router: give at least one of --prefill/--decode/--colocated", file=sys.stderr)
         return 2
-    secret = os.environ.get("PDSERVE_CLUSTER_SECRET")
     backend = ClusterBackend(resolve_shape(args.model), args.prefill, args.decode, args.colocated,
-                             secret=secret.encode() if secret else None,
+                             secret=cluster_secret(),
                              config=RouterConfig(disagg_threshold=args.disagg_threshold))
     front = OpenAIFront(backend, load_tokenizer(args.model), args.served_model_name or args.model,
                         api_key=args.api_key)

@@ -1,4 +1,4 @@
-"""Typed control messages between the router and workers (msgpack via msgspec; never pickle).
+"""Typed control messages between the router and workers (msgpack via msgspec: data, never code).
 
 Router -> worker:  Generate, Reserve, Prefill, Start, Abort, StatsQuery
 Worker -> router:  Reserved, Tokens, TransferDone, Stats

@@ -30,17 +30,12 @@ from pdserve.serve import messages as m
 from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import CacheSink, blocks_as_array
-from pdserve.serve.rpc import Peer, RpcServer
+from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
 from pdserve.transfer import KVPoll, KVReceiver, KVSender
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
 IDLE_POLL_S = 0.05
-
-
-def cluster_secret() -> bytes | None:
-    s = os.environ.get("PDSERVE_CLUSTER_SECRET")
-    return s.encode() if s else None
 
 
 class PDWorker:

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pdserve.config.model import ModelShape
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.breaker import CircuitBreaker
-from pdserve.sched.routing import WorkerLoad, pick_colocated, pick_prefill, rank_decode
+from pdserve.sched.routing import pick_colocated, pick_prefill, rank_decode
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
-from pdserve.serve.rpc import RpcClient
+from pdserve.serve.worker_link import Retryable, Worker, event, get, send, watch_transfer, with_deadline
 
 log = logging.getLogger("pdserve.router")
 
@@ -49,34 +49,6 @@ class RouterConfig:
     stats_interval_s: float = 0.1
     breaker_failures: int = 3
     breaker_reset_s: float = 5.0
-
-
-class Retryable(BackendError):
-    """This attempt failed in a way another worker may not: try again elsewhere."""
-
-    def __init__(self, message: str, worker: str = "", transfer: bool = False) -> None:
-        super().__init__(message, 503, retry_after=1)
-        self.worker, self.transfer = worker, transfer
-
-
-class Worker:
-    """The router's view of one worker: its connection, its load, its breaker."""
-
-    def __init__(self, role: str, address: str, secret: bytes | None, config: RouterConfig) -> None:
-        self.role = role
-        self.client = RpcClient(address, secret)
-        self.load = WorkerLoad(name=f"{role}@{address}", available=False)
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
-        self.healthy = False  # answered its last heartbeat and is not draining
-        self.inflight = 0
-        self.busy_fraction = 0.0
-
-    @property
-    def name(self) -> str:
-        return self.load.name
-
-    def refresh_available(self, now: float) -> None:
-        self.load.available = self.healthy and self.breaker.allow(now)
 
 
 class ClusterBackend:
@@ -234,7 +206,7 @@ class ClusterBackend:
                 stream = (self._local(sub_rid, prompt + produced, sub, avoid) if local
                           else self._disagg(sub_rid, prompt + produced, sub, avoid | bad_kv))
                 try:
-                    async for ev in _with_deadline(stream, deadline):
+                    async for ev in with_deadline(stream, deadline):
                         produced += ev.token_ids
                         if ev.finish_reason is not None and attempt:
                             ev.timings["retries"] = float(attempt)
@@ -271,11 +243,11 @@ class ClusterBackend:
         done = False
         t0 = time.monotonic()
         try:
-            await _send(w, m.Generate(rid, prompt, m.Params.of(params)))
+            await send(w, m.Generate(rid, prompt, m.Params.of(params)))
             t_sent = time.monotonic()
             timeout = self.config.first_token_timeout_s
             while True:
-                ev = _event(await _get(q, w, timeout), w)
+                ev = event(await get(q, w, timeout), w)
                 timeout = self.config.token_timeout_s
                 done = ev.finish_reason is not None
                 if done:
@@ -300,8 +272,8 @@ class ClusterBackend:
             w = next(w for w in decode if w.load is load)
             q = w.client.open(rid)
             try:
-                await _send(w, m.Reserve(rid, prompt, m.Params.of(params)))
-                reply = await _get(q, w, self.config.reserve_timeout_s)
+                await send(w, m.Reserve(rid, prompt, m.Params.of(params)))
+                reply = await get(q, w, self.config.reserve_timeout_s)
             except Retryable:
                 w.breaker.record_failure(time.monotonic())
                 reply = None
@@ -341,10 +313,10 @@ class ClusterBackend:
         stage = p
         watcher: asyncio.Task[None] | None = None
         try:
-            await _send(p, m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
+            await send(p, m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
                                      res.block_size, d.load.free_fraction))
             queued = time.monotonic() - t0
-            ev = _event(await _get(pq, p, self.config.first_token_timeout_s), p)
+            ev = event(await get(pq, p, self.config.first_token_timeout_s), p)
             p.breaker.record_success(time.monotonic())
             prefill_timings = dict(ev.timings)
             if ev.finish_reason is not None:  # the first token already ended it
@@ -354,10 +326,10 @@ class ClusterBackend:
                 return
             yield ev
             stage = d
-            watcher = asyncio.create_task(_watch_transfer(rid, pq, dq))
-            await _send(d, m.Start(rid, ev.token_ids[0]))
+            watcher = asyncio.create_task(watch_transfer(rid, pq, dq))
+            await send(d, m.Start(rid, ev.token_ids[0]))
             while True:
-                ev = _event(await _get(dq, d, self.config.token_timeout_s), d)
+                ev = event(await get(dq, d, self.config.token_timeout_s), d)
                 if ev.finish_reason is not None:
                     ev.timings = {"router_queue": queued, **prefill_timings, **ev.timings}
                     finished = True
@@ -381,60 +353,3 @@ class ClusterBackend:
             d.client.close_queue(rid)
             if not finished:  # client gone or a failure: free everything, everywhere
                 self._abort_on([p, d], rid)
-
-
-async def _watch_transfer(rid: str, pq: asyncio.Queue[m.ToRouter | None],
-                          dq: asyncio.Queue[m.ToRouter | None]) -> None:
-    """After the first token: if the prefill side reports the KV push failed (or its connection
-    drops before confirming it), fail this attempt at once rather than when the decode worker's
-    wait for the missing KV times out."""
-    while True:
-        msg = await pq.get()
-        if isinstance(msg, m.TransferDone) and msg.ok:
-            return
-        if msg is None or isinstance(msg, m.TransferDone):
-            why = msg.error if msg is not None else "prefill worker lost before the KV was confirmed"
-            dq.put_nowait(m.Tokens(rid, [], error=f"KV transfer failed: {why}", error_kind="transfer"))
-            return
-
-
-async def _send(w: Worker, msg: m.ToWorker) -> None:
-    try:
-        await w.client.send(msg)
-    except (OSError, ConnectionError, TimeoutError) as e:
-        raise Retryable(f"cannot reach {w.name}: {e}", w.name) from e
-
-
-async def _get(q: asyncio.Queue[m.ToRouter | None], w: Worker, timeout: float) -> m.ToRouter | None:
-    """The next message for this request; skips messages that carry no tokens (TransferDone)."""
-    while True:
-        try:
-            msg = await asyncio.wait_for(q.get(), timeout)
-        except TimeoutError:
-            raise Retryable(f"{w.name} silent for {timeout:.0f}s", w.name) from None
-        if not isinstance(msg, m.TransferDone):
-            return msg
-
-
-def _event(msg: m.ToRouter | None, w: Worker) -> TokenEvent:
-    if msg is None:
-        raise Retryable(f"lost the connection to {w.name}", w.name)
-    if not isinstance(msg, m.Tokens):
-        raise Retryable(f"{w.name} sent an unexpected {type(msg).__name__}", w.name)
-    if msg.error is not None:
-        if msg.error_kind == "transfer":
-            raise Retryable(f"{w.name}: {msg.error}", w.name, transfer=True)
-        if msg.error_kind in ("overloaded", "draining"):
-            raise Retryable(f"{w.name}: {msg.error}", w.name)
-        raise BackendError(f"{w.name}: {msg.error}", 400 if msg.error_kind == "invalid" else 500)
-    return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
-                      num_cached_tokens=msg.num_cached_tokens)
-
-
-async def _with_deadline(stream: AsyncIterator[TokenEvent], deadline: float) -> AsyncIterator[TokenEvent]:
-    """Ends the request with an error once its overall deadline has passed. Waits between events
-    are bounded by the first-token and token timeouts, so checking between events suffices."""
-    async for ev in stream:
-        if time.monotonic() > deadline:
-            raise BackendError("request deadline exceeded", 504)
-        yield ev

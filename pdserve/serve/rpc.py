@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -18,6 +19,12 @@ from pdserve.transfer.frames import FrameError, read_frame, write_frame
 
 log = logging.getLogger("pdserve.rpc")
 MAX_CONTROL_FRAME = 16 * 1024 * 1024  # a 2M-token prompt as msgpack ints fits with room to spare
+
+
+def cluster_secret() -> bytes | None:
+    """The secret that authenticates every frame of the cluster (`PDSERVE_CLUSTER_SECRET`)."""
+    s = os.environ.get("PDSERVE_CLUSTER_SECRET")
+    return s.encode() if s else None
 
 
 class Peer:
