@@ -322,6 +322,7 @@ class ClusterBackend:
             if ev.finish_reason is not None:  # the first token already ended it
                 ev.timings = {"router_queue": queued, **prefill_timings}
                 finished = True
+                self._abort_on([d], rid)  # the decode worker's reservation is not needed
                 yield ev
                 return
             yield ev
