@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import os
 import secrets
 import signal
@@ -176,10 +177,9 @@ def run_cluster(cfg: ClusterConfig) -> int:
         wait_ready(workers)
         by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
         backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
-                                 secret=secret.encode(), config=RouterConfig(
-                                     disagg_threshold=r.disagg_threshold, max_inflight=r.max_inflight,
-                                     max_attempts=r.max_attempts, first_token_timeout_s=r.first_token_timeout_s,
-                                     token_timeout_s=r.token_timeout_s, request_timeout_s=r.request_timeout_s))
+                                 secret=secret.encode(), config=RouterConfig(**{  # the YAML's router section sets the same-named knobs
+                                     f.name: getattr(r, f.name) for f in dataclasses.fields(RouterConfig)
+                                     if hasattr(r, f.name)}))
         front = OpenAIFront(backend, load_tokenizer(cfg.model), cfg.model, api_key=r.api_key or None)
         port = r.port or free_port()  # --port 0: pick one, and print the real one
         auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""

@@ -41,9 +41,6 @@ class DecodeScheduler(ColocatedScheduler):
     def num_reserved(self) -> int:
         return len(self.reserved)
 
-    def has_work(self) -> bool:
-        return super().has_work()
-
     # ---- reservations -----------------------------------------------------------------------
     def reserve(self, req: Request, now: float) -> bool:
         """Hold blocks for the prompt's KV (+ the first token). Answers at once; False = full.

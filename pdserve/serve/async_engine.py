@@ -30,7 +30,6 @@ class EngineThread:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.busy_time = 0.0  # seconds spent computing, for the utilization metric
         self.started_at = time.monotonic()
-        self.extra_wakeup: Callable[[float], float | None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -61,16 +60,13 @@ class EngineThread:
         while not self._stop.is_set():
             now = self.core.clock()
             if not policy.has_work():
-                wake = self.extra_wakeup(now) if self.extra_wakeup else None
-                self._drain(None if wake is None else max(0.0, wake - now))
+                self._drain(None)  # sleep until a command (new work) arrives
                 continue
             self._drain(0)
             result = self.core.step()
             if not result.output.chunks:
                 wake = policy.next_wakeup(now)  # type: ignore[attr-defined]
-                extra = self.extra_wakeup(now) if self.extra_wakeup else None
-                waits = [w for w in (wake, extra) if w is not None]
-                self._drain(max(0.0, min(waits) - now) if waits else 0.05)
+                self._drain(max(0.0, wake - now) if wake is not None else 0.05)
                 continue
             self.busy_time += result.duration
             self.on_step(result)
