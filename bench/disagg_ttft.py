@@ -280,7 +280,7 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_at_end": load},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": "python bench/disagg_ttft.py " + " ".join(sys.argv[1:]),
         "model": MODEL, "kv_bytes_per_token": kv_per_tok, "max_tokens": args.max_tokens,
         "n": args.n, "warmup": args.warmup, "lengths": args.lengths, "seed": args.seed,

@@ -188,6 +188,8 @@ def test_blocks_exhausted_stops_the_batch_and_leaks_nothing() -> None:
     assert b.block_ids == [] and b.status is RequestStatus.WAITING
     assert bm.num_free_blocks == 4
     assert not p.schedule(0.1)  # still no room
+    # b's timer has fired and only a release can help: no wake-up time, so no caller spins.
+    assert p.next_wakeup(0.1) is None
     p.update(out, {"a": 5}, 0.1)
     p.release(a, 0.2)
     assert ids(p.schedule(0.3)) == ["b"]

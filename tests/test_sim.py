@@ -1,5 +1,6 @@
 """Simulator on tiny hand-checkable scenarios, driving the real sched/ policies."""
 
+import copy
 import math
 
 import pytest
@@ -61,7 +62,9 @@ def test_same_policy_object_is_stepped() -> None:
         return upd(out, sampled, now)
 
     policy.schedule, policy.update = schedule, update  # type: ignore[method-assign]
-    r = _colocated(policy).run([RequestSpec(0.0, 100, 3)])
+    inst = SimInstance("c0", "colocated", policy, FixedModel(), Port("c0", 1e9))
+    # runs=False: one schedule/update per step, as the engine makes them (runs: test_runs_equal_*)
+    r = Simulator([inst], CATALOG["demo"], get_link("cx7-400g"), runs=False).run([RequestSpec(0.0, 100, 3)])
     # chunked prefill: 64 + 36 tokens (2 steps), then 2 decode steps
     assert calls["update"] == 4
     assert calls["schedule"] >= 4
@@ -148,3 +151,65 @@ def test_build_uses_sched_classes() -> None:
     insts = build_instances(ClusterConfig(model="llama-3.1-8b", mode="disagg"))
     assert isinstance(insts[0].policy, PrefillBatcher) and isinstance(insts[1].policy, DecodeScheduler)
     assert Link  # catalog type importable for custom links
+
+
+def _run_both(cfg: ClusterConfig, specs: list[RequestSpec]) -> tuple[object, object]:
+    from pdserve.config.model import resolve_shape
+
+    shape = resolve_shape(cfg.model)
+    out = []
+    for runs in (False, True):
+        sim = Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise, runs=runs)
+        out.append(sim.run(specs))
+    return out[0], out[1]
+
+
+def _same(a: list[float], b: list[float]) -> bool:
+    return all(x == y or (x != x and y != y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        # tight decode KV: reservations refused, requests queue at the router
+        ClusterConfig(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3, num_blocks=600),
+        # tight colocated KV: preemption and recompute mid-trace
+        ClusterConfig(model="llama-3.1-8b", mode="colocated", num_colocated=2, num_blocks=1500, chunk_tokens=512),
+        ClusterConfig(model="llama-3-70b", mode="disagg", num_prefill=2, num_decode=2, tp_prefill=4, tp_decode=4),
+    ],
+    ids=["disagg-tight", "colocated-preempt", "disagg-70b"],
+)
+def test_runs_equal_step_by_step(cfg: ClusterConfig) -> None:
+    """Planning runs of decode steps changes how many events the sim takes, not one result."""
+    specs = generate("chatbot", 300, rate=20.0, seed=3)
+    a, b = _run_both(cfg, specs)
+    assert b.num_events < a.num_events
+    assert _same(a.first_token, b.first_token) and _same(a.finish, b.finish)
+    assert sorted(a.itls) == sorted(b.itls)
+    assert a.instances == b.instances and a.ports == b.ports
+    assert a.num_preemptions == b.num_preemptions
+    if cfg.mode == "colocated":
+        assert a.num_preemptions > 0
+    if cfg.num_blocks:
+        assert max(s["kv_peak_usage"] for s in a.instances.values()) > 0.9
+
+
+def test_runs_equal_step_by_step_profiled_and_generic_models(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The same with a measured profile (its own run-times method) and a model without one."""
+    from pdserve.sim.profile import write_profile
+
+    prof = tmp_path / "p.json"
+    write_profile(prof, [[n, 0.01 + 1e-5 * n] for n in (16, 128, 512, 1024)],
+                  [[b, c, 0.02 + 1e-3 * b + 1e-7 * b * c] for b in (1, 4, 16) for c in (64, 512)])
+    specs = generate("chatbot", 120, rate=2.0, seed=5, max_prompt_tokens=900, max_output_tokens=200)
+    cfg = ClusterConfig(model="demo", mode="disagg", num_prefill=1, num_decode=2, profile=str(prof))
+    a, b = _run_both(cfg, specs)
+    assert _same(a.finish, b.finish) and sorted(a.itls) == sorted(b.itls)
+    policy = ColocatedScheduler(SchedulerConfig(max_num_batched_tokens=256), BlockManager(400, 16, False))
+    specs = [RequestSpec(0.05 * i, 40 + 7 * i, 30 + i) for i in range(12)]
+    r1 = _colocated(copy.deepcopy(policy)).run(specs)
+    sim = Simulator([SimInstance("c0", "colocated", policy, FixedModel(), Port("c0", 1e9))], CATALOG["demo"],
+                    get_link("cx7-400g"), runs=False)
+    r0 = sim.run(specs)
+    assert _same(r0.finish, r1.finish) and sorted(r0.itls) == sorted(r1.itls)
+    assert r1.num_events < r0.num_events

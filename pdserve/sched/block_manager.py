@@ -174,13 +174,29 @@ class BlockManager:
         need = -(-num_tokens // self.block_size) - len(blocks)
         if need <= 0:
             return True  # the last block still has room: the common decode step
-        if need > len(self._free) + self._evictable:
-            return False
         free = self._free
-        for _ in range(need):
+        if need > len(free) + self._evictable:
+            return False
+        if need <= len(free):  # the common case: no eviction
+            take = free.popleft
+            new = [take() for _ in range(need)]
+        else:
+            new = [free.popleft() if free else self._take() for _ in range(need)]
+        rc = self.ref_count
+        for block in new:
+            rc[block] = 1
+        blocks.extend(new)
+        return True
+
+    def append_block_each(self, reqs: list[Request]) -> bool:
+        """One more block for each listed request, in list order (a run of decode steps)."""
+        if len(reqs) > len(self._free) + self._evictable:
+            return False
+        free, rc = self._free, self.ref_count
+        for req in reqs:
             block = free.popleft() if free else self._take()
-            self.ref_count[block] = 1
-            blocks.append(block)
+            rc[block] = 1
+            req.block_ids.append(block)
         return True
 
     def cache_full_blocks(self, req: Request) -> None:
@@ -206,8 +222,22 @@ class BlockManager:
 
     def free(self, req: Request) -> None:
         """Drop the request's references. Blocks released last are evicted last under lru."""
+        rc, hashes, free = self.ref_count, self.block_hash, self._free
+        if not self.enable_prefix_caching:  # no hashes, no sharing: every count is 1
+            ids = req.block_ids[::-1]
+            for block in ids:
+                rc[block] = 0
+            free.extend(ids)
+            req.block_ids = []
+            req.num_computed_tokens = 0
+            self._req_hashes.pop(req.request_id, None)
+            return
         for block in reversed(req.block_ids):
-            self._release(block)
+            if rc[block] == 1 and hashes[block] is None:  # _release's common case, inlined
+                rc[block] = 0
+                free.append(block)
+            else:
+                self._release(block)
         req.block_ids = []
         req.num_computed_tokens = 0
         self._req_hashes.pop(req.request_id, None)

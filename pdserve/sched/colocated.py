@@ -186,6 +186,89 @@ class ColocatedScheduler:
                 self.running[:] = [r for r in self.running if r not in done]
         return finished
 
+    # ---- many decode steps at once -----------------------------------------------------------
+    # A simulator spends nearly all its time in steps where nothing can be decided: every running
+    # request decodes one token, nothing waits, nobody finishes. These two methods let it apply a
+    # run of such steps in one call; the result is the same state, to the block id, as calling
+    # schedule/update once per step (tests/test_sched_fast_forward.py checks that).
+    def decode_run_length(self, token: int, limit: int) -> int:
+        """How many next steps (<= limit) are certain to be one decode token per running request.
+
+        Certain means: nothing waits to be admitted, every running request is decoding (has
+        sampled a token and has KV for all before it), none finishes before the last of these
+        steps (the last may: it is the step where the first request reaches max_tokens) and every
+        block they need is free (so nothing is preempted).
+        `token` is what each step samples; if it could stop a request the answer is 0.
+        The steps before the last can be applied with `advance_decode`; the last one, which may
+        finish requests, goes through schedule/update.
+        """
+        running = self.running
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+            return 0
+        k = limit
+        for r in running:
+            out = r.output_token_ids
+            # (A request with no token yet is finishing its prompt: its step samples a first token.)
+            if (len(r.prompt_token_ids) + len(out) - r.num_computed_tokens != 1 or not out
+                    or token in r.stop_token_ids):
+                return 0
+            left = r.max_tokens - len(out)
+            if left < k:
+                k = left
+        if k <= 0:
+            return 0
+        bm = self.block_manager
+        free, bs = bm.num_free_blocks, bm.block_size
+
+        def need(steps: int) -> int:
+            return sum(max(0, -(-(r.num_computed_tokens + steps) // bs) - len(r.block_ids)) for r in running)
+
+        if need(k) <= free:
+            return k
+        lo, hi = 0, k  # need(lo) <= free < need(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if need(mid) <= free else (lo, mid)
+        return lo
+
+    def advance_decode(self, token: int, step_ends: list[float], start: float) -> None:
+        """Apply len(step_ends) steps, all before the last that `decode_run_length` vouched for,
+        as schedule/update would.
+
+        Step m runs from step_ends[m - 1] (`start` for the first) to step_ends[m].
+        """
+        k = len(step_ends)
+        bm = self.block_manager
+        bs = bm.block_size
+        caching = bm.enable_prefix_caching
+        # schedule() takes a block at the step whose token starts one; update() publishes a block
+        # once it is full. Replay both in the order the step-by-step calls make them:
+        # by step, allocations before publications, running order within each.
+        events: list[tuple[int, int, int]] = []
+        base = []
+        for idx, r in enumerate(self.running):
+            c = r.num_computed_tokens
+            base.append(c)
+            first = len(r.block_ids) * bs - c  # step whose token is the first past the last block
+            events.extend((m, 0, idx) for m in range(max(first, 0), k, bs))
+            if caching:
+                events.extend((m, 1, idx) for m in range(-(c + 1) % bs, k, bs))
+            r.output_token_ids.extend([token] * k)
+        if events:
+            events.sort()
+            running = self.running
+            if not caching:
+                bm.append_block_each([running[idx] for _, _, idx in events])
+            for m, phase, idx in events if caching else ():
+                r = running[idx]
+                if phase == 0:
+                    bm.allocate_tokens(r, base[idx] + m + 1)
+                else:
+                    r.num_computed_tokens = base[idx] + m + 1
+                    bm.cache_full_blocks(r)
+        for r, c in zip(self.running, base, strict=True):
+            r.num_computed_tokens = c + k
+
     def next_wakeup(self, now: float) -> float | None:
         """Continuous batching has no timers: it runs whenever it has work."""
         return None

@@ -138,8 +138,24 @@ class DecodeScheduler(ColocatedScheduler):
         self._last_step = (now, n) if n and out.num_decode_seqs == n else None
         return out
 
+    def advance_decode(self, token: int, step_ends: list[float], start: float) -> None:
+        super().advance_decode(token, step_ends, start)
+        # The observations schedule/update would have made (only the latest 64 are kept).
+        batch, k = len(self.running), len(step_ends)
+        self._last_step = (step_ends[-2] if k > 1 else start, batch)
+        if not self.decode_config.adaptive_batch:
+            return
+        first = max(0, k - 64)
+        prev = step_ends[first - 1] if first else start
+        obs = self._step_obs
+        for end in step_ends[first:]:
+            obs.append((batch, end - prev))
+            prev = end
+        if len(obs) > 64:
+            del obs[: len(obs) - 64]
+
     def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
-        if self._last_step is not None:
+        if self._last_step is not None and self.decode_config.adaptive_batch:  # only the fit uses them
             start, batch = self._last_step
             obs = self._step_obs
             obs.append((batch, now - start))

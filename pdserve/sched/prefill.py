@@ -73,9 +73,15 @@ class PrefillBatcher:
         return sum(r.num_uncomputed_tokens for r in q) >= self.config.target_utilization * self.budget
 
     def next_wakeup(self, now: float) -> float | None:
-        """When the oldest queued request's max-wait timer fires (None: nothing queued)."""
-        heads = [self.enqueued_at[q[0].request_id] for q in self.queues if q]
-        return min(heads) + self.config.max_wait_ms / 1000.0 if heads else None
+        """When the next queued request's max-wait timer fires (None: no timer ahead).
+
+        Asked after `schedule` found nothing to start. A timer that has already fired then means
+        the batch is ready but its blocks are not free: waiting on the clock cannot help (only a
+        `release` can), so it does not count; returning it would make the caller spin.
+        """
+        wait = self.config.max_wait_ms / 1000.0
+        ahead = [d for q in self.queues if q and (d := self.enqueued_at[q[0].request_id] + wait) > now]
+        return min(ahead) if ahead else None
 
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()

@@ -51,7 +51,8 @@ class Simulator:
     """Drives a list of SimInstances (all colocated, or prefill + decode) through a request list."""
 
     def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
-                 layerwise: bool = True) -> None:
+                 layerwise: bool = True, runs: bool = True) -> None:
+        """runs=False: one event per step everywhere (slower; the same results, see instance.py)."""
         self.instances = instances
         self.prefill = [i for i in instances if i.role == "prefill"]
         self.decode = [i for i in instances if i.role == "decode"]
@@ -67,7 +68,7 @@ class Simulator:
         self.net = Network(self.loop)
         self.kv_bytes_per_token = shape.kv_bytes_per_token()
         for inst in instances:
-            inst.attach(self.loop, self._on_step)
+            inst.attach(self.loop, self._on_step, self._on_run if runs else None)
         self._pending: deque[int] = deque()
         self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
 
@@ -77,6 +78,7 @@ class Simulator:
             self.loop.at(self.specs[i + 1].arrival_s, self._arrive, i + 1)
         if self.colocated:
             inst = min(self.colocated, key=lambda x: x.policy.num_waiting + x.policy.num_running)
+            inst.sync(now)
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
         elif not self._pending and self._route(i, now):
@@ -92,8 +94,15 @@ class Simulator:
     def _route(self, i: int, now: float) -> bool:
         """Reserve on a decode instance, then queue the prefill; False if no decode can take it."""
         dreq = self._new_request(i, now)
-        order = sorted(self.decode, key=lambda d: (-d.policy.block_manager.num_free_blocks, d.policy.num_running))
-        dec = next((d for d in order if d.policy.reserve(dreq, now)), None)
+        order = sorted(self.decode, key=lambda d: (-d.free_blocks(now), d.policy.num_running))
+        dec = None
+        for d in order:
+            d.sync(now)
+            ok = d.policy.reserve(dreq, now)
+            d.resume()
+            if ok:
+                dec = d
+                break
         if dec is None:
             return False
         pre = min(self.prefill, key=lambda p: p.outstanding_tokens)
@@ -146,6 +155,18 @@ class Simulator:
         if finished and self._pending:
             self._drain_pending(now)
 
+    def _on_run(self, inst: SimInstance, reqs: list[Request], ends: list[float]) -> None:
+        """A run of decode steps was applied: every request got one token at each of `ends`."""
+        seen, last, itls = self.seen, self.last_token, self.itls
+        gaps = array("d", [b - a for a, b in zip(ends, ends[1:], strict=False)])
+        first = ends[0]
+        for req in reqs:
+            i = req.payload
+            itls.append(first - last[i])  # every request here has streamed a token before
+            itls.extend(gaps)
+            last[i] = ends[-1]
+            seen[i] = len(req.output_token_ids)
+
     def _finished(self, req: Request, now: float) -> None:
         i = req.payload
         self.finish[i] = now
@@ -171,6 +192,7 @@ class Simulator:
 
     def _transferred(self, now: float, i: int, preq: Request) -> None:
         pre, dec, _ = self._pairs.pop(i)
+        dec.sync(now)
         done = dec.policy.remote_kv_done(str(i), 0, now)
         pre.policy.release(preq, now)
         if done is not None:  # max_tokens == 1: the first token was the last

@@ -5,21 +5,56 @@ The step is the engine's step with the model runner replaced by a StepTimeModel:
     dt  = step_model(out's chunks)      # instead of running the model
     ... at now + dt: policy.update(out, sampled, now + dt)
 Tokens are fake (0) and requests carry no stop tokens, so only max_tokens ends them.
+
+Runs: when the policy vouches that the next k steps are plain decode steps of the same batch
+(`decode_run_length`), the instance plans them as one event and applies them with
+`advance_decode`, which is what makes a 20,000-request trace take seconds. Anything from outside
+that reads or changes the policy mid-run calls `sync(now)` first: the steps already over are
+applied and the one in flight is scheduled, as it was at its start, so the policy is exactly where
+step-by-step stepping would have it; the run then ends with that step. `resume()` lets it go on
+when the change left it valid (a reservation that leaves the blocks the run needs).
+`free_blocks(now)` answers the router's question without touching the run.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
 from pdserve.sim.events import EventLoop
 from pdserve.sim.network import Port
-from pdserve.sim.perf_model import StepTimeModel
+from pdserve.sim.perf_model import StepTimeModel, decode_run_times
 
 # on_step(instance, out, finished, now): the cluster's hook after each update.
 StepHook = Callable[["SimInstance", SchedulerOutput, list[Request], float], None]
+# on_run(instance, requests, step_ends): after a run of decode steps is applied.
+RunHook = Callable[["SimInstance", list[Request], list[float]], None]
+
+# Steps planned at once at most (a longer run is planned again when this one ends). Most runs are
+# cut short by the next request, but computing unused step times costs less than planning again.
+MAX_RUN = 1024
+
+
+@dataclass
+class _Run:
+    """Planned decode steps: step m ends at ends[m]; the first starts at `start`."""
+
+    start: float
+    ends: list[float]
+    durations: list[float]
+    blocks_at: list[int]  # blocks schedule() has taken once step m has started (cumulative)
+    planned_last: int  # index of the last step planned
+    last: int  # index of the step the run ends with now (a sync cuts it to the step in flight)
+    applied: int = 0  # steps applied to the policy so far
+    pending: SchedulerOutput | None = None  # step `applied`: scheduled by a sync, not yet updated
+
+    def step_start(self, m: int) -> float:
+        return self.ends[m - 1] if m else self.start
 
 
 class _AllZeros(dict):  # type: ignore[type-arg]
@@ -52,10 +87,17 @@ class SimInstance:
         self._wake_at: float | None = None
         self.loop: EventLoop | None = None
         self.on_step: StepHook | None = None
+        self.on_run: RunHook | None = None
+        self.runs = role != "prefill"  # plan decode runs (False: one event per step, as the engine)
+        self._run: _Run | None = None
+        self._run_id = 0  # a run's end event only counts if no sync has moved it since
 
-    def attach(self, loop: EventLoop, on_step: StepHook) -> None:
+    def attach(self, loop: EventLoop, on_step: StepHook, on_run: RunHook | None = None) -> None:
         self.loop = loop
         self.on_step = on_step
+        self.on_run = on_run
+        if on_run is None:
+            self.runs = False
 
     def step_time(self, out: SchedulerOutput) -> float:
         return self._step_time(out)[0]
@@ -84,6 +126,8 @@ class SimInstance:
         """Start a step if idle and the policy has one; else arm the policy's timer, if any."""
         if self.busy:
             return
+        if self.runs and self._plan_run(now):
+            return
         out = self.policy.schedule(now)
         if not out.chunks:
             wake = self.policy.next_wakeup(now)
@@ -97,6 +141,116 @@ class SimInstance:
         self.num_steps += 1
         self.num_batched_tokens += tokens
         self.loop.at(now + dt, self._step_done, out)  # type: ignore[union-attr]
+
+    # ---- runs of decode steps ------------------------------------------------------------------
+    def _plan_run(self, now: float) -> bool:
+        k = self.policy.decode_run_length(0, MAX_RUN)
+        if k < 2:
+            return False
+        running = self.policy.running
+        contexts = [r.num_computed_tokens for r in running]
+        durations = decode_run_times(self.model, contexts, k)
+        ends = list(accumulate(durations, initial=now))  # the same sums as step-by-step `now + dt`
+        del ends[0]
+        bs = self.policy.block_manager.block_size
+        taken = [0] * k
+        for r, c in zip(running, contexts, strict=True):
+            for m in range(max(len(r.block_ids) * bs - c, 0), k, bs):
+                taken[m] += 1
+        self._run = _Run(now, ends, durations, list(accumulate(taken)), k - 1, k - 1)
+        self._run_id += 1
+        self.busy = True
+        self.loop.at(ends[-1], self._run_done, self._run_id)  # type: ignore[union-attr]
+        return True
+
+    def _advance(self, run: _Run, upto: int) -> None:
+        """Apply the run's steps [run.applied, upto) to the policy and the statistics."""
+        a = run.applied
+        if upto <= a:
+            return
+        ends, policy = run.ends, self.policy
+        if run.pending is not None:  # scheduled at a sync: finish it as update() would
+            policy.update(run.pending, _ZEROS, ends[a])  # nobody finishes inside a run
+            run.pending = None
+            if upto > a + 1:
+                policy.advance_decode(0, ends[a + 1 : upto], ends[a])
+        else:
+            policy.advance_decode(0, ends[a:upto], run.step_start(a))
+        run.applied = upto
+        bt = self.busy_time
+        for d in run.durations[a:upto]:
+            bt += d
+        self.busy_time = bt
+        running = policy.running
+        self.num_steps += upto - a
+        self.num_batched_tokens += (upto - a) * len(running)
+        bm = policy.block_manager
+        used = bm.num_blocks - bm.num_free_blocks
+        if used > self.kv_peak_blocks:
+            self.kv_peak_blocks = used
+        self.on_run(self, running, ends[a:upto])  # type: ignore[misc]
+
+    def _run_done(self, now: float, run_id: int) -> None:
+        run = self._run
+        if run_id != self._run_id or run is None:
+            return  # superseded: a sync moved the run's end
+        self._run = None
+        last = run.last
+        self._advance(run, last)
+        # The last step is an ordinary one (it may finish requests): schedule (unless a sync did)
+        # and update, then the usual hook.
+        out = run.pending if run.pending is not None else self.policy.schedule(run.step_start(last))
+        finished = self.policy.update(out, _ZEROS, now)
+        self.busy_time += run.durations[last]
+        self.num_steps += 1
+        self.num_batched_tokens += len(out.chunks)
+        self.busy = False
+        self.on_step(self, out, finished, now)  # type: ignore[misc]
+        self.kick(now)
+
+    def sync(self, now: float) -> None:
+        """Before the policy is read or changed from outside: bring it exactly to `now`.
+
+        The steps over are applied, the one in flight is scheduled (as at its start) and the run
+        is cut to end with it.
+        """
+        run = self._run
+        if run is None:
+            return
+        j = min(bisect_left(run.ends, now), run.last)  # the step in flight
+        self._advance(run, j)
+        if run.pending is None:
+            run.pending = self.policy.schedule(run.step_start(j))
+        if run.last != j:
+            run.last = j
+            self._run_id += 1
+            self.loop.at(run.ends[j], self._run_done, self._run_id)  # type: ignore[union-attr]
+
+    def resume(self) -> None:
+        """After a sync: let the run go on as planned if it still can.
+
+        It can if nothing waits to be admitted and the blocks its remaining steps take are free
+        (a reservation only takes blocks; running requests are untouched).
+        """
+        run = self._run
+        if run is None or run.last == run.planned_last or self.policy.waiting:
+            return
+        need = run.blocks_at[run.planned_last] - run.blocks_at[run.last]
+        if need > self.policy.block_manager.num_free_blocks:
+            return
+        run.last = run.planned_last
+        self._run_id += 1
+        self.loop.at(run.ends[run.last], self._run_done, self._run_id)  # type: ignore[union-attr]
+
+    def free_blocks(self, now: float) -> int:
+        """The policy's free KV blocks as of `now`, mid-run included (the router's view)."""
+        free = self.policy.block_manager.num_free_blocks
+        run = self._run
+        if run is None:
+            return free
+        j = min(bisect_left(run.ends, now), run.last)  # the step in flight has taken its blocks
+        done = run.applied if run.pending is not None else run.applied - 1  # steps already scheduled
+        return free - run.blocks_at[j] + (run.blocks_at[done] if done >= 0 else 0)
 
     def _wake(self, now: float) -> None:
         if self._wake_at is not None and now >= self._wake_at:

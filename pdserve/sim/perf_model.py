@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+
 from pdserve.config.model import DTYPE_BYTES, ModelShape
 from pdserve.sim.hardware import GPU, get_link
 
@@ -23,6 +25,17 @@ class StepTimeModel(Protocol):
     def decode_time(self, context_lens: list[int]) -> float: ...
 
     def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float: ...
+
+
+def decode_run_times(model: StepTimeModel, context_lens: list[int], steps: int) -> list[float]:
+    """Times of `steps` decode steps in a row, every context one longer each step.
+
+    Equal to calling `decode_time` step by step; models may offer a faster `decode_run_times`.
+    """
+    fast = getattr(model, "decode_run_times", None)
+    if fast is not None:
+        return fast(context_lens, steps)  # type: ignore[no-any-return]
+    return [model.decode_time([c + j for c in context_lens]) for j in range(steps)]
 
 
 @dataclass
@@ -86,6 +99,33 @@ class RooflineModel:
             return 0.0
         kv_read = sum(context_lens)
         return self.step_time(tokens, tokens, float(kv_read) + tokens, kv_read)
+
+    def decode_run_times(self, context_lens: list[int], steps: int) -> list[float]:
+        """decode_time for `steps` steps in a row (contexts + j), with the same arithmetic."""
+        tokens = len(context_lens)
+        if tokens == 0:
+            return [0.0] * steps
+        kv = sum(context_lens)
+        # step_time(tokens, tokens, float(kv_j) + tokens, kv_j) unrolled: same operations, same order.
+        ar = self._ar_cache.get(tokens)
+        if ar is None:
+            ar = self._ar_cache[tokens] = self.allreduce_time(tokens)
+        base = self._body2 * tokens + self._head2 * tokens
+        attn, flop_rate, byte_rate = self._attn, self._flop_rate, self._byte_rate
+        weights, kv_tok, overhead = self._weights, self._kv_tok, self.overhead_s
+        if steps <= 32:  # below this a plain loop beats numpy's per-call cost
+            out: list[float] = []
+            for j in range(steps):
+                kv_j = kv + j * tokens
+                t_flop = (base + attn * (float(kv_j) + tokens)) / flop_rate
+                t_mem = (weights + kv_tok * (kv_j + tokens)) / byte_rate
+                out.append(((t_flop if t_flop > t_mem else t_mem) + ar) + overhead)
+            return out
+        # numpy applies the same IEEE operations elementwise, so the results are bit-identical.
+        kv_a = np.arange(steps, dtype=np.int64) * tokens + kv
+        t_flop_a = (base + attn * (kv_a.astype(np.float64) + tokens)) / flop_rate
+        t_mem_a = (weights + kv_tok * (kv_a + tokens)) / byte_rate
+        return ((np.maximum(t_flop_a, t_mem_a) + ar) + overhead).tolist()  # type: ignore[no-any-return]
 
     def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
         tokens = len(decode_contexts)

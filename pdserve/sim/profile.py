@@ -87,9 +87,15 @@ class ProfiledModel:
         ad, bd, cd = self.decode_coef
         return ad + bd * b + cd * ctx_sum
 
-    def _decode_total(self, contexts: list[int]) -> float:
+    def decode_run_times(self, context_lens: list[int], steps: int) -> list[float]:
+        """decode_time for `steps` steps in a row (contexts + j), with the same arithmetic."""
+        b, total, ad = len(context_lens), sum(context_lens), self.decode_coef[0]
+        if b == 0:
+            return [0.0] * steps
+        return [(0.0 + (self._decode_total(b, total + j * b) - ad)) + ad for j in range(steps)]
+
+    def _decode_total(self, b: int, total: int) -> float:
         """Decode part of a step, fixed cost included: the measured grid where it reaches, else the plane."""
-        b, total = len(contexts), sum(contexts)
         if self.decode_grid is None:
             return self._plane(b, total)
         bs, cs, t = self.decode_grid
@@ -114,7 +120,7 @@ class ProfiledModel:
             # A chunk of n after `prior` cached tokens costs n^2 + 2 n prior in attention pairs.
             t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + 2 * n * p for n, p in prefill_chunks)
         if decode_contexts:
-            t += self._decode_total(decode_contexts) - ad
+            t += self._decode_total(len(decode_contexts), sum(decode_contexts)) - ad
         return t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)
 
 
