@@ -213,3 +213,38 @@ def test_runs_equal_step_by_step_profiled_and_generic_models(tmp_path) -> None: 
     r0 = sim.run(specs)
     assert _same(r0.finish, r1.finish) and sorted(r0.itls) == sorted(r1.itls)
     assert r1.num_events < r0.num_events
+
+
+def test_request_overhead_shifts_each_request_in() -> None:
+    policy = ColocatedScheduler(SchedulerConfig(max_num_batched_tokens=1000), BlockManager(100, 16, False))
+    inst = SimInstance("c0", "colocated", policy, FixedModel(), Port("c0", 1e9))
+    r = Simulator([inst], CATALOG["demo"], get_link("cx7-400g"), request_overhead_s=0.025).run(
+        [RequestSpec(0.0, 100, 5)])
+    # as test_one_request_colocated_hand_checked, 25 ms later; the arrival still counts from the client
+    assert r.arrival[0] == 0.0
+    assert r.first_token[0] == pytest.approx(0.125)
+    assert r.finish[0] == pytest.approx(0.165)
+
+
+def test_profile_serving_overheads_per_mode(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from pdserve.sim.build import request_overhead_s
+    from pdserve.sim.profile import write_profile
+
+    prof = tmp_path / "p.json"
+    write_profile(prof, [[n, 0.01 + 1e-5 * n] for n in (16, 128, 512)],
+                  [[b, c, 0.02 + 1e-3 * b] for b in (1, 4) for c in (64, 512)])
+    p = json.loads(prof.read_text())
+    p["serving"] = {"colocated": {"step_overhead_s": 0.003, "request_overhead_s": 0.007},
+                    "disagg": {"step_overhead_s": 0.001, "request_overhead_s": 0.02}}
+    prof.write_text(json.dumps(p))
+    bare, colo = ProfiledModel.load(prof), ProfiledModel.load(prof, "colocated")
+    assert colo.decode_time([100]) == pytest.approx(bare.decode_time([100]) + 0.003)
+    assert colo.prefill_time([100]) == pytest.approx(bare.prefill_time([100]) + 0.003)
+    assert colo.decode_run_times([100, 200], 3) == [colo.decode_time([100 + j, 200 + j]) for j in range(3)]
+    cfg = ClusterConfig(model="demo", mode="disagg", profile=str(prof))
+    assert request_overhead_s(cfg) == 0.02
+    assert build_instances(cfg)[1].model.step_overhead_s == 0.001  # type: ignore[attr-defined]
+    off = ClusterConfig(model="demo", mode="disagg", profile=str(prof), serving_overheads=False)
+    assert request_overhead_s(off) == 0.0 and build_instances(off)[1].model.step_overhead_s == 0.0  # type: ignore[attr-defined]

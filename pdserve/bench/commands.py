@@ -26,7 +26,34 @@ def _compare_cmd(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _calibrate_cmd(args: argparse.Namespace) -> int:
+    from pdserve.bench.calibrate import main
+
+    return main(args)
+
+
+def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="measure serving overheads on a lightly loaded real run; add them "
+                                         "to a profile for sim --profile")
+    p.add_argument("--profile", required=True, help="profile JSON from pdserve profile (updated in place)")
+    p.add_argument("--model", default="demo")
+    p.add_argument("--workload", default="chatbot-small")
+    p.add_argument("--length-scale", type=float, default=0.25)
+    p.add_argument("--num-requests", type=int, default=16)
+    p.add_argument("--rate", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=2, help="workers per cluster, as in the run to predict")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers of the disaggregated cluster")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--port", type=int, default=8660)
+    p.add_argument("--modes", default="colocated,disaggregated")
+    p.add_argument("--transfer", default="bench/results/transfer.json",
+                   help="transfer bench results: the KV link is fitted to them")
+    p.set_defaults(func=_calibrate_cmd)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    _calibrate_parser(sub)
     bench = sub.add_parser("bench", help="benchmark a server, or colocated vs disaggregated side by side")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from pdserve.config.engine import DecodeConfig, PrefillConfig, SchedulerConfig
 from pdserve.config.model import ModelShape, resolve_shape
@@ -15,7 +17,7 @@ from pdserve.sim.hardware import get_gpu, get_link
 from pdserve.sim.instance import SimInstance
 from pdserve.sim.network import Port
 from pdserve.sim.perf_model import RooflineModel, StepTimeModel, kv_capacity_tokens
-from pdserve.sim.profile import ProfiledModel
+from pdserve.sim.profile import ProfiledModel, serving_overheads
 
 
 @dataclass
@@ -39,6 +41,7 @@ class ClusterConfig:
     prefill_batch_tokens: int = 8192
     prefill_max_wait_ms: float = 5.0
     profile: str | None = None  # a measured profile replaces the roofline
+    serving_overheads: bool = True  # with a profile: add its measured serving overheads (pdserve calibrate)
     layerwise: bool = True  # KV streamed per layer during prefill
     price_prefill: float | None = None
     price_decode: float | None = None
@@ -65,7 +68,7 @@ class ClusterConfig:
 
 def step_model(cfg: ClusterConfig, shape: ModelShape, gpu_name: str, tp: int) -> StepTimeModel:
     if cfg.profile:
-        return ProfiledModel.load(cfg.profile)
+        return ProfiledModel.load(cfg.profile, cfg.mode if cfg.serving_overheads else None)
     return RooflineModel(shape, get_gpu(gpu_name), tp)
 
 
@@ -118,6 +121,14 @@ def build_instances(cfg: ClusterConfig, shape: ModelShape | None = None) -> list
     return out
 
 
+def request_overhead_s(cfg: ClusterConfig) -> float:
+    """The profile's measured per-request serving overhead for cfg.mode (0 without one)."""
+    if not (cfg.profile and cfg.serving_overheads):
+        return 0.0
+    return serving_overheads(json.loads(Path(cfg.profile).read_text()), cfg.mode)[1]
+
+
 def build(cfg: ClusterConfig) -> Simulator:
     shape = resolve_shape(cfg.model)
-    return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise)
+    return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
+                     request_overhead_s=request_overhead_s(cfg))

@@ -51,8 +51,12 @@ class Simulator:
     """Drives a list of SimInstances (all colocated, or prefill + decode) through a request list."""
 
     def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
-                 layerwise: bool = True, runs: bool = True) -> None:
-        """runs=False: one event per step everywhere (slower; the same results, see instance.py)."""
+                 layerwise: bool = True, runs: bool = True, request_overhead_s: float = 0.0) -> None:
+        """runs=False: one event per step everywhere (slower; the same results, see instance.py).
+
+        request_overhead_s: serving time outside the steps (HTTP, router, RPC), added to each
+        request's way in; its arrival time, and so its TTFT and E2E, still count from the client.
+        """
         self.instances = instances
         self.prefill = [i for i in instances if i.role == "prefill"]
         self.decode = [i for i in instances if i.role == "decode"]
@@ -64,6 +68,7 @@ class Simulator:
         self.shape = shape
         self.link = link
         self.layerwise = layerwise
+        self.request_overhead_s = request_overhead_s
         self.loop = EventLoop()
         self.net = Network(self.loop)
         self.kv_bytes_per_token = shape.kv_bytes_per_token()
@@ -75,7 +80,7 @@ class Simulator:
     # ---- arrivals and routing ----------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
         if i + 1 < len(self.specs):
-            self.loop.at(self.specs[i + 1].arrival_s, self._arrive, i + 1)
+            self.loop.at(self.specs[i + 1].arrival_s + self.request_overhead_s, self._arrive, i + 1)
         if self.colocated:
             inst = min(self.colocated, key=lambda x: x.policy.num_waiting + x.policy.num_running)
             inst.sync(now)
@@ -215,7 +220,7 @@ class Simulator:
         self.num_finished = 0
         start = time.perf_counter()
         if specs:
-            self.loop.at(specs[0].arrival_s, self._arrive, 0)
+            self.loop.at(specs[0].arrival_s + self.request_overhead_s, self._arrive, 0)
         bar = _progress(self, n) if progress else None
         self.loop.run(on_event=bar)
         if bar is not None:

@@ -13,6 +13,11 @@ Fitted forms (least squares on relative error, i.e. each point weighted by 1 / i
     prefill(n_1..n_k)   = a_p + b_p * sum n_i + c_p * sum n_i^2     (linear layers + causal attention)
     decode(c_1..c_B)    = a_d + b_d * B + c_d * sum c_i              (per-sequence work + KV reads)
     mixed               = max(a_p, a_d) + the variable parts of both
+Serving overheads (optional, written by `pdserve calibrate`): what a served step and a served
+request cost beyond the engine steps above (engine thread to event loop, a message per token, HTTP,
+router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
+    "serving": {"colocated": {"step_overhead_s": .., "request_overhead_s": ..}, "disagg": {...}}
+`step_overhead_s` is added to every step; `request_overhead_s` delays each request's arrival.
 Decode steps inside the measured grid (batch sizes x contexts) are instead interpolated bilinearly
 in (B, mean c_i) from the measurements themselves, as Vidur does: on CPU the step time is not
 linear in B (one sequence takes a faster path, B = 2..8 cost 15-30% more than the plane through
@@ -59,9 +64,11 @@ class ProfiledModel:
     meta: dict[str, Any] | None = None
     # Measured decode grid: (batch sizes, contexts, seconds[i][j]); None: the fitted plane only.
     decode_grid: tuple[list[float], list[float], list[list[float]]] | None = None
+    step_overhead_s: float = 0.0  # serving cost per step beyond the engine's (see module doc)
 
     @classmethod
-    def fit(cls, profile: dict[str, Any]) -> ProfiledModel:
+    def fit(cls, profile: dict[str, Any], mode: str | None = None) -> ProfiledModel:
+        """Fit the profile's points; with `mode`, add that mode's measured serving step overhead."""
         pre = np.asarray(profile.get("prefill") or [], dtype=float)
         dec = np.asarray(profile.get("decode") or [], dtype=float)
         if len(pre) < 3 or len(dec) < 3:
@@ -71,11 +78,12 @@ class ProfiledModel:
         b, c = dec[:, 0], dec[:, 1]
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
-        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec))  # type: ignore[arg-type]
+        step = serving_overheads(profile, mode)[0] if mode else 0.0
+        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step)  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path: str | Path) -> ProfiledModel:
-        return cls.fit(json.loads(Path(path).read_text()))
+    def load(cls, path: str | Path, mode: str | None = None) -> ProfiledModel:
+        return cls.fit(json.loads(Path(path).read_text()), mode)
 
     def prefill_time(self, token_counts: list[int]) -> float:
         return self.mixed_time([(n, 0) for n in token_counts], [])
@@ -92,7 +100,8 @@ class ProfiledModel:
         b, total, ad = len(context_lens), sum(context_lens), self.decode_coef[0]
         if b == 0:
             return [0.0] * steps
-        return [(0.0 + (self._decode_total(b, total + j * b) - ad)) + ad for j in range(steps)]
+        so = self.step_overhead_s
+        return [((0.0 + (self._decode_total(b, total + j * b) - ad)) + ad) + so for j in range(steps)]
 
     def _decode_total(self, b: int, total: int) -> float:
         """Decode part of a step, fixed cost included: the measured grid where it reaches, else the plane."""
@@ -121,7 +130,13 @@ class ProfiledModel:
             t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + 2 * n * p for n, p in prefill_chunks)
         if decode_contexts:
             t += self._decode_total(len(decode_contexts), sum(decode_contexts)) - ad
-        return t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)
+        return (t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)) + self.step_overhead_s
+
+
+def serving_overheads(profile: dict[str, Any], mode: str) -> tuple[float, float]:
+    """(step_overhead_s, request_overhead_s) measured for `mode` ('colocated' | 'disagg'); 0 if none."""
+    m = (profile.get("serving") or {}).get(mode) or {}
+    return float(m.get("step_overhead_s", 0.0)), float(m.get("request_overhead_s", 0.0))
 
 
 def _grid(dec: np.ndarray) -> tuple[list[float], list[float], list[list[float]]] | None:
