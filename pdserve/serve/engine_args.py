@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-import torch
-
 from pdserve.config.engine import CacheConfig, SchedulerConfig
 
 
@@ -50,4 +48,6 @@ class EngineArgs:
 
     def apply_threads(self) -> None:
         if self.threads > 0:
+            import torch  # here, not at the top: `pdserve --help` and the sim need no torch
+
             torch.set_num_threads(self.threads)

@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -76,7 +77,9 @@ def _sim(args: argparse.Namespace) -> int:
     specs = generate(args.workload, args.num_requests, args.rate, args.arrival, args.burstiness, args.seed,
                      trace=args.trace, time_scale=args.time_scale)
     r = build(cfg).run(specs, progress=len(specs) >= 2000 and sys.stderr.isatty())
-    res = summarize(r, SLO(args.ttft_slo, args.tpot_slo), {"cluster": asdict(cfg), "label": cfg.label(),
+    from pdserve.bench.report import header
+
+    res = summarize(r, SLO(args.ttft_slo, args.tpot_slo), {**header({}), "cluster": asdict(cfg), "label": cfg.label(),
                                                          "gpus": cfg.num_gpus, "cost_per_hour": cfg.cost_per_hour(),
                                                          "request_rate": args.rate})
     print(f"cluster: {cfg.label()} ({cfg.num_gpus} GPUs, ${cfg.cost_per_hour():.2f}/h)")
@@ -97,6 +100,7 @@ def _plan(args: argparse.Namespace) -> int:
     slo = SLO(args.ttft_slo, args.tpot_slo)
     prices = parse_prices(args.price)
     rates = [float(x) for x in args.sweep_rate.split(",")] if args.sweep_rate else [args.rate]
+    t0 = time.process_time()
     rows = []
     for rate in rates:
         inp = PlanInput(args.model, rate, retime(base, rate, args.seed), slo, args.gpus.split(","), args.target,
@@ -109,8 +113,13 @@ def _plan(args: argparse.Namespace) -> int:
         pays = next((r["rate"] for r in rows if r["disagg"] and (not r["colocated"]
                                                                   or r["disagg"]["cost"] < r["colocated"]["cost"])), None)
         print(f"disaggregation starts to pay at {pays:g} req/s" if pays else "disaggregation never paid in this sweep")
+    cpu = time.process_time() - t0
+    print(f"searched {len(rates)} rate(s) in {cpu:.1f} s CPU")
     if args.output:
-        Path(args.output).write_text(json.dumps(rows, indent=1))
+        from pdserve.bench.report import header
+
+        Path(args.output).write_text(json.dumps({**header({}), "cpu_s": cpu, "slo": slo.as_dict(),
+                                                 "target": args.target, "rows": rows}, indent=1))
     if args.plot:
         from pdserve.sim.plots import plot_sweep
 
