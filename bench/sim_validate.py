@@ -166,7 +166,8 @@ def main() -> int:
         history.append({k: old.get(k) for k in ("date", "command", "load_average_at_write", "table")}
                        | {"errors": {m: v["errors"] for m, v in old["modes"].items()},
                           "load_average": {m: v["real"]["load_average"] for m, v in old["modes"].items()},
-                          "profile_load_average_1min": (old.get("profile") or {}).get("load_average_1min")})
+                          "profile_load_average_1min": (old.get("profile") or {}).get("load_average_1min"),
+                          "serving_overheads": (old.get("profile") or {}).get("serving")})
     payload["previous_runs"] = history
     if args.note:
         payload["notes"] = args.note
