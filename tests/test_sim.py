@@ -248,3 +248,33 @@ def test_profile_serving_overheads_per_mode(tmp_path) -> None:  # type: ignore[n
     assert build_instances(cfg)[1].model.step_overhead_s == 0.001  # type: ignore[attr-defined]
     off = ClusterConfig(model="demo", mode="disagg", profile=str(prof), serving_overheads=False)
     assert request_overhead_s(off) == 0.0 and build_instances(off)[1].model.step_overhead_s == 0.0  # type: ignore[attr-defined]
+
+
+def test_one_policy_object_runs_in_the_engine_and_in_the_simulator(tiny_models) -> None:  # type: ignore[no-untyped-def]
+    """The acceptance check: the engine's own scheduler object, stepped by the real engine, then by
+    the simulator; and the simulator builds instances of the very classes the engine uses."""
+    from pdserve.engine.llm import LLM, SamplingParams
+
+    llm = LLM(str(tiny_models["llama"]), dtype="float32", block_size=4, num_blocks=64,
+              max_num_batched_tokens=32, enable_prefix_caching=False)
+    policy = llm.scheduler
+    calls = {"schedule": 0}
+    schedule = policy.schedule
+
+    def counted(now: float):  # type: ignore[no-untyped-def]
+        calls["schedule"] += 1
+        return schedule(now)
+
+    policy.schedule = counted  # type: ignore[method-assign]
+    outs = llm.generate([[1, 2, 3, 4, 5] * 8, [7, 8, 9] * 5], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
+    engine_calls = calls["schedule"]
+    assert engine_calls >= 3 and policy.block_manager.num_free_blocks == 64
+
+    inst = SimInstance("c0", "colocated", policy, FixedModel(), Port("c0", 1e9))
+    r = Simulator([inst], CATALOG["demo"], get_link("cx7-400g")).run([RequestSpec(0.0, 40, 6), RequestSpec(0.0, 15, 6)])
+    assert calls["schedule"] > engine_calls and all(math.isfinite(t) for t in r.finish)
+    assert policy.block_manager.num_free_blocks == 64
+
+    sim_colocated = build_instances(ClusterConfig(model="demo", mode="colocated"))[0].policy
+    assert type(sim_colocated) is type(policy) is ColocatedScheduler

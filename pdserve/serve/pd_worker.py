@@ -335,6 +335,7 @@ class PDWorker:
     def _expire(self) -> None:
         assert isinstance(self.policy, DecodeScheduler) and self.loop is not None
         for req in self.policy.expire_reservations(self.core.clock()):
+            log.warning("KV reservation for %s expired: its KV never arrived and nobody released it", req.request_id)
             self.loop.call_soon_threadsafe(self._error_now, req.request_id, "KV reservation expired", "transfer")
 
     def _finish_now(self, req: Request) -> None:

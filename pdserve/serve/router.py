@@ -277,6 +277,12 @@ class ClusterBackend:
             except Retryable:
                 w.breaker.record_failure(time.monotonic())
                 reply = None
+            except asyncio.CancelledError:
+                # The client left while the reservation was on its way: its "yes" may still come,
+                # and nothing else would free those blocks before the reservation timeout.
+                w.client.close_queue(rid)
+                self._abort_on([w], rid)
+                raise
             if isinstance(reply, m.Reserved) and reply.ok:
                 w.load.free_blocks -= len(reply.block_ids)
                 w.load.running += 1

@@ -7,8 +7,9 @@ The step is the engine's step with the model runner replaced by a StepTimeModel:
 Tokens are fake (0) and requests carry no stop tokens, so only max_tokens ends them.
 
 Runs: when the policy vouches that the next k steps are plain decode steps of the same batch
-(`decode_run_length`), the instance plans them as one event and applies them with
-`advance_decode`, which is what makes a 20,000-request trace take seconds. Anything from outside
+(`decode_run_length`), the instance plans them as one event and applies all but the last with
+`advance_decode` (the last, which may finish requests, is an ordinary schedule/update). This is
+what makes a 20,000-request trace take seconds. Anything from outside
 that reads or changes the policy mid-run calls `sync(now)` first: the steps already over are
 applied and the one in flight is scheduled, as it was at its start, so the policy is exactly where
 step-by-step stepping would have it; the run then ends with that step. `resume()` lets it go on
