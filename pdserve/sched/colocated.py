@@ -190,7 +190,7 @@ class ColocatedScheduler:
     # A simulator spends nearly all its time in steps where nothing can be decided: every running
     # request decodes one token, nothing waits, nobody finishes. These two methods let it apply a
     # run of such steps in one call; the result is the same state, to the block id, as calling
-    # schedule/update once per step (tests/test_sched_fast_forward.py checks that).
+    # schedule/update once per step (tests/test_sched_decode_run.py checks that).
     def decode_run_length(self, token: int, limit: int) -> int:
         """How many next steps (<= limit) are certain to be one decode token per running request.
 
@@ -254,12 +254,12 @@ class ColocatedScheduler:
             if caching:
                 events.extend((m, 1, idx) for m in range(-(c + 1) % bs, k, bs))
             r.output_token_ids.extend([token] * k)
-        if events:
-            events.sort()
-            running = self.running
-            if not caching:
-                bm.append_block_each([running[idx] for _, _, idx in events])
-            for m, phase, idx in events if caching else ():
+        events.sort()
+        running = self.running
+        if not caching:
+            bm.append_block_each([running[idx] for _, _, idx in events])
+        else:
+            for m, phase, idx in events:
                 r = running[idx]
                 if phase == 0:
                     bm.allocate_tokens(r, base[idx] + m + 1)
