@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -42,7 +43,11 @@ def calibrate_mode(name: str, run: CheckRun, profile: dict[str, Any]) -> dict[st
     real = real_run(name, run)["summary"]
     bare = sim_run(name, run, serving_overheads=False)["summary"]
     step = max(0.0, (real["median_tpot_ms"] - bare["median_tpot_ms"]) / 1e3)
-    with_step = sim_run(name, run, profile=_with_serving(profile, mode, step, 0.0))["summary"]
+    path = _with_serving(profile, mode, step, 0.0)
+    try:
+        with_step = sim_run(name, run, profile=path)["summary"]
+    finally:
+        os.unlink(path)
     request = max(0.0, (real["median_ttft_ms"] - with_step["median_ttft_ms"]) / 1e3)
     keys = ("median_ttft_ms", "median_tpot_ms", "output_throughput")
     return {"step_overhead_s": step, "request_overhead_s": request,

@@ -11,6 +11,7 @@ freed and it goes back to the front of the queue, to be prefilled again (prompt 
 from __future__ import annotations
 
 from collections import deque
+from itertools import accumulate
 
 from pdserve.config.engine import SchedulerConfig
 from pdserve.sched.block_manager import BlockManager
@@ -249,8 +250,7 @@ class ColocatedScheduler:
         for idx, r in enumerate(self.running):
             c = r.num_computed_tokens
             base.append(c)
-            first = len(r.block_ids) * bs - c  # step whose token is the first past the last block
-            events.extend((m, 0, idx) for m in range(max(first, 0), k, bs))
+            events.extend((m, 0, idx) for m in self._new_block_steps(r, k))
             if caching:
                 events.extend((m, 1, idx) for m in range(-(c + 1) % bs, k, bs))
             r.output_token_ids.extend([token] * k)
@@ -268,6 +268,20 @@ class ColocatedScheduler:
                     bm.cache_full_blocks(r)
         for r, c in zip(self.running, base, strict=True):
             r.num_computed_tokens = c + k
+
+    def decode_run_blocks(self, steps: int) -> list[int]:
+        """For each step of a run: the blocks schedule() has taken once it has started (cumulative)."""
+        taken = [0] * steps
+        for r in self.running:
+            for m in self._new_block_steps(r, steps):
+                taken[m] += 1
+        return list(accumulate(taken))
+
+    def _new_block_steps(self, req: Request, steps: int) -> range:
+        """The steps of a run (from 0) at whose start schedule() gives `req` a new block."""
+        bs = self.block_manager.block_size
+        # the first step whose token falls past the request's last block, then every block_size
+        return range(max(len(req.block_ids) * bs - req.num_computed_tokens, 0), steps, bs)
 
     def next_wakeup(self, now: float) -> float | None:
         """Continuous batching has no timers: it runs whenever it has work."""

@@ -153,12 +153,7 @@ class SimInstance:
         durations = decode_run_times(self.model, contexts, k)
         ends = list(accumulate(durations, initial=now))  # the same sums as step-by-step `now + dt`
         del ends[0]
-        bs = self.policy.block_manager.block_size
-        taken = [0] * k
-        for r, c in zip(running, contexts, strict=True):
-            for m in range(max(len(r.block_ids) * bs - c, 0), k, bs):
-                taken[m] += 1
-        self._run = _Run(now, ends, durations, list(accumulate(taken)), k - 1, k - 1)
+        self._run = _Run(now, ends, durations, self.policy.decode_run_blocks(k), k - 1, k - 1)
         self._run_id += 1
         self.busy = True
         self.loop.at(ends[-1], self._run_done, self._run_id)  # type: ignore[union-attr]
@@ -201,13 +196,10 @@ class SimInstance:
         # The last step is an ordinary one (it may finish requests): schedule (unless a sync did)
         # and update, then the usual hook.
         out = run.pending if run.pending is not None else self.policy.schedule(run.step_start(last))
-        finished = self.policy.update(out, _ZEROS, now)
         self.busy_time += run.durations[last]
         self.num_steps += 1
         self.num_batched_tokens += len(out.chunks)
-        self.busy = False
-        self.on_step(self, out, finished, now)  # type: ignore[misc]
-        self.kick(now)
+        self._step_done(now, out)
 
     def sync(self, now: float) -> None:
         """Before the policy is read or changed from outside: bring it exactly to `now`.
