@@ -4,37 +4,47 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (generated flags already say it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or isinstance(
+                action, argparse._HelpAction | argparse._SubParsersAction) or not action.option_strings:
+            return text
+        default = action.default
+        shown = "none" if default is None else ("off" if default is False else "%(default)s")
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `pdserve up: --decode: invalid int value: 'x'`, exit status 2."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    from pdserve.serve.engine_args import EngineArgs
+    from pdserve.config.flags import add_worker_flags
 
     p = sub.add_parser("serve", help="run one worker (colocated, prefill or decode)")
-    p.add_argument("--role", choices=["colocated", "prefill", "decode"], default="colocated")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this Bearer key on the HTTP API")
-    EngineArgs.add_flags(p)
-    g = p.add_argument_group("cluster roles (prefill, decode, or colocated behind a router)")
-    g.add_argument("--internal", action="store_true",
+    p.add_argument("--role", choices=["colocated", "prefill", "decode"], default="colocated",
+                   help="the worker's policy; prefill and decode workers serve a router")
+    p.add_argument("--internal", action="store_true",
                    help="colocated role: speak the router's internal RPC instead of HTTP")
-    g.add_argument("--max-waiting", type=int, default=256, help="queued requests before refusing more")
-    g.add_argument("--transport", choices=["tcp", "shm"], default="tcp", help="KV transfer transport")
-    g.add_argument("--bandwidth-gbps", type=float, default=0.0, help="emulated link bandwidth (0: off)")
-    g.add_argument("--latency-ms", type=float, default=0.0, help="emulated link latency per chunk")
-    g.add_argument("--transfer-timeout-s", type=float, default=30.0)
-    g.add_argument("--fault-corrupt-prob", type=float, default=0.0, help="fault injection: corrupt KV chunks")
-    g.add_argument("--fault-cut-prob", type=float, default=0.0, help="fault injection: cut KV connections")
-    g.add_argument("--max-batch-tokens", type=int, default=2048, help="prefill: saturation token budget")
-    g.add_argument("--max-wait-ms", type=float, default=50.0, help="prefill: longest wait before a batch")
-    g.add_argument("--target-utilization", type=float, default=0.85, help="prefill: batch start threshold")
-    g.add_argument("--length-buckets", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
-                   help="prefill: e.g. 512,1024,2048")
-    g.add_argument("--max-batch-size", type=int, default=64, help="decode: sequences per step")
-    g.add_argument("--adaptive-batch", action="store_true", help="decode: batch grows with queue depth")
-    g.add_argument("--tpot-target-ms", type=float, default=0.0, help="decode: bound for the adaptive batch")
+    add_worker_flags(p)
 
     def run(args: argparse.Namespace) -> int:
+        from pdserve.serve.engine_args import parse_settings
+
+        parse_settings(args)  # bad settings fail here, in a second, before torch is imported
         from pdserve.serve.worker import run_serve
 
         return run_serve(args)
@@ -42,10 +52,35 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _config_parser(sub: argparse._SubParsersAction) -> None:
+    from pdserve.config.flags import add_cluster_flags
+
+    p = sub.add_parser("config", help="print every setting of a cluster file with its default and help, "
+                                      "or (with --config / flags) the cluster they describe")
+    add_cluster_flags(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from pdserve.config.flags import cluster_from_args, overrides
+        from pdserve.config.schema import reference_yaml
+
+        if args.config is None and not overrides(args):
+            print(reference_yaml(), end="")
+            return 0
+        import yaml
+
+        from pdserve.config.load import to_dict
+
+        print(yaml.safe_dump(to_dict(cluster_from_args(args)), sort_keys=False), end="")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
+    parser = Parser(prog="pdserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    _config_parser(sub)
     for module in ("pdserve.serve.commands", "pdserve.sim.commands", "pdserve.bench.commands"):
         try:
             mod = __import__(module, fromlist=["register"])
@@ -58,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdserve.config.model import ModelConfigError
+    from pdserve.config.schema import ConfigError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except (ConfigError, ModelConfigError) as e:  # a user's mistake: one line, no traceback
+        print(f"pdserve {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -11,18 +11,21 @@ import asyncio
 import contextlib
 import ctypes
 import ctypes.util
-import dataclasses
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
-from pdserve.config.cluster import ClusterConfig
+from pdserve.config.load import to_dict
+from pdserve.config.schema import ClusterConfig
 
 
 @dataclass
@@ -47,36 +50,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def worker_command(cfg: ClusterConfig, role: str, port: int) -> list[str]:
-    """The `pdserve serve` command line of one worker of the cluster."""
-    cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--role", role, "--internal",
-           "--host", "127.0.0.1", "--port", str(port), "--model", cfg.model, "--device", cfg.device,
-           "--threads", str(cfg.threads), "--block-size", str(cfg.block_size),
-           "--kv-cache-memory-gb", str(cfg.kv_cache_memory_gb)]
-    if cfg.dtype:
-        cmd += ["--dtype", cfg.dtype]
-    t = cfg.transfer
-    cmd += ["--transport", t.transport, "--bandwidth-gbps", str(t.bandwidth_gbps), "--latency-ms", str(t.latency_ms),
-            "--fault-corrupt-prob", str(t.fault_corrupt_prob), "--fault-cut-prob", str(t.fault_cut_prob),
-            "--transfer-timeout-s", str(t.timeout_s)]
-    if role == "prefill":
-        p = cfg.prefill
-        cmd += ["--max-batch-tokens", str(p.max_batch_tokens), "--max-num-seqs", str(p.max_num_seqs),
-                "--max-wait-ms", str(p.max_wait_ms), "--target-utilization", str(p.target_utilization),
-                "--max-num-batched-tokens", str(max(p.max_batch_tokens, 16))]
-        if p.length_buckets:
-            cmd += ["--length-buckets", ",".join(map(str, p.length_buckets))]
-    elif role == "decode":
-        d = cfg.decode
-        cmd += ["--max-batch-size", str(d.max_batch_size), "--max-num-seqs", str(d.max_num_seqs),
-                "--max-num-batched-tokens", str(d.max_num_batched_tokens),
-                "--tpot-target-ms", str(d.tpot_target_ms)]
-        if d.adaptive_batch:
-            cmd.append("--adaptive-batch")
-    else:
-        c = cfg.colocated
-        cmd += ["--max-num-batched-tokens", str(c.max_num_batched_tokens), "--max-num-seqs", str(c.max_num_seqs)]
-    return cmd
+def worker_settings(cfg: ClusterConfig) -> dict[str, Any]:
+    """The cluster's settings as its workers read them (`pdserve serve --config FILE`)."""
+    data = to_dict(cfg)
+    data["threads"] = cfg.threads or 1  # 0 (auto) under `up`: the workers share this machine's cores
+    data["router"]["api_key"] = ""  # workers never see the HTTP key
+    return data
+
+
+def write_worker_settings(cfg: ClusterConfig, folder: str) -> str:
+    """Write them (JSON, readable by this user only) into folder; returns the file's path."""
+    path = os.path.join(folder, "cluster.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(worker_settings(cfg), f)
+    return path
+
+
+def worker_command(settings_path: str, role: str, port: int) -> list[str]:
+    """The `pdserve serve` command line of one worker of the cluster: every setting is in the file."""
+    return [sys.executable, "-m", "pdserve.cli", "serve", "--config", settings_path, "--role", role, "--internal",
+            "--host", "127.0.0.1", "--port", str(port)]
 
 
 def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
@@ -86,14 +80,14 @@ def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
     proc.wait()  # reap it as soon as it exits, so no zombie lingers
 
 
-def start_workers(cfg: ClusterConfig, secret: str) -> list[WorkerProc]:
+def start_workers(cfg: ClusterConfig, secret: str, settings_path: str) -> list[WorkerProc]:
     env = {**os.environ, "PDSERVE_CLUSTER_SECRET": secret}
     procs: list[WorkerProc] = []
     for role, n in (("prefill", cfg.prefill.workers), ("decode", cfg.decode.workers),
                     ("colocated", cfg.colocated.workers)):
         for i in range(n):
             port = free_port()
-            proc = subprocess.Popen(worker_command(cfg, role, port), env=env, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(worker_command(settings_path, role, port), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True,
                                     preexec_fn=_die_with_parent)
             w = WorkerProc(role, i, port, proc)
@@ -164,7 +158,7 @@ def run_cluster(cfg: ClusterConfig) -> int:
     from pdserve.config.model import resolve_shape
     from pdserve.model.tokenizer import load_tokenizer
     from pdserve.serve.frontend import OpenAIFront
-    from pdserve.serve.router import ClusterBackend, RouterConfig
+    from pdserve.serve.router import ClusterBackend
 
     # A given secret lets workers started elsewhere join (POST /admin/workers); else a fresh one.
     secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
@@ -172,21 +166,21 @@ def run_cluster(cfg: ClusterConfig) -> int:
     r = cfg.router
     print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "
           f"{cfg.colocated.workers} colocated worker(s) for {cfg.model}...", flush=True)
-    workers = start_workers(cfg, secret)
+    tmp = tempfile.TemporaryDirectory(prefix="pdserve-up-")
+    workers = start_workers(cfg, secret, write_worker_settings(cfg, tmp.name))
     try:
         wait_ready(workers)
         by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
         backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
-                                 secret=secret.encode(), config=RouterConfig(**{  # the YAML's router section sets the same-named knobs
-                                     f.name: getattr(r, f.name) for f in dataclasses.fields(RouterConfig)
-                                     if hasattr(r, f.name)}))
-        front = OpenAIFront(backend, load_tokenizer(cfg.model), cfg.model, api_key=r.api_key or None)
+                                 secret=secret.encode(), config=r)
+        name = cfg.public_model_name
+        front = OpenAIFront(backend, load_tokenizer(cfg.model), name, api_key=r.api_key or None)
         port = r.port or free_port()  # --port 0: pick one, and print the real one
         auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""
         url = f"http://{r.host}:{port}"
-        print(f"pdserve: serving {cfg.model} at {url}/v1  (metrics: {url}/metrics)\n"
+        print(f"pdserve: serving {name} at {url}/v1  (metrics: {url}/metrics)\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"""-d '{{"model": "{cfg.model}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
+              f"""-d '{{"model": "{name}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
               f"  Ctrl-C stops the cluster.", flush=True)
         server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
                                                timeout_graceful_shutdown=30))
@@ -194,4 +188,5 @@ def run_cluster(cfg: ClusterConfig) -> int:
     finally:
         print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
         stop_workers(workers)
+        tmp.cleanup()
     return 0

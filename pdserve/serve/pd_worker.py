@@ -18,7 +18,6 @@ import os
 import signal
 import time
 
-from pdserve.config.engine import DecodeConfig, PrefillConfig, TransferConfig
 from pdserve.engine.core import EngineCore, StepResult
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.sched.block_manager import BlockManager
@@ -47,22 +46,13 @@ class PDWorker:
         self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
                                ea.cache.eviction)
         self.secret = cluster_secret()
-        self.transfer = TransferConfig(transport=args.transport, bandwidth_gbps=args.bandwidth_gbps,
-                                       latency_ms=args.latency_ms, fault_corrupt_prob=args.fault_corrupt_prob,
-                                       fault_cut_prob=args.fault_cut_prob)
+        cfg = args.cluster  # the settings, from pdserve.config.schema
+        self.transfer = cfg.transfer
         self.policy: ColocatedScheduler | PrefillBatcher | DecodeScheduler
         if self.role == "prefill":
-            self.policy = PrefillBatcher(PrefillConfig(
-                max_batch_tokens=args.max_batch_tokens, max_wait_ms=args.max_wait_ms,
-                target_utilization=args.target_utilization, max_num_seqs=ea.scheduler.max_num_seqs,
-                length_buckets=args.length_buckets), self.bm)
+            self.policy = PrefillBatcher(cfg.prefill, self.bm)
         elif self.role == "decode":
-            self.policy = DecodeScheduler(DecodeConfig(
-                max_batch_size=args.max_batch_size, max_num_seqs=max(args.max_batch_size, ea.scheduler.max_num_seqs),
-                max_num_batched_tokens=ea.scheduler.max_num_batched_tokens,
-                adaptive_batch=args.adaptive_batch, tpot_target_ms=args.tpot_target_ms,
-                min_batch_size=min(8, args.max_batch_size),
-                reservation_timeout_s=args.transfer_timeout_s), self.bm)
+            self.policy = DecodeScheduler(cfg.decode, self.bm)
         else:
             self.policy = ColocatedScheduler(ea.scheduler, self.bm)
         self.core = EngineCore(self.runner, self.policy)
@@ -72,7 +62,7 @@ class PDWorker:
         self.requests: dict[str, Request] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
-        self.max_waiting = args.max_waiting  # queue bound: beyond it new work is refused (overload)
+        self.max_waiting = cfg.max_waiting  # queue bound: beyond it new work is refused (overload)
         # prefill: where each request's KV goes; requests whose transfer is in flight
         self.kv_dest: dict[str, m.Prefill] = {}
         self.sending: dict[str, float] = {}
@@ -83,11 +73,11 @@ class PDWorker:
         self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
         self.transfer_wait: dict[str, float] = {}  # KV still arriving after the first token, seconds
         if self.role == "prefill":
-            self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=args.transfer_timeout_s)
+            self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
             self.core.layer_hook = self._push_layer
         if self.role == "decode":
             self.receiver = KVReceiver(CacheSink(self.runner), self.transfer, host=args.host, secret=self.secret,
-                                       timeout_s=args.transfer_timeout_s)
+                                       timeout_s=self.transfer.timeout_s)
 
     # ---- lifecycle --------------------------------------------------------------------------
     async def run(self) -> None:

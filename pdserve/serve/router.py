@@ -22,9 +22,9 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from pdserve.config.model import ModelShape
+from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.breaker import CircuitBreaker
 from pdserve.sched.routing import pick_colocated, pick_prefill, rank_decode
@@ -33,22 +33,6 @@ from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.worker_link import Retryable, Worker, event, get, send, watch_transfer, with_deadline
 
 log = logging.getLogger("pdserve.router")
-
-
-@dataclass
-class RouterConfig:
-    disagg_threshold: int = 0  # prompts shorter than this skip the prefill pool
-    reserve_timeout_s: float = 2.0
-    first_token_timeout_s: float = 60.0  # prefill silent this long: try elsewhere
-    token_timeout_s: float = 30.0  # decode silent this long mid-stream: try elsewhere
-    request_timeout_s: float = 600.0  # overall deadline of one request
-    max_attempts: int = 4
-    backoff_base_s: float = 0.05
-    backoff_max_s: float = 2.0
-    max_inflight: int = 512  # requests in the router at once; beyond: 503 at once
-    stats_interval_s: float = 0.1
-    breaker_failures: int = 3
-    breaker_reset_s: float = 5.0
 
 
 class ClusterBackend:

@@ -26,15 +26,15 @@ def build_colocated(args: argparse.Namespace) -> OpenAIFront:
     runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
     bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching, ea.cache.eviction)
     core = EngineCore(runner, ColocatedScheduler(ea.scheduler, bm))
-    name = args.served_model_name or args.model
-    return OpenAIFront(LocalBackend(core), load_tokenizer(ea.model), name, api_key=getattr(args, "api_key", None))
+    return OpenAIFront(LocalBackend(core), load_tokenizer(ea.model), args.cluster.public_model_name,
+                       api_key=args.api_key)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.role == "colocated" and not args.internal:
         front = build_colocated(args)
-        log.info("colocated worker for %s on http://%s:%d", args.model, args.host, args.port)
+        log.info("colocated worker for %s on http://%s:%d", args.cluster.model, args.host, args.port)
         uvicorn.run(front.app(), host=args.host, port=args.port, log_level="warning")
         return 0
     from pdserve.serve.pd_worker import run_pd_worker

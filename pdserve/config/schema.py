@@ -1,0 +1,274 @@
+"""The one definition of every setting: its type, default, bounds and one-line help.
+
+A cluster (`pdserve up --config cluster.yaml`) is a `ClusterConfig`: top-level worker settings and
+the sections `cache`, `prefill`, `decode`, `colocated`, `transfer`, `router`. The role sections
+*are* the scheduling policies' configs (`PrefillSection` is a `PrefillConfig` plus its worker
+count), so a worker and the simulator built from the same file run identical policies.
+
+Everything else is derived from these classes: the YAML reader (`pdserve.config.load`), the CLI
+flags of `up`, `serve`, `router` and `sim` (`pdserve.config.flags`), the README's YAML reference
+(`reference_yaml`). Bounds live in `Meta` (checked when a file or flag is read, and by
+`__post_init__` when code builds a config directly); rules between fields live in `check`.
+This module is torch-free and does no I/O.
+"""
+
+import functools
+import typing
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not accepted; the message names it."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@functools.cache
+def _bounds(cls: type) -> tuple[tuple[str, Any], ...]:
+    """(field name, annotated type) of the fields of cls that carry a bound or a set of choices."""
+    out = []
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        if typing.get_origin(tp) is Annotated or typing.get_origin(tp) is Literal:
+            out.append((name, tp))
+    return tuple(out)
+
+
+def _check_value(key: str, tp: Any, value: Any) -> None:
+    if typing.get_origin(tp) is Literal:
+        _check(value in typing.get_args(tp), key, f"must be one of {', '.join(map(str, typing.get_args(tp)))}")
+        return
+    base, *metas = typing.get_args(tp)
+    if typing.get_origin(base) is Literal:
+        _check_value(key, base, value)
+    for meta in metas:
+        if not isinstance(meta, Meta):
+            continue
+        for attr, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+            bound = getattr(meta, attr)
+            if bound is not None and isinstance(value, int | float):
+                _check(ok(value, bound), key, f"must be {word} {bound}")
+
+
+class Section(Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every config class: bounds from the annotations, then the class's own rules."""
+
+    def __post_init__(self) -> None:
+        for name, tp in _bounds(type(self)):
+            _check_value(name, tp, getattr(self, name))
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields; raise ConfigError naming the field."""
+
+
+def H(tp: Any, help: str, **bounds: Any) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    """A field type carrying its one-line help text (and optional bounds: ge, gt, le, lt)."""
+    return Annotated[tp, Meta(description=help, **bounds)]
+
+
+# ---- per-instance policies (the `sched/` and `transfer/` configs) ------------------------------
+
+class CacheConfig(Section):
+    """The paged KV cache of every worker."""
+
+    block_size: H(Literal[1, 2, 4, 8, 16, 32, 64, 128], "tokens per KV block") = 16
+    num_blocks: H(int, "KV blocks per worker (0: as many as kv_cache_memory_gb holds)", ge=0) = 0
+    kv_cache_memory_gb: H(float, "memory for KV tensors per worker when num_blocks is 0", gt=0) = 0.5
+    enable_prefix_caching: H(bool, "reuse the KV of cached prompt prefixes (hash chain of full blocks)") = True
+    eviction: H(Literal["lru", "fifo"], "which cached, unused block is evicted first") = "lru"
+
+
+class SchedulerConfig(Section):
+    """Colocated continuous batching with chunked prefill (Sarathi-Serve)."""
+
+    max_num_batched_tokens: H(int, "token budget per step: decode tokens + prefill chunks", ge=1) = 512
+    max_num_seqs: H(int, "sequences running at once", ge=1) = 64
+    enable_chunked_prefill: H(bool, "split long prompts into chunks that share steps with decodes") = True
+
+
+class PrefillConfig(Section):
+    """Prefill-role batching: start a batch at a utilization target or after a maximum wait."""
+
+    max_batch_tokens: H(int, "the prefill worker's saturation token budget per batch", ge=1) = 2048
+    target_utilization: H(float, "start a batch once queued tokens reach this share of the budget",
+                          gt=0, le=1) = 0.85
+    max_wait_ms: H(float, "...or once the oldest queued prompt has waited this long", ge=0) = 50.0
+    max_num_seqs: H(int, "prompts per prefill batch", ge=1) = 64
+    length_buckets: H(list[int], "prompt length bounds of separate queues, e.g. 512,1024 (empty: one queue)"
+                      ) = field(default_factory=list)
+    min_batch_scale: H(float, "lowest share of the budget used under decode back-pressure", gt=0, le=1) = 0.25
+
+    def check(self) -> None:
+        _check(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",
+               "must be positive integers")
+        _check(list(self.length_buckets) == sorted(set(self.length_buckets)), "length_buckets",
+               "must be strictly increasing")
+
+
+class DecodeConfig(Section):
+    """Decode-role continuous batching."""
+
+    max_batch_size: H(int, "sequences decoded per step", ge=1) = 64
+    max_num_seqs: H(int, "sequences admitted at once (running + reserved)", ge=1) = 128
+    max_num_batched_tokens: H(int, "token budget when the decode worker runs a prefill itself", ge=1) = 512
+    adaptive_batch: H(bool, "grow the batch with the queue, bounded by tpot_target_ms") = False
+    tpot_target_ms: H(float, "adaptive batch: per-token time bound (0: none)", ge=0) = 0.0
+    min_batch_size: H(int, "adaptive batch: smallest batch", ge=1) = 8
+    reservation_timeout_s: H(float, "reserved blocks whose KV never arrives are freed after this", gt=0) = 30.0
+
+    def check(self) -> None:
+        _check(self.max_num_seqs >= self.max_batch_size, "max_num_seqs", "must be >= max_batch_size")
+        _check(self.min_batch_size <= self.max_batch_size, "min_batch_size",
+               "must be <= max_batch_size (lower min_batch_size too)")
+
+
+class TransferConfig(Section):
+    """KV transfer between prefill and decode workers."""
+
+    transport: H(Literal["tcp", "shm"], "KV transport: tcp, or shm (shared memory, same machine)") = "tcp"
+    bandwidth_gbps: H(float, "link emulation: bandwidth in Gb/s (0: as fast as the transport goes)", ge=0) = 0.0
+    latency_ms: H(float, "link emulation: one-way latency added per chunk", ge=0) = 0.0
+    max_frame_bytes: H(int, "largest KV frame accepted", ge=4096) = 256 * 1024 * 1024
+    timeout_s: H(float, "a transfer without progress this long fails; both sides free its blocks", gt=0) = 30.0
+    fault_corrupt_prob: H(float, "fault injection (tests, drills): corrupt a chunk after its checksum",
+                          ge=0, le=1) = 0.0
+    fault_cut_prob: H(float, "fault injection (tests, drills): cut the connection after a chunk", ge=0, le=1) = 0.0
+
+
+class ListenConfig(Section):
+    """Where an HTTP server listens."""
+
+    host: H(str, "address the HTTP API listens on") = "127.0.0.1"
+    port: H(int, "port of the HTTP API (0: pick a free one)", ge=0, le=65535) = 8000
+    api_key: H(str, "require this Bearer key on the HTTP API (empty: none)") = ""
+
+
+class RouterConfig(ListenConfig):
+    """The router: routing, retries, timeouts, circuit breakers."""
+
+    disagg_threshold: H(int, "prompts shorter than this many tokens skip the prefill pool", ge=0) = 0
+    max_inflight: H(int, "requests in the router at once; beyond them: 503 with Retry-After", ge=1) = 512
+    max_attempts: H(int, "tries per request across worker failures", ge=1) = 4
+    reserve_timeout_s: H(float, "a decode worker silent this long on a reservation is skipped", gt=0) = 2.0
+    first_token_timeout_s: H(float, "prefill silent this long before the first token: try elsewhere", gt=0) = 60.0
+    token_timeout_s: H(float, "decode silent this long mid-stream: try elsewhere", gt=0) = 30.0
+    request_timeout_s: H(float, "overall deadline of one request", gt=0) = 600.0
+    backoff_base_s: H(float, "first retry backoff (doubles per attempt, with jitter)", ge=0) = 0.05
+    backoff_max_s: H(float, "longest retry backoff", ge=0) = 2.0
+    stats_interval_s: H(float, "heartbeat: how often workers are asked for their load", gt=0) = 0.1
+    breaker_failures: H(int, "consecutive failures that open a worker's or link's circuit breaker", ge=1) = 3
+    breaker_reset_s: H(float, "an open breaker lets one probe through after this", gt=0) = 5.0
+
+
+# ---- the cluster file -------------------------------------------------------------------------
+
+class PrefillSection(PrefillConfig):
+    """Prefill workers and their batching policy."""
+
+    workers: H(int, "prefill workers", ge=0) = 1
+
+
+class DecodeSection(DecodeConfig):
+    """Decode workers and their batching policy."""
+
+    workers: H(int, "decode workers", ge=0) = 1
+
+
+class ColocatedSection(SchedulerConfig):
+    """Colocated workers (prefill and decode in one) and their batching policy."""
+
+    workers: H(int, "colocated workers", ge=0) = 0
+
+
+class ClusterConfig(Section):
+    """A cluster: what `pdserve up` starts and `pdserve sim` simulates; one worker of it is `pdserve serve`."""
+
+    model: H(str, "HF model folder or a catalog name (demo, llama-3.1-8b, ...)") = "demo"
+    served_model_name: H(str, "the model id clients send and /v1/models lists (empty: --model)") = ""
+    dtype: H(Literal["", "float32", "bfloat16", "float16"], "weights and KV dtype (empty: the model's own)") = ""
+    device: H(str, "cpu, cuda or cuda:N") = "cpu"
+    threads: H(int, "torch threads per worker (0: torch's default for one `serve`, 1 under `up`)", ge=0) = 0
+    seed: H(int, "seed of dummy weights") = 0
+    max_waiting: H(int, "requests queued on a worker before it refuses more (overload)", ge=1) = 256
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    prefill: PrefillSection = field(default_factory=PrefillSection)
+    decode: DecodeSection = field(default_factory=DecodeSection)
+    colocated: ColocatedSection = field(default_factory=ColocatedSection)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+
+    def check(self) -> None:
+        _check(self.num_workers > 0, "workers", "the cluster needs at least one worker")
+        _check(self.prefill.workers == 0 or self.decode.workers > 0, "decode.workers",
+               "prefill workers need at least one decode worker to send KV to")
+
+    @property
+    def num_workers(self) -> int:
+        return self.prefill.workers + self.decode.workers + self.colocated.workers
+
+    @property
+    def public_model_name(self) -> str:
+        """The model id of the HTTP API."""
+        return self.served_model_name or self.model
+
+    def role(self, name: str) -> PrefillSection | DecodeSection | ColocatedSection:
+        """The section (= the policy config) of a role: 'prefill', 'decode' or 'colocated'."""
+        _check(name in ROLES, "role", f"must be one of {', '.join(ROLES)}")
+        return typing.cast(PrefillSection | DecodeSection | ColocatedSection, getattr(self, name))
+
+
+ROLES = ("prefill", "decode", "colocated")
+SECTIONS: dict[str, type[Section]] = {"cache": CacheConfig, "prefill": PrefillSection, "decode": DecodeSection,
+                                      "colocated": ColocatedSection, "transfer": TransferConfig,
+                                      "router": RouterConfig}
+
+
+def settings(cls: type[Section]) -> list[tuple[str, Any, Any, str]]:
+    """(name, type without its Annotated wrapper, default, help) of each scalar/list setting of cls."""
+    out = []
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in msgspec.structs.fields(cls):
+        tp = hints[f.name]
+        if isinstance(tp, type) and issubclass(tp, Section):
+            continue
+        base, help_text = tp, ""
+        if typing.get_origin(tp) is Annotated:
+            base, *metas = typing.get_args(tp)
+            help_text = next((m.description for m in metas if isinstance(m, Meta) and m.description), "")
+        default = f.default_factory() if f.default_factory is not msgspec.NODEFAULT else f.default
+        out.append((f.name, base, default, help_text))
+    return out
+
+
+def _yaml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '""' if v == "" else v
+    if isinstance(v, list):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return repr(v)
+
+
+def reference_yaml() -> str:
+    """Every key of the cluster file with its default and help: the README's reference block."""
+    lines = []
+
+    def emit(cls: type[Section], indent: str) -> None:
+        ordered = sorted(settings(cls), key=lambda s: s[0] != "workers")  # a role's worker count first
+        rows = [(f"{indent}{name}: {_yaml_value(default)}", help_text) for name, _, default, help_text in ordered]
+        width = max(len(r[0]) for r in rows)
+        lines.extend(f"{key:<{width}}  # {help_text}" for key, help_text in rows)
+
+    emit(ClusterConfig, "")
+    for name, cls in SECTIONS.items():
+        lines.append(f"{name}:  # {cls.__doc__}")
+        emit(cls, "  ")
+    return "\n".join(lines) + "\n"
