@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from pdserve.bench.report import header, write_json  # noqa: E402
 from pdserve.config.model import resolve_shape  # noqa: E402
-from pdserve.sim.build import ClusterConfig, build_instances  # noqa: E402
+from pdserve.sim.build import GPU_SCALE, SimConfig, build_instances  # noqa: E402
 from pdserve.sim.cluster import SimResult, Simulator  # noqa: E402
 from pdserve.sim.hardware import get_link  # noqa: E402
 from pdserve.sim.metrics import SLO, summarize  # noqa: E402
@@ -34,7 +34,7 @@ TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
 TARGET_S = 10.0
 
 
-def run(cfg: ClusterConfig, specs: list, runs: bool) -> tuple[SimResult, float, float]:  # type: ignore[type-arg]
+def run(cfg: SimConfig, specs: list, runs: bool) -> tuple[SimResult, float, float]:  # type: ignore[type-arg]
     shape = resolve_shape(cfg.model)
     sim = Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise, runs=runs)
     c0, w0 = time.process_time(), time.perf_counter()
@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results/sim_speed.json")
     args = ap.parse_args()
     os.chdir(REPO)
-    cfg = ClusterConfig(model="llama-3-70b", mode="disagg", num_prefill=2, num_decode=8, tp_prefill=4,
-                        tp_decode=4, link="cx7-400g")
+    cfg = SimConfig.of(model="llama-3-70b", mode="disagg", num_prefill=2, num_decode=8, tp_prefill=4,
+                       tp_decode=4, link="cx7-400g", serving=GPU_SCALE)  # the settings its recorded results used
     specs = generate("chatbot", 0, 1.0, "trace", trace=args.trace)
     print(f"{len(specs)} requests, {cfg.label()} ({cfg.num_gpus} GPUs)", flush=True)
     fast = []

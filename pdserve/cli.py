@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelConfigError) as e:  # a user's mistake: one line, no traceback
         print(f"pdserve {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a missing file, a port in use: the user's environment, not a bug
+        print(f"pdserve {args.command}: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 
 from pdserve.engine.profiler import ProfilePlan, Profiler
 from pdserve.sched.output import SchedulerOutput
-from pdserve.sim.build import ClusterConfig, build
+from pdserve.sim.build import SimConfig, build
 from pdserve.sim.commands import register
 from pdserve.sim.profile import ProfiledModel
 from pdserve.workload import RequestSpec
@@ -80,7 +80,7 @@ def test_profile_command_on_the_real_engine_writes_a_profile_the_sim_uses(tmp_pa
     for b, c, t in prof["decode"]:
         assert t / 5 < fit.decode_time([c] * b) < t * 5
     # ...and `pdserve sim --profile` runs on it.
-    sim = build(ClusterConfig(model="demo", mode="colocated", profile=str(out), num_blocks=256))
+    sim = build(SimConfig.of(model="demo", mode="colocated", profile=str(out), serving={"cache": {"num_blocks": 256}}))
     r = sim.run([RequestSpec(0.0, 20, 3), RequestSpec(0.0, 12, 2)])
     assert all(f == f for f in r.finish)
 

@@ -6,10 +6,11 @@ import math
 import pytest
 
 from pdserve.config.engine import SchedulerConfig
+from pdserve.config.load import merge
 from pdserve.config.model import CATALOG
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
-from pdserve.sim.build import ClusterConfig, build, build_instances
+from pdserve.sim.build import GPU_SCALE, SimConfig, build, build_instances
 from pdserve.sim.cluster import Simulator
 from pdserve.sim.events import EventLoop
 from pdserve.sim.hardware import Link, get_link
@@ -83,11 +84,11 @@ def test_two_requests_contend() -> None:
 
 
 def test_disagg_one_request_includes_transfer() -> None:
-    cfg = ClusterConfig(model="llama-3.1-8b", mode="disagg", link="eth-10g", layerwise=False)
+    cfg = SimConfig.of(model="llama-3.1-8b", mode="disagg", link="eth-10g", layerwise=False)
     sim = build(cfg)
     r = sim.run([RequestSpec(0.0, 1000, 3)])
-    # The PrefillBatcher waits max_wait_ms (5 ms) for a fuller batch before starting alone.
-    pre = cfg.prefill_max_wait_ms / 1e3 + sim.prefill[0].model.prefill_time([1000])
+    # The PrefillBatcher waits max_wait_ms for a fuller batch before starting alone.
+    pre = cfg.cluster.prefill.max_wait_ms / 1e3 + sim.prefill[0].model.prefill_time([1000])
     link = get_link("eth-10g")
     xfer = 1000 * CATALOG["llama-3.1-8b"].kv_bytes_per_token() / (link.effective_bandwidth * 1) + link.latency_s
     dec = sim.decode[0].model.decode_time([1001])
@@ -125,7 +126,8 @@ def test_late_transfer_rerated() -> None:
 
 @pytest.mark.parametrize("mode", ["disagg", "colocated"])
 def test_small_cluster_all_finish_and_metrics(mode: str) -> None:
-    cfg = ClusterConfig(model="llama-3.1-8b", mode=mode, num_prefill=1, num_decode=2, num_colocated=2)
+    cfg = SimConfig.of(model="llama-3.1-8b", mode=mode, num_prefill=1, num_decode=2, num_colocated=2,
+                       serving=GPU_SCALE)
     specs = generate("chatbot", 60, rate=4.0, seed=1)
     res = summarize(build(cfg).run(specs), SLO(ttft_ms=2000, tpot_ms=100))
     assert res["completed"] == 60
@@ -148,12 +150,12 @@ def test_build_uses_sched_classes() -> None:
     from pdserve.sched.decode import DecodeScheduler
     from pdserve.sched.prefill import PrefillBatcher
 
-    insts = build_instances(ClusterConfig(model="llama-3.1-8b", mode="disagg"))
+    insts = build_instances(SimConfig.of(model="llama-3.1-8b", mode="disagg"))
     assert isinstance(insts[0].policy, PrefillBatcher) and isinstance(insts[1].policy, DecodeScheduler)
     assert Link  # catalog type importable for custom links
 
 
-def _run_both(cfg: ClusterConfig, specs: list[RequestSpec]) -> tuple[object, object]:
+def _run_both(cfg: SimConfig, specs: list[RequestSpec]) -> tuple[object, object]:
     from pdserve.config.model import resolve_shape
 
     shape = resolve_shape(cfg.model)
@@ -172,14 +174,17 @@ def _same(a: list[float], b: list[float]) -> bool:
     "cfg",
     [
         # tight decode KV: reservations refused, requests queue at the router
-        ClusterConfig(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3, num_blocks=600),
+        SimConfig.of(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3,
+                     serving=merge(GPU_SCALE, {"cache": {"num_blocks": 600}})),
         # tight colocated KV: preemption and recompute mid-trace
-        ClusterConfig(model="llama-3.1-8b", mode="colocated", num_colocated=2, num_blocks=1500, chunk_tokens=512),
-        ClusterConfig(model="llama-3-70b", mode="disagg", num_prefill=2, num_decode=2, tp_prefill=4, tp_decode=4),
+        SimConfig.of(model="llama-3.1-8b", mode="colocated", num_colocated=2, serving=merge(
+            GPU_SCALE, {"cache": {"num_blocks": 1500}, "colocated": {"max_num_batched_tokens": 512}})),
+        SimConfig.of(model="llama-3-70b", mode="disagg", num_prefill=2, num_decode=2, tp_prefill=4, tp_decode=4,
+                     serving=GPU_SCALE),
     ],
     ids=["disagg-tight", "colocated-preempt", "disagg-70b"],
 )
-def test_runs_equal_step_by_step(cfg: ClusterConfig) -> None:
+def test_runs_equal_step_by_step(cfg: SimConfig) -> None:
     """Planning runs of decode steps changes how many events the sim takes, not one result."""
     specs = generate("chatbot", 300, rate=20.0, seed=3)
     a, b = _run_both(cfg, specs)
@@ -190,7 +195,7 @@ def test_runs_equal_step_by_step(cfg: ClusterConfig) -> None:
     assert a.num_preemptions == b.num_preemptions
     if cfg.mode == "colocated":
         assert a.num_preemptions > 0
-    if cfg.num_blocks:
+    if cfg.cluster.cache.num_blocks:
         assert max(s["kv_peak_usage"] for s in a.instances.values()) > 0.9
 
 
@@ -202,7 +207,7 @@ def test_runs_equal_step_by_step_profiled_and_generic_models(tmp_path) -> None: 
     write_profile(prof, [[n, 0.01 + 1e-5 * n] for n in (16, 128, 512, 1024)],
                   [[b, c, 0.02 + 1e-3 * b + 1e-7 * b * c] for b in (1, 4, 16) for c in (64, 512)])
     specs = generate("chatbot", 120, rate=2.0, seed=5, max_prompt_tokens=900, max_output_tokens=200)
-    cfg = ClusterConfig(model="demo", mode="disagg", num_prefill=1, num_decode=2, profile=str(prof))
+    cfg = SimConfig.of(model="demo", mode="disagg", num_prefill=1, num_decode=2, profile=str(prof), serving=GPU_SCALE)
     a, b = _run_both(cfg, specs)
     assert _same(a.finish, b.finish) and sorted(a.itls) == sorted(b.itls)
     policy = ColocatedScheduler(SchedulerConfig(max_num_batched_tokens=256), BlockManager(400, 16, False))
@@ -243,10 +248,10 @@ def test_profile_serving_overheads_per_mode(tmp_path) -> None:  # type: ignore[n
     assert colo.decode_time([100]) == pytest.approx(bare.decode_time([100]) + 0.003)
     assert colo.prefill_time([100]) == pytest.approx(bare.prefill_time([100]) + 0.003)
     assert colo.decode_run_times([100, 200], 3) == [colo.decode_time([100 + j, 200 + j]) for j in range(3)]
-    cfg = ClusterConfig(model="demo", mode="disagg", profile=str(prof))
+    cfg = SimConfig.of(model="demo", mode="disagg", profile=str(prof), serving=GPU_SCALE)
     assert request_overhead_s(cfg) == 0.02
     assert build_instances(cfg)[1].model.step_overhead_s == 0.001  # type: ignore[attr-defined]
-    off = ClusterConfig(model="demo", mode="disagg", profile=str(prof), serving_overheads=False)
+    off = SimConfig.of(model="demo", mode="disagg", profile=str(prof), serving_overheads=False, serving=GPU_SCALE)
     assert request_overhead_s(off) == 0.0 and build_instances(off)[1].model.step_overhead_s == 0.0  # type: ignore[attr-defined]
 
 
@@ -276,5 +281,5 @@ def test_one_policy_object_runs_in_the_engine_and_in_the_simulator(tiny_models) 
     assert calls["schedule"] > engine_calls and all(math.isfinite(t) for t in r.finish)
     assert policy.block_manager.num_free_blocks == 64
 
-    sim_colocated = build_instances(ClusterConfig(model="demo", mode="colocated"))[0].policy
+    sim_colocated = build_instances(SimConfig.of(model="demo", mode="colocated"))[0].policy
     assert type(sim_colocated) is type(policy) is ColocatedScheduler

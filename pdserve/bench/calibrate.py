@@ -8,7 +8,7 @@ simulates the same requests with the profile alone, and takes the differences of
     step_overhead_s    = real median TPOT - simulated median TPOT
     request_overhead_s = real median TTFT - simulated median TTFT (with the step overhead in)
 both floored at 0, and writes them under "serving" in the profile (`pdserve sim --profile` then
-uses them; ClusterConfig.serving_overheads=False leaves them out). Calibrate on a run like this,
+uses them; SimConfig.serving_overheads=False leaves them out). Calibrate on a run like this,
 then validate on a different, loaded one (bench/sim_validate.py does both).
 """
 

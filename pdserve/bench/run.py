@@ -24,11 +24,11 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="model folder whose tokenizer to use (default: --model)")
     p.add_argument("--workload", default="search-small", choices=sorted(PRESETS),
                    help="length preset (ignored for lengths when --trace is given)")
-    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--num-requests", type=int, default=64, help="requests to send")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "trace"],
                    help="arrival process; 'trace' replays --trace's own times")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: >1 is burstier")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="workload seed (lengths, arrivals, prompts)")
     p.add_argument("--trace", default=None, help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens)")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths")

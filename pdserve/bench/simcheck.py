@@ -14,17 +14,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pdserve.bench.cluster import busy_during, running_cluster, scrape_busy, up_args
-from pdserve.config.cluster import ClusterConfig as UpConfig
+from pdserve.config.load import cluster_from_dict
 from pdserve.config.model import resolve_shape
 from pdserve.sim import hardware
-from pdserve.sim.build import ClusterConfig, build
+from pdserve.sim.build import SimConfig, build
 from pdserve.sim.metrics import per_request_ms, summarize
 from pdserve.workload import generate
 
@@ -77,24 +77,16 @@ def register_link(fit: dict[str, Any]) -> str:
     return name
 
 
-def sim_config(mode: str, run: CheckRun, serving_overheads: bool = True) -> ClusterConfig:
-    """The simulated cluster, configured as `pdserve up` configures its workers (config/cluster.py)."""
-    up = UpConfig()
+def sim_config(mode: str, run: CheckRun, serving_overheads: bool = True) -> SimConfig:
+    """The simulated cluster: the one `pdserve up` starts for this run (the schema's settings, the
+    run's worker counts), with the KV blocks its workers get from `cache.kv_cache_memory_gb`."""
+    p, d, c = (0, 0, run.workers) if mode == "colocated" else (run.prefill, run.workers - run.prefill, 0)
+    up = cluster_from_dict({"model": run.model})
     shape = resolve_shape(run.model)
-    num_blocks = max(4, int(up.kv_cache_memory_gb * 2**30 // (up.block_size * shape.kv_bytes_per_token())))
-    common: dict[str, Any] = dict(model=run.model, link=run.link, block_size=up.block_size, num_blocks=num_blocks,
-                                  profile=run.profile, prefill_gpu="h100", decode_gpu="h100",
-                                  serving_overheads=serving_overheads)
-    if mode == "colocated":
-        return ClusterConfig(mode="colocated", num_colocated=run.workers,
-                             chunk_tokens=up.colocated.max_num_batched_tokens,
-                             max_num_seqs=up.colocated.max_num_seqs, **common)
-    assert up.decode.max_num_seqs == 2 * up.decode.max_batch_size, "sim's decode max_num_seqs is 2 x batch"
-    assert up.prefill.max_num_seqs == up.decode.max_batch_size, "sim uses one max_num_seqs for both roles"
-    return ClusterConfig(mode="disagg", num_prefill=run.prefill, num_decode=run.workers - run.prefill,
-                         chunk_tokens=up.decode.max_num_batched_tokens, max_num_seqs=up.decode.max_batch_size,
-                         prefill_batch_tokens=up.prefill.max_batch_tokens,
-                         prefill_max_wait_ms=up.prefill.max_wait_ms, **common)
+    num_blocks = max(4, int(up.cache.kv_cache_memory_gb * 2**30 // (up.cache.block_size * shape.kv_bytes_per_token())))
+    return SimConfig.of(model=run.model, num_prefill=p, num_decode=d, num_colocated=c,
+                        serving={"cache": {"num_blocks": num_blocks}}, link=run.link, profile=run.profile,
+                        prefill_gpu="h100", decode_gpu="h100", serving_overheads=serving_overheads)
 
 
 def workload_flags(run: CheckRun) -> list[str]:
@@ -135,11 +127,11 @@ def real_run(mode: str, run: CheckRun) -> dict[str, Any]:
 
 
 def sim_run(mode: str, run: CheckRun, serving_overheads: bool = True, **overrides: Any) -> dict[str, Any]:
-    """The simulator on the run's request list. overrides: ClusterConfig fields (e.g. profile)."""
+    """The simulator on the run's request list. overrides: SimConfig fields (e.g. profile)."""
     cfg = replace(sim_config(mode, run, serving_overheads), **overrides)
     specs = generate(run.workload, run.num_requests, run.rate, arrival="poisson", seed=run.seed,
                      length_scale=run.length_scale)
     r = build(cfg).run(specs)
     m = per_request_ms(r)
-    return {"cluster": asdict(cfg), "label": cfg.label(), "summary": summarize(r),
+    return {"cluster": cfg.as_dict(), "label": cfg.label(), "summary": summarize(r),
             "requests": {k: [None if np.isnan(v) else float(v) for v in m[k]] for k in ("ttft", "tpot", "e2el")}}

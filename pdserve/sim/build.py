@@ -1,13 +1,16 @@
-"""From a cluster description to SimInstances holding real `sched/` policies."""
+"""From a cluster (the schema's `ClusterConfig`, as `pdserve up` reads it) and hardware to
+SimInstances holding the real `sched/` policies, configured from the same sections."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
-from pdserve.config.engine import DecodeConfig, PrefillConfig, SchedulerConfig
+from pdserve.config.load import cluster_from_dict, merge, to_dict
 from pdserve.config.model import ModelShape, resolve_shape
+from pdserve.config.schema import ClusterConfig, ConfigError
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
 from pdserve.sched.decode import DecodeScheduler
@@ -19,32 +22,93 @@ from pdserve.sim.network import Port
 from pdserve.sim.perf_model import RooflineModel, StepTimeModel, kv_capacity_tokens
 from pdserve.sim.profile import ProfiledModel, serving_overheads
 
+# The serving settings the planner and the seed scenario assume for a GPU cluster (large batches,
+# a short prefill wait). Written out here, not defaults: `pdserve sim` and `pdserve up` use the
+# schema's, or a cluster file's; a file with these values makes `up` run the same policies.
+GPU_SCALE: dict[str, Any] = {
+    "prefill": {"max_batch_tokens": 8192, "max_wait_ms": 5.0, "max_num_seqs": 256},
+    "decode": {"max_batch_size": 256, "max_num_seqs": 512, "max_num_batched_tokens": 2048},
+    "colocated": {"max_num_batched_tokens": 2048, "max_num_seqs": 256},
+}
+
 
 @dataclass
-class ClusterConfig:
-    """A cluster to simulate. mode: 'disagg' (P prefill + D decode) or 'colocated' (N instances)."""
+class SimConfig:
+    """A cluster to simulate: the cluster `pdserve up` would start (model, worker counts, every policy
+    setting: `pdserve.config.schema`) on hardware given separately (GPUs, TP, link, or a profile).
 
-    model: str = "llama-3.1-8b"
-    mode: str = "disagg"
-    num_prefill: int = 1
-    num_decode: int = 1
-    num_colocated: int = 1
+    KV capacity per instance: `cluster.cache.num_blocks` if set, else what fits beside the weights
+    on the GPU. Prefix caching is off in the simulator: its requests carry no real tokens.
+    """
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     prefill_gpu: str = "h100"
     decode_gpu: str = "h100"  # colocated instances use prefill_gpu
     tp_prefill: int = 1
     tp_decode: int = 1
     link: str = "cx7-400g"
-    block_size: int = 16
-    num_blocks: int = 0  # 0: what fits beside the weights (per instance)
-    chunk_tokens: int = 2048  # colocated: per-step token budget (chunked prefill)
-    max_num_seqs: int = 256
-    prefill_batch_tokens: int = 8192
-    prefill_max_wait_ms: float = 5.0
     profile: str | None = None  # a measured profile replaces the roofline
     serving_overheads: bool = True  # with a profile: add its measured serving overheads (pdserve calibrate)
     layerwise: bool = True  # KV streamed per layer during prefill
     price_prefill: float | None = None
     price_decode: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("prefill_gpu", "decode_gpu"):
+            try:
+                get_gpu(getattr(self, key))
+            except ValueError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        try:
+            get_link(self.link)
+        except ValueError as e:
+            raise ConfigError(f"link: {e}") from None
+        if self.profile and not Path(self.profile).is_file():
+            raise ConfigError(f"profile: no such file: {self.profile}")
+        if self.tp_prefill < 1 or self.tp_decode < 1:
+            raise ConfigError("tp: must be >= 1")
+
+    @classmethod
+    def of(cls, model: str | None = None, mode: str | None = None, num_prefill: int | None = None,
+           num_decode: int | None = None, num_colocated: int | None = None,
+           serving: dict[str, Any] | None = None, **hardware: Any) -> SimConfig:
+        """From worker counts and serving settings (nested like a cluster file) on top of the schema's."""
+        data = merge(serving or {}, {"model": model} if model else {})
+        return cls(cluster_from_dict(with_workers(data, mode, num_prefill, num_decode, num_colocated)), **hardware)
+
+    def with_workers(self, prefill: int | None = None, decode: int | None = None,
+                     colocated: int | None = None) -> SimConfig:
+        data = with_workers(to_dict(self.cluster), None, prefill, decode, colocated)
+        return replace(self, cluster=cluster_from_dict(data))
+
+    @property
+    def model(self) -> str:
+        return self.cluster.model
+
+    @property
+    def mode(self) -> str:
+        """'colocated' (N colocated instances) or 'disagg' (P prefill + D decode)."""
+        c = self.cluster
+        if c.colocated.workers and (c.prefill.workers or c.decode.workers):
+            raise ConfigError("workers: the simulator runs a colocated cluster or a prefill + decode one, not both")
+        return "colocated" if c.colocated.workers else "disagg"
+
+    @property
+    def num_prefill(self) -> int:
+        return self.cluster.prefill.workers
+
+    @property
+    def num_decode(self) -> int:
+        return self.cluster.decode.workers
+
+    @property
+    def num_colocated(self) -> int:
+        return self.cluster.colocated.workers
+
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON results: the cluster's settings and the hardware."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cluster"}
+        return {"cluster": to_dict(self.cluster), "mode": self.mode, **d}
 
     @property
     def num_gpus(self) -> int:
@@ -66,45 +130,60 @@ class ClusterConfig:
                 f"{self.num_decode}x decode {self.decode_gpu} TP{self.tp_decode}")
 
 
-def step_model(cfg: ClusterConfig, shape: ModelShape, gpu_name: str, tp: int) -> StepTimeModel:
+def with_workers(data: dict[str, Any], mode: str | None, prefill: int | None, decode: int | None,
+                 colocated: int | None) -> dict[str, Any]:
+    """Cluster data with these worker counts; mode 'colocated' zeroes prefill and decode (and
+    gives at least one colocated worker), mode 'disagg' zeroes colocated."""
+    counts = {r: (data.get(r) or {}).get("workers") for r in ("prefill", "decode", "colocated")}
+    counts.update({k: v for k, v in (("prefill", prefill), ("decode", decode), ("colocated", colocated))
+                   if v is not None})
+    if mode == "colocated":
+        counts.update(prefill=0, decode=0, colocated=counts["colocated"] or 1)
+    elif mode == "disagg":
+        counts["colocated"] = 0
+    elif mode is not None:
+        raise ConfigError(f"mode: must be 'disagg' or 'colocated', got {mode!r}")
+    return merge(data, {r: {"workers": n} for r, n in counts.items() if n is not None})
+
+
+def step_model(cfg: SimConfig, shape: ModelShape, gpu_name: str, tp: int) -> StepTimeModel:
     if cfg.profile:
         return ProfiledModel.load(cfg.profile, cfg.mode if cfg.serving_overheads else None)
     return RooflineModel(shape, get_gpu(gpu_name), tp)
 
 
-def _blocks(cfg: ClusterConfig, shape: ModelShape, gpu_name: str, tp: int) -> int:
-    if cfg.num_blocks:
-        return cfg.num_blocks
+def _blocks(cfg: SimConfig, shape: ModelShape, gpu_name: str, tp: int) -> int:
+    cache = cfg.cluster.cache
+    if cache.num_blocks:
+        return cache.num_blocks
     tokens = kv_capacity_tokens(shape, get_gpu(gpu_name), tp)
-    if tokens < cfg.block_size:
-        raise ValueError(f"{shape.architecture} weights do not fit on {tp} x {gpu_name}: raise TP")
-    return tokens // cfg.block_size
+    if tokens < cache.block_size:
+        raise ConfigError(f"{cfg.model} weights do not fit on {tp} x {gpu_name}: raise the TP degree "
+                          "or pick a larger GPU")
+    return tokens // cache.block_size
 
 
-def _bm(n: int, cfg: ClusterConfig) -> BlockManager:
+def _bm(n: int, cfg: SimConfig) -> BlockManager:
     # Tokens are fake (all 0): prefix caching would "hit" on every prompt, so it is off.
-    return BlockManager(n, cfg.block_size, enable_prefix_caching=False)
+    return BlockManager(n, cfg.cluster.cache.block_size, enable_prefix_caching=False)
 
 
-def build_instances(cfg: ClusterConfig, shape: ModelShape | None = None) -> list[SimInstance]:
+def build_instances(cfg: SimConfig, shape: ModelShape | None = None) -> list[SimInstance]:
     shape = shape or resolve_shape(cfg.model)
     link = get_link(cfg.link)
     out: list[SimInstance] = []
     if cfg.mode == "colocated":
         model = step_model(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
         n = _blocks(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
-        sc = SchedulerConfig(max_num_batched_tokens=cfg.chunk_tokens, max_num_seqs=cfg.max_num_seqs)
+        sc = cfg.cluster.colocated  # the very settings a colocated worker of `pdserve up` runs
         for k in range(cfg.num_colocated):
             port = Port(f"c{k}", link.effective_bandwidth * cfg.tp_prefill)
             out.append(SimInstance(f"colocated{k}", "colocated", ColocatedScheduler(sc, _bm(n, cfg)),
                                    model, port, cfg.tp_prefill))
         return out
-    if cfg.mode != "disagg":
-        raise ValueError(f"mode must be 'disagg' or 'colocated', got {cfg.mode!r}")
     pm = step_model(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
     pn = _blocks(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
-    pc = PrefillConfig(max_batch_tokens=cfg.prefill_batch_tokens, max_wait_ms=cfg.prefill_max_wait_ms,
-                       max_num_seqs=cfg.max_num_seqs)
+    pc = cfg.cluster.prefill
     for k in range(cfg.num_prefill):
         # One NIC per GPU: a TP instance's KV shards leave over tp links in parallel.
         port = Port(f"p{k}", link.effective_bandwidth * cfg.tp_prefill)
@@ -112,8 +191,7 @@ def build_instances(cfg: ClusterConfig, shape: ModelShape | None = None) -> list
                                cfg.tp_prefill))
     dm = step_model(cfg, shape, cfg.decode_gpu, cfg.tp_decode)
     dn = _blocks(cfg, shape, cfg.decode_gpu, cfg.tp_decode)
-    dc = DecodeConfig(max_batch_size=cfg.max_num_seqs, max_num_seqs=2 * cfg.max_num_seqs,
-                      max_num_batched_tokens=cfg.chunk_tokens)
+    dc = cfg.cluster.decode
     for k in range(cfg.num_decode):
         port = Port(f"d{k}", link.effective_bandwidth * cfg.tp_decode)
         out.append(SimInstance(f"decode{k}", "decode", DecodeScheduler(dc, _bm(dn, cfg)), dm, port,
@@ -121,14 +199,14 @@ def build_instances(cfg: ClusterConfig, shape: ModelShape | None = None) -> list
     return out
 
 
-def request_overhead_s(cfg: ClusterConfig) -> float:
+def request_overhead_s(cfg: SimConfig) -> float:
     """The profile's measured per-request serving overhead for cfg.mode (0 without one)."""
     if not (cfg.profile and cfg.serving_overheads):
         return 0.0
     return serving_overheads(json.loads(Path(cfg.profile).read_text()), cfg.mode)[1]
 
 
-def build(cfg: ClusterConfig) -> Simulator:
+def build(cfg: SimConfig) -> Simulator:
     shape = resolve_shape(cfg.model)
     return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
                      request_overhead_s=request_overhead_s(cfg))

@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from pdserve.config.model import resolve_shape
@@ -58,8 +57,22 @@ def _transfer_time(args: argparse.Namespace) -> int:
     return 0
 
 
+def sim_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The cluster of `--config` and the cluster flags (read as `pdserve up` reads them) on the
+    hardware of the sim flags."""
+    from pdserve.config.flags import overrides
+    from pdserve.config.load import cluster_from_dict, merge, read_file
+    from pdserve.sim.build import SimConfig, with_workers
+
+    data = merge(read_file(args.config) if args.config else {}, overrides(args))
+    mode = args.mode or ("colocated" if args.instances else None)
+    cluster = cluster_from_dict(with_workers(data, mode, None, None, args.instances))
+    return SimConfig(cluster, prefill_gpu=args.gpu, decode_gpu=args.decode_gpu or args.gpu, tp_prefill=args.tp,
+                     tp_decode=args.decode_tp or args.tp, link=args.link, profile=args.profile)
+
+
 def _sim(args: argparse.Namespace) -> int:
-    from pdserve.sim.build import ClusterConfig, build
+    from pdserve.sim.build import build
     from pdserve.sim.metrics import format_summary, summarize
 
     if args.scenario == "seed":
@@ -70,16 +83,13 @@ def _sim(args: argparse.Namespace) -> int:
         if args.output:
             Path(args.output).write_text(json.dumps(r, indent=1))
         return 0
-    cfg = ClusterConfig(model=args.model, mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
-                        num_colocated=args.instances, prefill_gpu=args.gpu, decode_gpu=args.decode_gpu or args.gpu,
-                        tp_prefill=args.tp, tp_decode=args.decode_tp or args.tp, link=args.link,
-                        chunk_tokens=args.chunk_tokens, profile=args.profile)
+    cfg = sim_config(args)
     specs = generate(args.workload, args.num_requests, args.rate, args.arrival, args.burstiness, args.seed,
                      trace=args.trace, time_scale=args.time_scale)
     r = build(cfg).run(specs, progress=len(specs) >= 2000 and sys.stderr.isatty())
     from pdserve.bench.report import header
 
-    res = summarize(r, SLO(args.ttft_slo, args.tpot_slo), {**header({}), "cluster": asdict(cfg), "label": cfg.label(),
+    res = summarize(r, SLO(args.ttft_slo, args.tpot_slo), {**header({}), "cluster": cfg.as_dict(), "label": cfg.label(),
                                                          "gpus": cfg.num_gpus, "cost_per_hour": cfg.cost_per_hour(),
                                                          "request_rate": args.rate})
     print(f"cluster: {cfg.label()} ({cfg.num_gpus} GPUs, ${cfg.cost_per_hour():.2f}/h)")
@@ -133,73 +143,90 @@ def _profile(args: argparse.Namespace) -> int:
     return profile_main(args)
 
 
+# Settings of the cluster file the simulator does not model (process details, the HTTP front, link
+# emulation: the hardware flags say what the link is); it reads the file with them all the same.
+SIM_IGNORES = ("seed", "device", "threads", "served_model_name", "max_waiting",
+               *(f"transfer.{k}" for k in ("transport", "bandwidth_gbps", "latency_ms", "max_frame_bytes",
+                                           "timeout_s", "fault_corrupt_prob", "fault_cut_prob")),
+               *(f"router.{k}" for k in ("host", "port", "api_key", "max_inflight", "reserve_timeout_s",
+                                         "first_token_timeout_s", "token_timeout_s", "request_timeout_s",
+                                         "backoff_base_s", "backoff_max_s", "stats_interval_s",
+                                         "breaker_failures", "breaker_reset_s", "max_attempts",
+                                         "disagg_threshold")))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from pdserve.config.flags import add_cluster_flags
+
     """Add `sim`, `plan`, `kv-size`, `transfer-time` and `profile` to the `pdserve` command."""
     p = sub.add_parser("kv-size", help="KV cache bytes per token and per sequence (GQA vs MHA)")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--tokens", type=int, default=1)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default="demo", help="catalog name or HF folder (its config.json)")
+    p.add_argument("--tokens", type=int, default=1, help="sequence length")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="KV dtype (default: the model's)")
     p.set_defaults(func=_kv_size)
 
     p = sub.add_parser("transfer-time", help="KV transfer time over a link (base latency + size / bandwidth)")
-    p.add_argument("--bytes", type=float)
-    p.add_argument("--model")
-    p.add_argument("--tokens", type=int)
+    p.add_argument("--bytes", type=float, help="bytes to move (or give --model and --tokens)")
+    p.add_argument("--model", help="catalog name or HF folder: its KV for --tokens")
+    p.add_argument("--tokens", type=int, help="sequence length whose KV is moved")
     p.add_argument("--link", default="all", help=f"one of {', '.join(LINKS)} or 'all'")
     p.add_argument("--layers", type=int, help="send in per-layer chunks (default with --model: its layers)")
     p.add_argument("--prefill-ms", type=float, help="prefill time the per-layer chunks overlap")
     p.set_defaults(func=_transfer_time)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--model", default="llama-3.1-8b")
-        p.add_argument("--workload", default="chatbot", choices=list(PRESETS))
+    def common(p: argparse.ArgumentParser, model: bool = True) -> None:
+        if model:
+            p.add_argument("--model", default="llama-3.1-8b", help="catalog name or HF folder (its config.json)")
+        p.add_argument("--workload", default="chatbot", choices=list(PRESETS), help="request length preset")
         p.add_argument("--trace", help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens)")
-        p.add_argument("--num-requests", type=int, default=0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--ttft-slo", type=float, help="ms")
-        p.add_argument("--tpot-slo", type=float, help="ms")
-        p.add_argument("--link", default="cx7-400g", choices=list(LINKS))
+        p.add_argument("--num-requests", type=int, default=0, help="requests to simulate")
+        p.add_argument("--seed", type=int, default=0, help="workload seed")
+        p.add_argument("--ttft-slo", type=float, help="time-to-first-token SLO, ms")
+        p.add_argument("--tpot-slo", type=float, help="time-per-output-token SLO, ms")
+        p.add_argument("--link", default="cx7-400g", choices=list(LINKS), help="KV link between instances")
         p.add_argument("--output", help="write the JSON here")
         p.add_argument("--plot", help="write a PNG here")
 
-    p = sub.add_parser("sim", help="simulate a prefill/decode or colocated cluster")
-    common(p)
-    p.add_argument("--scenario", choices=["seed"])
-    p.add_argument("--mode", default="disagg", choices=["disagg", "colocated"])
-    p.add_argument("--prefill", type=int, default=1)
-    p.add_argument("--decode", type=int, default=1)
-    p.add_argument("--instances", type=int, default=1, help="colocated instances")
-    p.add_argument("--gpu", default="h100")
-    p.add_argument("--decode-gpu")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--decode-tp", type=int)
-    p.add_argument("--chunk-tokens", type=int, default=2048)
-    p.add_argument("--profile", help="profile JSON (pdserve profile) instead of the roofline")
-    p.add_argument("--rate", type=float, default=math.inf)
-    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "trace"])
-    p.add_argument("--burstiness", type=float, default=1.0)
-    p.add_argument("--time-scale", type=float, default=1.0)
+    p = sub.add_parser("sim", help="simulate a cluster: the one `pdserve up` starts from the same --config/flags, "
+                                   "on the hardware given here")
+    common(p, model=False)
+    p.add_argument("--scenario", choices=["seed"], help="a built-in scenario instead of one cluster")
+    p.add_argument("--mode", choices=["disagg", "colocated"],
+                   help="keep only prefill + decode workers, or only colocated ones (default: as configured)")
+    p.add_argument("--instances", type=int, help="colocated instances (implies --mode colocated)")
+    g = p.add_argument_group("hardware")
+    g.add_argument("--gpu", default="h100", help="GPU of prefill (and colocated) instances")
+    g.add_argument("--decode-gpu", help="GPU of decode instances (default: --gpu)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of prefill (and colocated) instances")
+    g.add_argument("--decode-tp", type=int, help="tensor-parallel degree of decode instances (default: --tp)")
+    g.add_argument("--profile", help="profile JSON (pdserve profile) instead of the roofline")
+    g = p.add_argument_group("arrivals")
+    g.add_argument("--rate", type=float, default=math.inf, help="requests/s (inf: all at once)")
+    g.add_argument("--arrival", default="poisson", choices=["poisson", "gamma", "trace"], help="arrival process")
+    g.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: shape (1 = poisson)")
+    g.add_argument("--time-scale", type=float, default=1.0, help="trace: multiply its times by this")
+    add_cluster_flags(p, skip=SIM_IGNORES)
     p.set_defaults(func=_sim, num_requests=200)
 
     p = sub.add_parser("profile", help="time the real engine on this machine; write a profile for sim --profile")
-    p.add_argument("--model", default="demo")
+    p.add_argument("--model", default="demo", help="HF model folder or a catalog name (dummy weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the model's")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: a cluster's workers on this machine run with 1; 0 = torch's default)")
-    p.add_argument("--out", default="profile.json")
+    p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--prefill-tokens", default="16,32,64,128,256,512,1024", help="comma-separated prompt lengths")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated decode batch sizes")
     p.add_argument("--contexts", default="64,128,256,512,1024", help="comma-separated decode context lengths")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per point")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (the median is kept)")
     p.set_defaults(func=_profile)
 
     p = sub.add_parser("plan", help="cheapest cluster meeting the SLOs: disaggregated vs colocated")
     common(p)
     p.add_argument("--gpus", default="h100", help="comma-separated GPU types to consider")
-    p.add_argument("--rate", type=float, default=10.0)
+    p.add_argument("--rate", type=float, default=10.0, help="request rate to plan for (req/s)")
     p.add_argument("--sweep-rate", help="comma-separated rates, e.g. 1,2,5,10,20")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
     p.add_argument("--price", action="append", help="GPU=USD per GPU-hour (repeatable)")

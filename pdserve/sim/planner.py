@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pdserve.config.model import ModelShape, resolve_shape
-from pdserve.sim.build import ClusterConfig, build
+from pdserve.sim.build import GPU_SCALE, SimConfig, build
 from pdserve.sim.hardware import get_gpu
 from pdserve.sim.metrics import SLO, attainment, per_request_ms
 from pdserve.sim.perf_model import RooflineModel, min_tp
@@ -42,7 +42,7 @@ class PlanInput:
 
 @dataclass
 class PlanResult:
-    config: ClusterConfig
+    config: SimConfig
     cost: float
     attainment: float
     p90_ttft_ms: float
@@ -82,7 +82,7 @@ def decode_capacity(shape: ModelShape, gpu: str, tp: int, prompt: float, output:
     return best
 
 
-def _evaluate(cfg: ClusterConfig, inp: PlanInput) -> tuple[float, float, float, str]:
+def _evaluate(cfg: SimConfig, inp: PlanInput) -> tuple[float, float, float, str]:
     """Simulate; return (attainment, p90 TTFT, p90 TPOT, which side to grow)."""
     r = build(cfg).run(inp.specs)
     att = float(attainment(r, inp.slo).mean())
@@ -100,7 +100,7 @@ def _p90(xs: Any) -> float:
     return float(np.percentile(xs, 90)) if xs.size else float("inf")
 
 
-def _search(cands: list[tuple[float, ClusterConfig]], inp: PlanInput) -> PlanResult | None:
+def _search(cands: list[tuple[float, SimConfig]], inp: PlanInput) -> PlanResult | None:
     best: PlanResult | None = None
     sims = 0
     for bound, cfg in sorted(cands, key=lambda c: c[0]):
@@ -116,11 +116,11 @@ def _search(cands: list[tuple[float, ClusterConfig]], inp: PlanInput) -> PlanRes
                 best = PlanResult(cfg, cost, att, ttft, tpot, sims)
                 break
             if cfg.mode == "colocated":
-                cfg = replace(cfg, num_colocated=cfg.num_colocated + 1)
+                cfg = cfg.with_workers(colocated=cfg.num_colocated + 1)
             elif grow == "prefill":
-                cfg = replace(cfg, num_prefill=cfg.num_prefill + 1)
+                cfg = cfg.with_workers(prefill=cfg.num_prefill + 1)
             else:
-                cfg = replace(cfg, num_decode=cfg.num_decode + 1)
+                cfg = cfg.with_workers(decode=cfg.num_decode + 1)
             if cfg.num_gpus > inp.max_instances * 8:
                 break
     if best is not None:
@@ -128,8 +128,8 @@ def _search(cands: list[tuple[float, ClusterConfig]], inp: PlanInput) -> PlanRes
     return best
 
 
-def _base(inp: PlanInput, **kw: Any) -> ClusterConfig:
-    cfg = ClusterConfig(model=inp.model, link=inp.link, **kw)
+def _base(inp: PlanInput, **kw: Any) -> SimConfig:
+    cfg = SimConfig.of(model=inp.model, link=inp.link, serving=GPU_SCALE, **kw)
     return replace(cfg, price_prefill=inp.prices.get(cfg.prefill_gpu), price_decode=inp.prices.get(cfg.decode_gpu))
 
 

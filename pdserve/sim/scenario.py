@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.config.model import resolve_shape
-from pdserve.sim.build import ClusterConfig, build
+from pdserve.sim.build import GPU_SCALE, SimConfig, build
 from pdserve.sim.calculators import transfer_time
 from pdserve.sim.hardware import get_gpu, get_link
 from pdserve.sim.metrics import summarize
@@ -20,14 +20,14 @@ from pdserve.workload import RequestSpec
 MODEL, PROMPT, OUTPUT, TP = "llama-3-70b", 2000, 256, 4
 
 
-def _clusters() -> dict[str, ClusterConfig]:
+def _clusters() -> dict[str, SimConfig]:
     # 70B bf16 is 141 GB of weights: TP4 on H100 (80 GB) is the usual choice, so 8 GPUs = 2 instances.
-    c = dict(model=MODEL, tp_prefill=TP, tp_decode=TP, link="rdma-100g")
+    c = dict(model=MODEL, tp_prefill=TP, tp_decode=TP, link="rdma-100g", serving=GPU_SCALE)
     return {
-        "monolithic 8 GPUs (2x TP4)": ClusterConfig(mode="colocated", num_colocated=2, **c),
-        "disagg 8P+32D GPUs (2+8 x TP4)": ClusterConfig(mode="disagg", num_prefill=2, num_decode=8, **c),
-        "monolithic 40 GPUs (10x TP4)": ClusterConfig(mode="colocated", num_colocated=10, **c),
-        "disagg 8 GPUs (1P+1D x TP4)": ClusterConfig(mode="disagg", num_prefill=1, num_decode=1, **c),
+        "monolithic 8 GPUs (2x TP4)": SimConfig.of(mode="colocated", num_colocated=2, **c),
+        "disagg 8P+32D GPUs (2+8 x TP4)": SimConfig.of(mode="disagg", num_prefill=2, num_decode=8, **c),
+        "monolithic 40 GPUs (10x TP4)": SimConfig.of(mode="colocated", num_colocated=10, **c),
+        "disagg 8 GPUs (1P+1D x TP4)": SimConfig.of(mode="disagg", num_prefill=1, num_decode=1, **c),
     }
 
 
