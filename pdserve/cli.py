@@ -12,7 +12,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "(default" in text or action.default is argparse.SUPPRESS or isinstance(
+        if "(default:" in text or action.default is argparse.SUPPRESS or isinstance(
                 action, argparse._HelpAction | argparse._SubParsersAction) or not action.option_strings:
             return text
         default = action.default
@@ -96,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.config.model import ModelConfigError
     from pdserve.config.schema import ConfigError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # name the subcommand, not `pdserve`, in the message
+        prog = f"pdserve {args.command}"
+        parser.exit(2, f"{prog}: unrecognized arguments: {' '.join(rest)} (see {prog} --help)\n")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

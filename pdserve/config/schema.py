@@ -169,22 +169,40 @@ class RouterConfig(ListenConfig):
 
 # ---- the cluster file -------------------------------------------------------------------------
 
-class PrefillSection(PrefillConfig):
+class _Role:
+    """A role's section: its worker count on top of its policy's config (the first base class)."""
+
+    def policy(self):  # type: ignore[no-untyped-def]
+        """The policy's config alone (what the worker's and the simulator's scheduler get)."""
+        base = next(b for b in type(self).__mro__[1:] if issubclass(b, Section))
+        return base(**{name: getattr(self, name) for name in base.__struct_fields__})
+
+
+class PrefillSection(PrefillConfig, _Role):
     """Prefill workers and their batching policy."""
 
     workers: H(int, "prefill workers", ge=0) = 1
 
+    def policy(self) -> PrefillConfig:
+        return typing.cast(PrefillConfig, _Role.policy(self))
 
-class DecodeSection(DecodeConfig):
+
+class DecodeSection(DecodeConfig, _Role):
     """Decode workers and their batching policy."""
 
     workers: H(int, "decode workers", ge=0) = 1
 
+    def policy(self) -> DecodeConfig:
+        return typing.cast(DecodeConfig, _Role.policy(self))
 
-class ColocatedSection(SchedulerConfig):
+
+class ColocatedSection(SchedulerConfig, _Role):
     """Colocated workers (prefill and decode in one) and their batching policy."""
 
     workers: H(int, "colocated workers", ge=0) = 0
+
+    def policy(self) -> SchedulerConfig:
+        return typing.cast(SchedulerConfig, _Role.policy(self))
 
 
 class ClusterConfig(Section):

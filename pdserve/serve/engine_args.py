@@ -21,7 +21,7 @@ class EngineArgs:
     @classmethod
     def from_cluster(cls, cfg: ClusterConfig) -> EngineArgs:
         return cls(model=cfg.model, dtype=cfg.dtype or None, device=cfg.device, seed=cfg.seed,
-                   threads=cfg.threads, cache=cfg.cache, scheduler=cfg.colocated)
+                   threads=cfg.threads, cache=cfg.cache, scheduler=cfg.colocated.policy())
 
     @classmethod
     def from_namespace(cls, a: argparse.Namespace) -> EngineArgs:

@@ -50,9 +50,9 @@ class PDWorker:
         self.transfer = cfg.transfer
         self.policy: ColocatedScheduler | PrefillBatcher | DecodeScheduler
         if self.role == "prefill":
-            self.policy = PrefillBatcher(cfg.prefill, self.bm)
+            self.policy = PrefillBatcher(cfg.prefill.policy(), self.bm)
         elif self.role == "decode":
-            self.policy = DecodeScheduler(cfg.decode, self.bm)
+            self.policy = DecodeScheduler(cfg.decode.policy(), self.bm)
         else:
             self.policy = ColocatedScheduler(ea.scheduler, self.bm)
         self.core = EngineCore(self.runner, self.policy)

@@ -175,7 +175,7 @@ def build_instances(cfg: SimConfig, shape: ModelShape | None = None) -> list[Sim
     if cfg.mode == "colocated":
         model = step_model(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
         n = _blocks(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
-        sc = cfg.cluster.colocated  # the very settings a colocated worker of `pdserve up` runs
+        sc = cfg.cluster.colocated.policy()  # the very settings a colocated worker of `pdserve up` runs
         for k in range(cfg.num_colocated):
             port = Port(f"c{k}", link.effective_bandwidth * cfg.tp_prefill)
             out.append(SimInstance(f"colocated{k}", "colocated", ColocatedScheduler(sc, _bm(n, cfg)),
@@ -183,7 +183,7 @@ def build_instances(cfg: SimConfig, shape: ModelShape | None = None) -> list[Sim
         return out
     pm = step_model(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
     pn = _blocks(cfg, shape, cfg.prefill_gpu, cfg.tp_prefill)
-    pc = cfg.cluster.prefill
+    pc = cfg.cluster.prefill.policy()
     for k in range(cfg.num_prefill):
         # One NIC per GPU: a TP instance's KV shards leave over tp links in parallel.
         port = Port(f"p{k}", link.effective_bandwidth * cfg.tp_prefill)
@@ -191,7 +191,7 @@ def build_instances(cfg: SimConfig, shape: ModelShape | None = None) -> list[Sim
                                cfg.tp_prefill))
     dm = step_model(cfg, shape, cfg.decode_gpu, cfg.tp_decode)
     dn = _blocks(cfg, shape, cfg.decode_gpu, cfg.tp_decode)
-    dc = cfg.cluster.decode
+    dc = cfg.cluster.decode.policy()
     for k in range(cfg.num_decode):
         port = Port(f"d{k}", link.effective_bandwidth * cfg.tp_decode)
         out.append(SimInstance(f"decode{k}", "decode", DecodeScheduler(dc, _bm(dn, cfg)), dm, port,

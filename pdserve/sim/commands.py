@@ -170,7 +170,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="catalog name or HF folder: its KV for --tokens")
     p.add_argument("--tokens", type=int, help="sequence length whose KV is moved")
     p.add_argument("--link", default="all", help=f"one of {', '.join(LINKS)} or 'all'")
-    p.add_argument("--layers", type=int, help="send in per-layer chunks (default with --model: its layers)")
+    p.add_argument("--layers", type=int, help="send in this many per-layer chunks (none: one piece; with --model: its layer count)")
     p.add_argument("--prefill-ms", type=float, help="prefill time the per-layer chunks overlap")
     p.set_defaults(func=_transfer_time)
 
@@ -213,7 +213,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the model's")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: a cluster's workers on this machine run with 1; 0 = torch's default)")
+                   help="torch threads (1: as a cluster's workers on this machine run; 0: torch's default)")
     p.add_argument("--out", default="profile.json", help="where the profile JSON goes")
     p.add_argument("--prefill-tokens", default="16,32,64,128,256,512,1024", help="comma-separated prompt lengths")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated decode batch sizes")
