@@ -223,3 +223,37 @@ def test_served_model_name_up() -> None:
                          "--colocated", "1", "--served-model-name", "acme/demo-1"], port_flag=None,
                         url_pattern=r"serving \S+ at (http://[\d.:]+)", timeout=240) as srv:
         assert _models_and_complete(srv.url, "acme/demo-1") == (["acme/demo-1"], 200)
+
+
+def test_router_reads_the_router_section_and_its_name(tmp_path: Path) -> None:
+    from pdserve.serve.commands import router_config
+
+    f = tmp_path / "cluster.yaml"
+    f.write_text(CUSTOM)
+    cfg = router_config(_parse("router", "--config", str(f), "--prefill", "a:1", "--decode", "b:2,c:3",
+                               "--served-model-name", "acme/x", "--max-attempts", "3"))
+    assert (cfg.router.breaker_failures, cfg.router.max_attempts, cfg.router.disagg_threshold) == (5, 3, 64)
+    assert (cfg.prefill.workers, cfg.decode.workers, cfg.public_model_name) == (1, 2, "acme/x")
+
+
+def test_sim_command_with_config(tmp_path: Path) -> None:
+    f = tmp_path / "cluster.yaml"
+    f.write_text(CUSTOM)
+    out = tmp_path / "sim.json"
+    r = _cli("sim", "--config", str(f), "--num-requests", "20", "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "2x prefill h100 TP1 + 3x decode h100 TP1" in r.stdout
+    cluster = json.loads(out.read_text())["cluster"]["cluster"]
+    assert cluster == to_dict(load_cluster_file(f))
+
+
+def test_config_command_prints_the_resolved_cluster(tmp_path: Path) -> None:
+    f = tmp_path / "cluster.yaml"
+    f.write_text(CUSTOM)
+    r = _cli("config", "--config", str(f), "--decode", "4")
+    assert r.returncode == 0, r.stderr
+    import yaml
+
+    assert yaml.safe_load(r.stdout) == to_dict(cluster_from_dict({**yaml.safe_load(CUSTOM),
+                                                                  "decode": {**yaml.safe_load(CUSTOM)["decode"],
+                                                                             "workers": 4}}))

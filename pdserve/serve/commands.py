@@ -37,18 +37,24 @@ def _run_up(args: argparse.Namespace) -> int:
     return run_cluster(cfg)
 
 
+def router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    """The router's settings: `--config` and flags, with the worker counts of the addresses given
+    (so a file's counts never disagree with them, and the cluster's checks apply)."""
+    from pdserve.config.flags import cluster_from_args
+
+    return cluster_from_args(args, extra={role: {"workers": len(getattr(args, role))}
+                                          for role in ("prefill", "decode", "colocated")})
+
+
 def _run_router(args: argparse.Namespace) -> int:
     import logging
 
-    from pdserve.config.flags import cluster_from_args
     from pdserve.config.model import resolve_shape
 
     if not (args.prefill or args.decode or args.colocated):
         print("pdserve router: give at least one of --prefill/--decode/--colocated", file=sys.stderr)
         return 2
-    # The worker counts are the addresses given (so the cluster checks apply to them).
-    cfg = cluster_from_args(args, extra={role: {"workers": len(getattr(args, role))}
-                                         for role in ("prefill", "decode", "colocated")})
+    cfg = router_config(args)
     shape = resolve_shape(cfg.model)
 
     import uvicorn
