@@ -56,7 +56,7 @@ def _check_value(key: str, tp: Any, value: Any) -> None:
                 _check(ok(value, bound), key, f"must be {word} {bound}")
 
 
-class Section(Struct, kw_only=True, forbid_unknown_fields=True):
+class Section(Struct, forbid_unknown_fields=True):
     """Base of every config class: bounds from the annotations, then the class's own rules."""
 
     def __post_init__(self) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
-from pdserve.config.engine import CacheConfig, SchedulerConfig
+from pdserve.config.load import cluster_from_dict
+from pdserve.config.schema import CacheConfig, ClusterConfig, ConfigError, SchedulerConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.detokenizer import TextStream
 from pdserve.engine.model_runner import ModelRunner
@@ -36,31 +38,34 @@ class RequestOutput:
     finished: bool = True
 
 
+def _config(model: str, settings: dict[str, Any]) -> ClusterConfig:
+    """The offline engine's settings: a one-worker cluster's top level, cache and colocated policy."""
+    top, cache, colocated = {}, {}, {}
+    for key, value in settings.items():
+        if key in ("dtype", "device", "seed"):
+            top[key] = value
+        elif key in CacheConfig.__struct_fields__:
+            cache[key] = value
+        elif key in SchedulerConfig.__struct_fields__:
+            colocated[key] = value
+        else:
+            raise ConfigError(f"{key}: unknown setting of LLM")
+    return cluster_from_dict({"model": model, **top, "cache": cache, "colocated": colocated})
+
+
 class LLM:
     """A colocated engine in this process: continuous batching, chunked prefill, prefix caching."""
 
-    def __init__(
-        self,
-        model: str = "demo",
-        *,
-        dtype: str | None = None,
-        device: str = "cpu",
-        seed: int = 0,
-        block_size: int = 16,
-        num_blocks: int = 0,
-        kv_cache_memory_gb: float = 0.5,
-        enable_prefix_caching: bool = True,
-        eviction: str = "lru",
-        max_num_batched_tokens: int = 512,
-        max_num_seqs: int = 64,
-        enable_chunked_prefill: bool = True,
-    ) -> None:
-        cache = CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching, eviction)
-        self.runner = ModelRunner(model, cache, device=device, dtype=dtype, seed=seed)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, eviction)
-        self.scheduler = ColocatedScheduler(
-            SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill), self.block_manager
-        )
+    def __init__(self, model: str = "demo", **settings: Any) -> None:
+        """settings: dtype, device, seed, and the keys of the cluster file's `cache` and `colocated`
+        sections (block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching, eviction,
+        max_num_batched_tokens, max_num_seqs, enable_chunked_prefill); their defaults are the
+        schema's (`pdserve.config.schema`), and an unknown key is refused by name."""
+        cfg = _config(model, settings)
+        self.runner = ModelRunner(model, cfg.cache, device=cfg.device, dtype=cfg.dtype or None, seed=cfg.seed)
+        self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
+                                          cfg.cache.enable_prefix_caching, cfg.cache.eviction)
+        self.scheduler = ColocatedScheduler(cfg.colocated.policy(), self.block_manager)
         self.core = EngineCore(self.runner, self.scheduler)
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = self.runner.shape.max_model_len
