@@ -257,3 +257,13 @@ def test_config_command_prints_the_resolved_cluster(tmp_path: Path) -> None:
     assert yaml.safe_load(r.stdout) == to_dict(cluster_from_dict({**yaml.safe_load(CUSTOM),
                                                                   "decode": {**yaml.safe_load(CUSTOM)["decode"],
                                                                              "workers": 4}}))
+
+
+def test_offline_llm_takes_the_schema_settings() -> None:
+    from pdserve.engine.llm import _config
+
+    cfg = _config("demo", {"block_size": 4, "max_num_seqs": 3, "dtype": None, "device": "cpu"})
+    assert (cfg.cache.block_size, cfg.colocated.max_num_seqs, cfg.dtype) == (4, 3, "")
+    assert cfg.cache.kv_cache_memory_gb == ClusterConfig().cache.kv_cache_memory_gb
+    with pytest.raises(ConfigError, match="max_batch_sz: unknown setting"):
+        _config("demo", {"max_batch_sz": 4})

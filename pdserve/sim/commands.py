@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from pdserve.config.model import resolve_shape
+from pdserve.config.schema import CacheConfig
 from pdserve.sim.calculators import fmt_bytes, kv_size, layered_transfer, transfer_time
 from pdserve.sim.hardware import LINKS, get_link, parse_prices
 from pdserve.sim.metrics import SLO
@@ -218,7 +219,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-tokens", default="16,32,64,128,256,512,1024", help="comma-separated prompt lengths")
     p.add_argument("--batch-sizes", default="1,2,4,8,16,32", help="comma-separated decode batch sizes")
     p.add_argument("--contexts", default="64,128,256,512,1024", help="comma-separated decode context lengths")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=CacheConfig().block_size, help="tokens per KV block")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per point")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per point (the median is kept)")
     p.set_defaults(func=_profile)
