@@ -11,7 +11,7 @@ import argparse
 import typing
 from typing import Any, Literal
 
-from pdserve.config.load import cluster_from_dict, merge, read_file
+from pdserve.config.load import cluster_from_dict, convert, merge, read_file
 from pdserve.config.schema import (
     ROLES,
     SECTIONS,
@@ -150,6 +150,5 @@ def cluster_from_args(args: argparse.Namespace, role: str | None = None,
 
 
 def listen_from_args(args: argparse.Namespace) -> ListenConfig:
-    from pdserve.config.load import convert
-
+    """`pdserve serve`'s HTTP (or RPC) listen address."""
     return convert(overrides(args, getattr(args, "role", None)).get("listen", {}), ListenConfig)
