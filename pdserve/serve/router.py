@@ -25,7 +25,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from pdserve.config.model import ModelShape
@@ -174,13 +175,16 @@ class ClusterBackend:
                           if route.path == "local" else
                           self._disagg(sub_rid, prompt + produced, sub, route, frozenset(avoid)))
                 try:
-                    async for ev in with_deadline(stream, deadline):
-                        produced += ev.token_ids
-                        if ev.finish_reason is not None and attempt:
-                            ev.timings["retries"] = float(attempt)
-                        yield ev
-                        if ev.finish_reason is not None:
-                            return
+                    # aclosing: however this request ends (a stop string, a client gone), the
+                    # attempt's Calls close now, not when the garbage collector gets to them.
+                    async with aclosing(with_deadline(stream, deadline)) as events:
+                        async for ev in events:
+                            produced += ev.token_ids
+                            if ev.finish_reason is not None and attempt:
+                                ev.timings["retries"] = float(attempt)
+                            yield ev
+                            if ev.finish_reason is not None:
+                                return
                     return
                 except Retryable as e:
                     attempt += 1
@@ -198,7 +202,7 @@ class ClusterBackend:
             self.inflight -= 1
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker
-                     ) -> AsyncIterator[TokenEvent]:
+                     ) -> AsyncGenerator[TokenEvent, None]:
         """The whole request on one worker (colocated, or a decode worker running the prefill)."""
         t0 = time.monotonic()
         with w.call(rid) as c:
@@ -241,7 +245,7 @@ class ClusterBackend:
         raise BackendError(refused.reason, refused.status, retry_after=1)
 
     async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, route: Route,
-                      avoid: frozenset[str]) -> AsyncIterator[TokenEvent]:
+                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
         """Reserve on decode, prefill (first token streamed at once), then decode streams on."""
         t0 = time.monotonic()
         dc, res = await self._reserve(rid, prompt, params, route)
@@ -305,10 +309,11 @@ async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue
             return
 
 
-async def with_deadline(stream: AsyncIterator[TokenEvent], deadline: float) -> AsyncIterator[TokenEvent]:
+async def with_deadline(stream: AsyncGenerator[TokenEvent, None], deadline: float) -> AsyncIterator[TokenEvent]:
     """Ends the request with an error once its overall deadline has passed. Waits between events
     are bounded by the first-token and token timeouts, so checking between events suffices."""
-    async for ev in stream:
-        if time.monotonic() > deadline:
-            raise BackendError("request deadline exceeded", 504)
-        yield ev
+    async with aclosing(stream):
+        async for ev in stream:
+            if time.monotonic() > deadline:
+                raise BackendError("request deadline exceeded", 504)
+            yield ev
