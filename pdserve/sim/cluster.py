@@ -100,7 +100,10 @@ class Simulator:
             inst.sync(now)
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
-        elif route.path == "reject" or not self._disagg(i, route.decode, now):
+            return
+        if route.path == "disagg" and not self._disagg(i, route.decode, now):
+            route = self.routing.refused()  # every decode instance refused: what the router answers
+        if route.path == "reject":
             self.num_rejected += 1
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
