@@ -105,3 +105,19 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
     assert r.num_rejected == 1
     assert math.isnan(r.finish[1]) and math.isfinite(r.finish[0]) and math.isfinite(r.finish[2])
     assert calls == Counter(route=5, prefill_for=3, refused=2)
+
+
+def test_simulator_rejects_what_no_decode_instance_can_reserve_and_finishes_the_rest() -> None:
+    """Tight decode KV under load: the simulator used to queue such requests at the router; now,
+    as the real router, it rejects them, and every other request finishes."""
+    from pdserve.sim.build import ClusterConfig, build
+    from pdserve.sim.metrics import summarize
+    from pdserve.workload import generate
+
+    cfg = ClusterConfig(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3, num_blocks=600)
+    specs = generate("chatbot", 300, rate=20.0, seed=3)
+    r = build(cfg).run(specs)
+    res = summarize(r)
+    assert 0 < r.num_rejected < len(specs)
+    assert res["num_rejected"] == r.num_rejected
+    assert res["completed"] + r.num_rejected == len(specs)  # nothing stuck
