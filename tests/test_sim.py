@@ -173,7 +173,7 @@ def _same(a: list[float], b: list[float]) -> bool:
 @pytest.mark.parametrize(
     "cfg",
     [
-        # tight decode KV: reservations refused, requests queue at the router
+        # tight decode KV: reservations refused, requests rejected at the router (503)
         SimConfig.of(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3,
                      serving=merge(GPU_SCALE, {"cache": {"num_blocks": 600}})),
         # tight colocated KV: preemption and recompute mid-trace

@@ -165,6 +165,8 @@ class RouterConfig(ListenConfig):
     stats_interval_s: H(float, "heartbeat: how often workers are asked for their load", gt=0) = 0.1
     breaker_failures: H(int, "consecutive failures that open a worker's or link's circuit breaker", ge=1) = 3
     breaker_reset_s: H(float, "an open breaker lets one probe through after this", gt=0) = 5.0
+    breaker_probe_timeout_s: H(float, "a half-open probe with no outcome this long no longer blocks the next one",
+                               gt=0) = 30.0
 
 
 # ---- the cluster file -------------------------------------------------------------------------

@@ -1,36 +1,41 @@
-"""The cluster behind the OpenAI front: pick a (prefill, decode) pair, reserve, prefill, stream.
+"""The cluster behind the OpenAI front: one request's path, top to bottom.
 
-Per request: Reserve on the decode worker with the most free KV (refusal = back-pressure: try the
-next, then 503) ──▶ Prefill on the prefill worker with the fewest queued prompt tokens, naming the
-reserved blocks ──▶ its first token goes to the client at once ──▶ Start on the decode worker ──▶
-its tokens stream on. Prompts shorter than `disagg_threshold` (and clusters without prefill
-workers) are served whole by a colocated worker, or else by a decode worker.
+`generate` asks the routing policy (`sched/routing.py`, the same object the simulator drives) for
+the attempt's path, then:
+  disagg: Reserve on the decode workers in the policy's order (refusal = back-pressure: try the
+    next; all refuse: 503) ──▶ Prefill on the worker the policy picks, naming the reserved blocks
+    ──▶ its first token goes to the client at once ──▶ Start on the decode worker ──▶ its tokens
+    stream on.
+  local: the whole request on one worker (short prompts, no usable prefill pool, failed transfers).
+Each exchange with a worker is a `Call` (`worker_link.py`: a worker's connection, heartbeat and
+breaker), which ends its breaker dispatch in exactly one outcome however the request ends.
 
 Failures (see README, "Failure semantics"): the router remembers every token it streamed. A lost
 or silent worker, or a failed KV transfer, ends that attempt; the next attempt re-prefills
 prompt + tokens so far on another pair, after an exponential backoff with jitter, within a bounded
 number of attempts and the request's deadline. A transfer that fails twice falls back to the
-colocated path. Circuit breakers keep work away from failing workers and links.
+colocated path. Circuit breakers keep work away from failing workers and links; a worker that is
+full or draining is overloaded, not failing, and its breaker does not count it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
-from pdserve.sched.breaker import CircuitBreaker
-from pdserve.sched.routing import pick_colocated, pick_prefill, rank_decode
+from pdserve.sched.breaker import CircuitBreaker, Outcome
+from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
-from pdserve.serve.worker_link import Retryable, Worker, event, get, send, watch_transfer, with_deadline
+from pdserve.serve.worker_link import Call, Retryable, Worker, breaker, ending
 
 log = logging.getLogger("pdserve.router")
 
@@ -39,10 +44,12 @@ class ClusterBackend:
     """Implements the front's `Backend` over prefill, decode and colocated workers."""
 
     def __init__(self, shape: ModelShape, prefill: list[str], decode: list[str], colocated: list[str],
-                 secret: bytes | None = None, config: RouterConfig | None = None) -> None:
+                 secret: bytes | None = None, config: RouterConfig | None = None,
+                 policy: RoutingPolicy | None = None) -> None:
         self.shape = shape
         self.max_model_len = shape.max_model_len
         self.config = cfg = config or RouterConfig()
+        self.policy = policy or RoutingPolicy(disagg_threshold=cfg.disagg_threshold)
         self.workers = ([Worker("prefill", a, secret, cfg) for a in prefill]
                         + [Worker("decode", a, secret, cfg) for a in decode]
                         + [Worker("colocated", a, secret, cfg) for a in colocated])
@@ -50,27 +57,26 @@ class ClusterBackend:
         self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
         self.inflight = 0
         self.retries = 0
-        self._nonce = itertools.count()
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
-        self._cleanup: set[asyncio.Future[None]] = set()  # abort sends in flight
 
-    def _pool(self, role: str) -> list[Worker]:
+    def _loads(self, role: str) -> list[WorkerLoad]:
+        """The policy's view of one pool, availability as of now."""
         now = time.monotonic()
-        pool = [w for w in self.workers if w.role == role]
-        for w in pool:
-            w.refresh_available(now)
-        return pool
+        return [w.refresh_available(now) for w in self.workers if w.role == role]
 
-    def _link(self, p: Worker, d: Worker) -> CircuitBreaker:
-        key = (p.name, d.name)
+    def _worker(self, name: str) -> Worker:
+        return next(w for w in self.workers if w.name == name)
+
+    def _link(self, prefill: str, decode: str) -> CircuitBreaker:
+        key = (prefill, decode)
         if key not in self.links:
-            self.links[key] = CircuitBreaker(self.config.breaker_failures, self.config.breaker_reset_s)
+            self.links[key] = breaker(self.config)
         return self.links[key]
 
     # ---- lifecycle and health ---------------------------------------------------------------
     async def start(self) -> None:
-        await asyncio.gather(*(self._refresh(w) for w in self.workers))
+        await asyncio.gather(*(w.heartbeat() for w in self.workers))
         self._poller = asyncio.create_task(self._poll_loop())
 
     async def stop(self) -> None:
@@ -82,30 +88,7 @@ class ClusterBackend:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
-            await asyncio.gather(*(self._refresh(w) for w in self.workers))
-
-    async def _refresh(self, w: Worker) -> None:
-        """Heartbeat: ask a worker for its load; an unreachable or silent one leaves the pool."""
-        nonce = f"stats-{next(self._nonce)}"
-        q = w.client.open(nonce)
-        try:
-            await w.client.send(m.StatsQuery(nonce))
-            s = await asyncio.wait_for(q.get(), timeout=2.0)
-            if not isinstance(s, m.Stats):
-                raise ConnectionError("connection lost")
-            w.load.queued_prompt_tokens = s.queued_prompt_tokens
-            w.load.free_blocks, w.load.total_blocks = s.free_blocks, s.total_blocks
-            w.load.running = s.running + s.reserved + s.waiting
-            w.busy_fraction = s.busy_fraction
-            if not w.healthy and not s.draining:
-                log.info("%s joined the pool", w.name)
-            w.healthy = not s.draining
-        except (TimeoutError, OSError, ConnectionError) as e:
-            if w.healthy:
-                log.warning("%s left the pool: %s", w.name, e or type(e).__name__)
-            w.healthy = False
-        finally:
-            w.client.close_queue(nonce)
+            await asyncio.gather(*(w.heartbeat() for w in self.workers))
 
     def stats(self) -> dict[str, float]:
         kv = [w for w in self.workers if w.role != "prefill" and w.healthy]
@@ -114,7 +97,7 @@ class ClusterBackend:
         live = [w for w in self.workers if w.healthy]
         return {
             "num_requests_running": float(self.inflight),
-            "num_requests_waiting": float(sum(w.load.queued_prompt_tokens > 0 for w in self._pool("prefill"))),
+            "num_requests_waiting": float(sum(w.queued_prompt_tokens > 0 for w in self._loads("prefill"))),
             "kv_cache_usage": 1.0 - free / total,
             "kv_free_blocks": float(free),
             "kv_total_blocks": float(total),
@@ -138,7 +121,7 @@ class ClusterBackend:
         if existing is None:
             existing = Worker(role, address, self.secret, self.config)
             self.workers.append(existing)
-        await self._refresh(existing)
+        await existing.heartbeat()
         return existing.name
 
     def link_stats(self) -> list[tuple[str, str, float]]:
@@ -146,22 +129,6 @@ class ClusterBackend:
         return [(p, d, float(b.state.value)) for (p, d), b in self.links.items()]
 
     # ---- requests ---------------------------------------------------------------------------
-    def _abort_on(self, workers: list[Worker], rid: str) -> None:
-        """Tell workers to drop a request, in a task of its own: this runs in `finally` blocks of
-        requests being cancelled (client gone), where an awaited send could itself be cancelled
-        half-way and leave blocks held."""
-        async def send() -> None:
-            for w in workers:
-                if w.client.connected:
-                    try:
-                        await w.client.send(m.Abort(rid))
-                    except (OSError, ConnectionError):
-                        pass  # the worker is gone, and its blocks with it
-
-        task = asyncio.ensure_future(send())
-        self._cleanup.add(task)
-        task.add_done_callback(self._cleanup.discard)
-
     async def abort(self, request_id: str) -> None:
         for w in self.workers:
             if request_id in w.client.queues and w.client.connected:
@@ -172,8 +139,7 @@ class ClusterBackend:
         cfg = self.config
         if self.inflight >= cfg.max_inflight:
             raise BackendError("the router is at capacity; retry shortly", 503, retry_after=1)
-        t0 = time.monotonic()
-        deadline = t0 + cfg.request_timeout_s
+        deadline = time.monotonic() + cfg.request_timeout_s
         produced: list[int] = []
         avoid: set[str] = set()  # workers lost or silent on this request
         bad_kv: set[str] = set()  # decode workers a transfer to failed (still fine to run it whole)
@@ -184,19 +150,24 @@ class ClusterBackend:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
                                           min_tokens=max(0, params.min_tokens - len(produced)))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
-                no_kv_dest = rank_decode([w.load for w in self._pool("decode")], frozenset(avoid | bad_kv)) == []
-                local = (len(prompt) < cfg.disagg_threshold or len(bad_kv) >= 2 or no_kv_dest
-                         or pick_prefill([w.load for w in self._pool("prefill")], frozenset(avoid)) is None)
-                stream = (self._local(sub_rid, prompt + produced, sub, avoid) if local
-                          else self._disagg(sub_rid, prompt + produced, sub, avoid | bad_kv))
+                route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
+                                          self._loads("colocated"), frozenset(avoid), frozenset(bad_kv))
+                if route.path == "reject":
+                    raise BackendError(route.reason, route.status, retry_after=1)
+                stream = (self._local(sub_rid, prompt + produced, sub, self._worker(route.worker))
+                          if route.path == "local" else
+                          self._disagg(sub_rid, prompt + produced, sub, route, frozenset(avoid)))
                 try:
-                    async for ev in with_deadline(stream, deadline):
-                        produced += ev.token_ids
-                        if ev.finish_reason is not None and attempt:
-                            ev.timings["retries"] = float(attempt)
-                        yield ev
-                        if ev.finish_reason is not None:
-                            return
+                    # aclosing: however this request ends (a stop string, a client gone), the
+                    # attempt's Calls close now, not when the garbage collector gets to them.
+                    async with aclosing(with_deadline(stream, deadline)) as events:
+                        async for ev in events:
+                            produced += ev.token_ids
+                            if ev.finish_reason is not None and attempt:
+                                ev.timings["retries"] = float(attempt)
+                            yield ev
+                            if ev.finish_reason is not None:
+                                return
                     return
                 except Retryable as e:
                     attempt += 1
@@ -213,134 +184,119 @@ class ClusterBackend:
         finally:
             self.inflight -= 1
 
-    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
-                     ) -> AsyncIterator[TokenEvent]:
-        pool = self._pool("colocated") or self._pool("decode")
-        pick = pick_colocated([w.load for w in pool], frozenset(avoid))
-        if pick is None:
-            raise BackendError("no worker is available", 503, retry_after=1)
-        w = next(w for w in pool if w.load is pick)
-        q = w.client.open(rid)
-        w.inflight += 1
-        w.load.running += 1
-        w.breaker.on_dispatch()
-        done = False
+    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker
+                     ) -> AsyncGenerator[TokenEvent, None]:
+        """The whole request on one worker (colocated, or a decode worker running the prefill)."""
         t0 = time.monotonic()
-        try:
-            await send(w, m.Generate(rid, prompt, m.Params.of(params)))
+        with w.call(rid) as c:
+            w.load.running += 1
+            await c.send(m.Generate(rid, prompt, m.Params.of(params)))
             t_sent = time.monotonic()
             timeout = self.config.first_token_timeout_s
             while True:
-                ev = event(await get(q, w, timeout), w)
+                ev = await c.next(timeout)
                 timeout = self.config.token_timeout_s
-                done = ev.finish_reason is not None
-                if done:
+                if c.done:
                     ev.timings = {"router_queue": t_sent - t0, **ev.timings}
-                    w.breaker.record_success(time.monotonic())
                 yield ev
-                if done:
+                if c.done:
                     return
-        except Retryable:
-            w.breaker.record_failure(time.monotonic())
-            raise
-        finally:
-            w.inflight -= 1
-            w.client.close_queue(rid)
-            if not done:
-                self._abort_on([w], rid)
 
-    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
-                       ) -> tuple[Worker, m.Reserved]:
-        decode = self._pool("decode")
-        for load in rank_decode([w.load for w in decode], frozenset(avoid)):
-            w = next(w for w in decode if w.load is load)
-            q = w.client.open(rid)
+    async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, route: Route
+                       ) -> tuple[Call, m.Reserved]:
+        """Reserve KV on the first decode worker in the route's order that can hold the request;
+        returns that worker's open Call (the caller closes it)."""
+        for name in route.decode:
+            c = self._worker(name).call(rid)
             try:
-                await send(w, m.Reserve(rid, prompt, m.Params.of(params)))
-                reply = await get(q, w, self.config.reserve_timeout_s)
-            except Retryable:
-                w.breaker.record_failure(time.monotonic())
-                reply = None
-            except asyncio.CancelledError:
-                # The client left while the reservation was on its way: its "yes" may still come,
-                # and nothing else would free those blocks before the reservation timeout.
-                w.client.close_queue(rid)
-                self._abort_on([w], rid)
+                await c.send(m.Reserve(rid, prompt, m.Params.of(params)))
+                reply = await c.reply(self.config.reserve_timeout_s)
+            except Retryable as e:
+                c.close(e)  # lost or silent: a fault; a late "yes" is aborted; try the next
+                continue
+            except BaseException as e:
+                c.close(e)  # the client left while the Reserve was on its way: abort a late "yes"
                 raise
             if isinstance(reply, m.Reserved) and reply.ok:
-                w.load.free_blocks -= len(reply.block_ids)
-                w.load.running += 1
-                return w, reply
-            w.client.close_queue(rid)
-            if reply is None:
-                self._abort_on([w], rid)  # a late "yes" must not leave blocks held
+                c.answered = True
+                return c, reply
+            c.done = isinstance(reply, m.Reserved)  # a refusal holds nothing
+            c.close()  # full is overload, not a fault: neutral
             if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
                 raise BackendError(reply.reason, 400)
-        raise BackendError("every decode worker is full; retry shortly", 503, retry_after=1)
+        refused = self.policy.refused()
+        raise BackendError(refused.reason, refused.status, retry_after=1)
 
-    async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
-                      ) -> AsyncIterator[TokenEvent]:
+    async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, route: Route,
+                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
+        """Reserve on decode, prefill (first token streamed at once), then decode streams on."""
         t0 = time.monotonic()
-        d, res = await self._reserve(rid, prompt, params, avoid)
-        dq = d.client.queues[rid]
-        prefill = self._pool("prefill")
-        ok_links = frozenset(avoid | {w.name for w in prefill if not self._link(w, d).allow(t0)})
-        pick = pick_prefill([w.load for w in prefill], ok_links) or pick_prefill([w.load for w in prefill],
-                                                                                  frozenset(avoid))
-        if pick is None:
-            d.client.close_queue(rid)
-            self._abort_on([d], rid)
-            raise BackendError("no prefill worker is available", 503, retry_after=1)
-        p = next(w for w in prefill if w.load is pick)
-        link = self._link(p, d)
-        pq = p.client.open(rid)
-        finished = False
-        d.inflight += 1
-        p.inflight += 1
-        p.load.queued_prompt_tokens += len(prompt)
-        for b in (p.breaker, d.breaker, link):
-            b.on_dispatch()
-        stage = p
-        watcher: asyncio.Task[None] | None = None
-        try:
-            await send(p, m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                     res.block_size, d.load.free_fraction))
-            queued = time.monotonic() - t0
-            ev = event(await get(pq, p, self.config.first_token_timeout_s), p)
-            p.breaker.record_success(time.monotonic())
-            prefill_timings = dict(ev.timings)
-            if ev.finish_reason is not None:  # the first token already ended it
-                ev.timings = {"router_queue": queued, **prefill_timings}
-                finished = True
-                self._abort_on([d], rid)  # the decode worker's reservation is not needed
-                yield ev
-                return
-            yield ev
-            stage = d
-            watcher = asyncio.create_task(watch_transfer(rid, pq, dq))
-            await send(d, m.Start(rid, ev.token_ids[0]))
-            while True:
-                ev = event(await get(dq, d, self.config.token_timeout_s), d)
-                if ev.finish_reason is not None:
-                    ev.timings = {"router_queue": queued, **prefill_timings, **ev.timings}
-                    finished = True
-                    for b in (d.breaker, link):
-                        b.record_success(time.monotonic())
-                yield ev
-                if finished:
+        dc, res = await self._reserve(rid, prompt, params, route)
+        with dc:
+            d = dc.worker
+            d.load.free_blocks -= len(res.block_ids)
+            d.load.running += 1
+            prefill = self._loads("prefill")
+            bad_links = frozenset(w.name for w in prefill if not self._link(w.name, d.name).allow(t0))
+            pick = self.policy.prefill_for(d.name, prefill, avoid, bad_links)
+            if isinstance(pick, Route):
+                raise BackendError(pick.reason, pick.status, retry_after=1)
+            p = self._worker(pick)
+            streamed = False  # the decode worker produced tokens: the KV crossed the link
+
+            def transfer_failed(e: BaseException) -> bool:
+                return isinstance(e, Retryable) and e.transfer
+
+            with p.call(rid) as pc, ending(self._link(p.name, d.name).dispatch(t0), lambda: streamed,
+                                           transfer_failed):
+                p.load.queued_prompt_tokens += len(prompt)
+                await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
+                                        res.block_size, d.load.free_fraction))
+                queued = time.monotonic() - t0
+                ev = await pc.next(self.config.first_token_timeout_s)
+                pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
+                prefill_timings = dict(ev.timings)
+                if pc.done:  # the first token already ended it; the reservation is dropped on exit
+                    ev.timings = {"router_queue": queued, **prefill_timings}
+                    yield ev
                     return
-        except Retryable as e:
-            now = time.monotonic()
-            (link if e.transfer else stage.breaker).record_failure(now)
-            if e.transfer:
-                raise Retryable(str(e), d.name, transfer=True) from e
-            raise
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            d.inflight -= 1
-            p.inflight -= 1
-            p.client.close_queue(rid)
-            d.client.close_queue(rid)
-            if not finished:  # client gone or a failure: free everything, everywhere
-                self._abort_on([p, d], rid)
+                yield ev
+                watcher = asyncio.create_task(watch_transfer(pc.queue, dc.queue, rid))
+                try:
+                    await dc.send(m.Start(rid, ev.token_ids[0]))
+                    while True:
+                        ev = await dc.next(self.config.token_timeout_s)
+                        streamed = True
+                        if dc.done:
+                            ev.timings = {"router_queue": queued, **prefill_timings, **ev.timings}
+                            pc.done = True  # the prefill worker released it once the KV was sent
+                        yield ev
+                        if dc.done:
+                            return
+                finally:
+                    watcher.cancel()
+
+
+async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue[m.ToRouter | None],
+                         rid: str) -> None:
+    """After the first token: if the prefill side reports the KV push failed (or its connection
+    drops before confirming it), fail this attempt at once rather than when the decode worker's
+    wait for the missing KV times out."""
+    while True:
+        msg = await pq.get()
+        if isinstance(msg, m.TransferDone) and msg.ok:
+            return
+        if msg is None or isinstance(msg, m.TransferDone):
+            why = msg.error if msg is not None else "prefill worker lost before the KV was confirmed"
+            dq.put_nowait(m.Tokens(rid, [], error=f"KV transfer failed: {why}", error_kind="transfer"))
+            return
+
+
+async def with_deadline(stream: AsyncGenerator[TokenEvent, None], deadline: float) -> AsyncIterator[TokenEvent]:
+    """Ends the request with an error once its overall deadline has passed. Waits between events
+    are bounded by the first-token and token timeouts, so checking between events suffices."""
+    async with aclosing(stream):
+        async for ev in stream:
+            if time.monotonic() > deadline:
+                raise BackendError("request deadline exceeded", 504)
+            yield ev

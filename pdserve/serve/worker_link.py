@@ -1,31 +1,67 @@
-"""The router's side of one worker: its connection, load and breaker, and reading its replies.
+"""The router's side of one worker: its connection, heartbeat, load and circuit breaker.
 
-Failures surface as `Retryable` (another worker may succeed) or `BackendError` (tell the client).
+`Worker.call(rid)` opens one request's exchange with that worker (`Call`): the request id is named
+once, there. A Call sends, reads the worker's replies as token events, and when it closes it ends
+its breaker dispatch with exactly one outcome and, unless the worker is done with the request,
+tells the worker to drop it. Failures surface as `Retryable` (another worker may succeed) or
+`BackendError` (tell the client).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from pdserve.sched.breaker import CircuitBreaker
+from pdserve.sched.breaker import CircuitBreaker, Dispatch, Outcome
 from pdserve.sched.routing import WorkerLoad
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.rpc import RpcClient
 
 if TYPE_CHECKING:
-    from pdserve.serve.router import RouterConfig
+    from pdserve.config.schema import RouterConfig
+
+log = logging.getLogger("pdserve.router")
 
 
 class Retryable(BackendError):
-    """This attempt failed in a way another worker may not: try again elsewhere."""
+    """This attempt failed in a way another worker may not: try again elsewhere.
 
-    def __init__(self, message: str, worker: str = "", transfer: bool = False) -> None:
+    fault=False: the worker refused (full, draining), which is overload, not a fault."""
+
+    def __init__(self, message: str, worker: str = "", transfer: bool = False, fault: bool = True) -> None:
         super().__init__(message, 503, retry_after=1)
-        self.worker, self.transfer = worker, transfer
+        self.worker, self.transfer, self.fault = worker, transfer, fault
+
+
+class WorkerFailed(BackendError):
+    """The worker failed this request itself (an internal error): the client gets a 500."""
+
+    def __init__(self, message: str, worker: str) -> None:
+        super().__init__(message, 500)
+        self.worker = worker
+
+
+def breaker(config: RouterConfig) -> CircuitBreaker:
+    return CircuitBreaker(config.breaker_failures, config.breaker_reset_s, config.breaker_probe_timeout_s)
+
+
+@contextmanager
+def ending(d: Dispatch, answered: Callable[[], bool], blame: Callable[[BaseException], bool]) -> Iterator[None]:
+    """End `d` when the block exits, however it exits (error, cancellation, a consumer that stops
+    reading): FAILURE if `blame` holds the exception against it, else SUCCESS if the other side
+    `answered`, else NEUTRAL."""
+    try:
+        yield
+    except BaseException as e:
+        d.end(Outcome.FAILURE if blame(e) else Outcome.SUCCESS if answered() else Outcome.NEUTRAL,
+              time.monotonic())
+        raise
+    d.end(Outcome.SUCCESS if answered() else Outcome.NEUTRAL, time.monotonic())
 
 
 class Worker:
@@ -35,71 +71,142 @@ class Worker:
         self.role = role
         self.client = RpcClient(address, secret)
         self.load = WorkerLoad(name=f"{role}@{address}", available=False)
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
+        self.breaker = breaker(config)
         self.healthy = False  # answered its last heartbeat and is not draining
         self.inflight = 0
         self.busy_fraction = 0.0
+        self._nonce = 0
+        self._cleanup: set[asyncio.Future[None]] = set()  # abort sends in flight
 
     @property
     def name(self) -> str:
         return self.load.name
 
-    def refresh_available(self, now: float) -> None:
+    def refresh_available(self, now: float) -> WorkerLoad:
         self.load.available = self.healthy and self.breaker.allow(now)
+        return self.load
 
-
-async def watch_transfer(rid: str, pq: asyncio.Queue[m.ToRouter | None],
-                          dq: asyncio.Queue[m.ToRouter | None]) -> None:
-    """After the first token: if the prefill side reports the KV push failed (or its connection
-    drops before confirming it), fail this attempt at once rather than when the decode worker's
-    wait for the missing KV times out."""
-    while True:
-        msg = await pq.get()
-        if isinstance(msg, m.TransferDone) and msg.ok:
-            return
-        if msg is None or isinstance(msg, m.TransferDone):
-            why = msg.error if msg is not None else "prefill worker lost before the KV was confirmed"
-            dq.put_nowait(m.Tokens(rid, [], error=f"KV transfer failed: {why}", error_kind="transfer"))
-            return
-
-
-async def send(w: Worker, msg: m.ToWorker) -> None:
-    try:
-        await w.client.send(msg)
-    except (OSError, ConnectionError, TimeoutError) as e:
-        raise Retryable(f"cannot reach {w.name}: {e}", w.name) from e
-
-
-async def get(q: asyncio.Queue[m.ToRouter | None], w: Worker, timeout: float) -> m.ToRouter | None:
-    """The next message for this request; skips messages that carry no tokens (TransferDone)."""
-    while True:
+    async def heartbeat(self) -> None:
+        """Ask the worker for its load; an unreachable or silent one leaves the pool."""
+        self._nonce += 1
+        nonce = f"stats-{self._nonce}"
+        q = self.client.open(nonce)
         try:
-            msg = await asyncio.wait_for(q.get(), timeout)
-        except TimeoutError:
-            raise Retryable(f"{w.name} silent for {timeout:.0f}s", w.name) from None
-        if not isinstance(msg, m.TransferDone):
-            return msg
+            await self.client.send(m.StatsQuery(nonce))
+            s = await asyncio.wait_for(q.get(), timeout=2.0)
+            if not isinstance(s, m.Stats):
+                raise ConnectionError("connection lost")
+            self.load.queued_prompt_tokens = s.queued_prompt_tokens
+            self.load.free_blocks, self.load.total_blocks = s.free_blocks, s.total_blocks
+            self.load.running = s.running + s.reserved + s.waiting
+            self.busy_fraction = s.busy_fraction
+            if not self.healthy and not s.draining:
+                log.info("%s joined the pool", self.name)
+            self.healthy = not s.draining
+        except (TimeoutError, OSError, ConnectionError) as e:
+            if self.healthy:
+                log.warning("%s left the pool: %s", self.name, e or type(e).__name__)
+            self.healthy = False
+        finally:
+            self.client.close_queue(nonce)
+
+    def call(self, rid: str) -> Call:
+        return Call(self, rid)
+
+    def abort_soon(self, rid: str) -> None:
+        """Tell the worker to drop a request, in a task of its own: this runs while requests are
+        being cancelled (client gone), where an awaited send could itself be cancelled half-way
+        and leave blocks held."""
+        async def send() -> None:
+            if self.client.connected:
+                try:
+                    await self.client.send(m.Abort(rid))
+                except (OSError, ConnectionError):
+                    pass  # the worker is gone, and its blocks with it
+
+        task = asyncio.ensure_future(send())
+        self._cleanup.add(task)
+        task.add_done_callback(self._cleanup.discard)
 
 
-def event(msg: m.ToRouter | None, w: Worker) -> TokenEvent:
-    if msg is None:
-        raise Retryable(f"lost the connection to {w.name}", w.name)
-    if not isinstance(msg, m.Tokens):
-        raise Retryable(f"{w.name} sent an unexpected {type(msg).__name__}", w.name)
-    if msg.error is not None:
-        if msg.error_kind == "transfer":
-            raise Retryable(f"{w.name}: {msg.error}", w.name, transfer=True)
-        if msg.error_kind in ("overloaded", "draining"):
-            raise Retryable(f"{w.name}: {msg.error}", w.name)
-        raise BackendError(f"{w.name}: {msg.error}", 400 if msg.error_kind == "invalid" else 500)
-    return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
-                      num_cached_tokens=msg.num_cached_tokens)
+class Call:
+    """One request's exchange with one worker, from the first message to `close`.
 
+    Use it as a context manager: on exit its breaker dispatch ends (a fault of this worker:
+    failure; the worker answered properly: success; anything else: neutral) and, unless `done`,
+    the worker is told to drop the request (a late reply must not leave blocks held)."""
 
-async def with_deadline(stream: AsyncIterator[TokenEvent], deadline: float) -> AsyncIterator[TokenEvent]:
-    """Ends the request with an error once its overall deadline has passed. Waits between events
-    are bounded by the first-token and token timeouts, so checking between events suffices."""
-    async for ev in stream:
-        if time.monotonic() > deadline:
-            raise BackendError("request deadline exceeded", 504)
-        yield ev
+    def __init__(self, worker: Worker, rid: str) -> None:
+        self.worker, self.rid = worker, rid
+        self.queue = worker.client.open(rid)
+        self.dispatch = worker.breaker.dispatch(time.monotonic())
+        self.answered = False  # the worker replied properly at least once (tokens, a reservation)
+        self.done = False  # the worker holds nothing more for this request
+        self.closed = False
+        worker.inflight += 1
+
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> None:
+        self.close(exc)
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """End the exchange (once): `exc` is what ended it, if anything did."""
+        if self.closed:
+            return
+        self.closed = True
+        blamed = exc is not None and self.blames(exc)
+        outcome = Outcome.FAILURE if blamed else Outcome.SUCCESS if self.answered else Outcome.NEUTRAL
+        self.dispatch.end(outcome, time.monotonic())
+        self.worker.inflight -= 1
+        self.worker.client.close_queue(self.rid)
+        if not self.done:
+            self.worker.abort_soon(self.rid)
+
+    def blames(self, exc: BaseException) -> bool:
+        """Is this worker at fault (not its link, not the client, not overload)?"""
+        if isinstance(exc, Retryable):
+            return exc.fault and not exc.transfer and exc.worker == self.worker.name
+        return isinstance(exc, WorkerFailed) and exc.worker == self.worker.name
+
+    @property
+    def name(self) -> str:
+        return self.worker.name
+
+    async def send(self, msg: m.ToWorker) -> None:
+        try:
+            await self.worker.client.send(msg)
+        except (OSError, ConnectionError, TimeoutError) as e:
+            raise Retryable(f"cannot reach {self.name}: {e}", self.name) from e
+
+    async def reply(self, timeout: float) -> m.ToRouter:
+        """The next message for this request; skips messages that carry no tokens (TransferDone)."""
+        while True:
+            try:
+                msg = await asyncio.wait_for(self.queue.get(), timeout)
+            except TimeoutError:
+                raise Retryable(f"{self.name} silent for {timeout:.0f}s", self.name) from None
+            if msg is None:
+                raise Retryable(f"lost the connection to {self.name}", self.name)
+            if not isinstance(msg, m.TransferDone):
+                return msg
+
+    async def next(self, timeout: float) -> TokenEvent:
+        """The next token event; the request's end sets `done`."""
+        msg = await self.reply(timeout)
+        if not isinstance(msg, m.Tokens):
+            raise Retryable(f"{self.name} sent an unexpected {type(msg).__name__}", self.name)
+        if msg.error is not None:
+            why = f"{self.name}: {msg.error}"
+            if msg.error_kind == "transfer":
+                raise Retryable(why, self.name, transfer=True)
+            if msg.error_kind in ("overloaded", "draining"):
+                raise Retryable(why, self.name, fault=False)
+            if msg.error_kind == "invalid":
+                raise BackendError(why, 400)
+            raise WorkerFailed(why, self.name)
+        self.answered = True
+        self.done = msg.finish_reason is not None
+        return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
+                          num_cached_tokens=msg.num_cached_tokens)

@@ -1,27 +1,31 @@
 """The simulated cluster: router, instances (real `sched/` policies), KV transfers, request records.
 
-Disaggregated lifecycle of request i (the router's protocol, DESIGN.md):
-  arrival ──▶ router reserves KV on a decode instance (most free blocks, fewest running); none can
-  ──▶ queued at the router until a decode instance frees blocks
-  ──▶ prefill instance with the fewest queued prompt tokens: PrefillBatcher batches it
+The router's decisions are the real router's `RoutingPolicy` (sched/routing.py), called with the
+instances' loads as the router would see them:
+  arrival ──▶ policy.route: the decode instances to try, in order (most free blocks, fewest
+      running); each is asked to reserve KV in turn; none can ──▶ rejected (the real router's 503),
+      counted in `SimResult.num_rejected`, never queued
+  ──▶ policy.prefill_for: the prefill instance with the fewest queued prompt tokens; its
+      PrefillBatcher batches it
   ──▶ prefill step ends: first token streamed (TTFT), KV transfer starts (the part not already
       streamed layer by layer during the step)
   ──▶ transfer lands: DecodeScheduler.remote_kv_done, PrefillBatcher.release
   ──▶ DecodeScheduler continuous batching until max_tokens.
-Colocated: arrival ──▶ instance with the fewest queued + running ──▶ ColocatedScheduler until done.
+Colocated: arrival ──▶ policy.route picks the instance with the fewest queued + running
+  ──▶ ColocatedScheduler until done.
 """
 
 from __future__ import annotations
 
 import time
 from array import array
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config.model import ModelShape
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
+from pdserve.sched.routing import RoutingPolicy, WorkerLoad
 from pdserve.sim.events import EventLoop
 from pdserve.sim.hardware import Link
 from pdserve.sim.instance import SimInstance
@@ -45,17 +49,21 @@ class SimResult:
     instances: dict[str, dict[str, Any]] = field(default_factory=dict)
     ports: dict[str, dict[str, float]] = field(default_factory=dict)
     num_preemptions: int = 0
+    num_rejected: int = 0  # refused at the router (503): no decode instance could reserve KV
 
 
 class Simulator:
     """Drives a list of SimInstances (all colocated, or prefill + decode) through a request list."""
 
     def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
-                 layerwise: bool = True, runs: bool = True, request_overhead_s: float = 0.0) -> None:
+                 layerwise: bool = True, runs: bool = True, request_overhead_s: float = 0.0,
+                 routing: RoutingPolicy | None = None) -> None:
         """runs=False: one event per step everywhere (slower; the same results, see instance.py).
 
         request_overhead_s: serving time outside the steps (HTTP, router, RPC), added to each
         request's way in; its arrival time, and so its TTFT and E2E, still count from the client.
+        routing: the router's policy (default: the real router's; a simulated decode instance
+        cannot serve a whole request, so `decode_serves_whole` is off).
         """
         self.instances = instances
         self.prefill = [i for i in instances if i.role == "prefill"]
@@ -74,34 +82,57 @@ class Simulator:
         self.kv_bytes_per_token = shape.kv_bytes_per_token()
         for inst in instances:
             inst.attach(self.loop, self._on_step, self._on_run if runs else None)
-        self._pending: deque[int] = deque()
+        self.routing = routing or RoutingPolicy(decode_serves_whole=False)
+        self._by_name = {inst.name: inst for inst in instances}
+        self._loads = {inst.name: WorkerLoad(inst.name) for inst in instances}  # the router's view
         self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
 
     # ---- arrivals and routing ----------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
         if i + 1 < len(self.specs):
             self.loop.at(self.specs[i + 1].arrival_s + self.request_overhead_s, self._arrive, i + 1)
-        if self.colocated:
-            inst = min(self.colocated, key=lambda x: x.policy.num_waiting + x.policy.num_running)
+        route = self.routing.route(self.specs[i].prompt_tokens, self._view(self.prefill, now),
+                                   self._view(self.decode, now), self._view(self.colocated, now))
+        if route.path == "local":
+            inst = self._by_name[route.worker]
+            if inst.role != "colocated":
+                raise ValueError(f"the routing policy sent a whole request to {inst.name}, which cannot serve one")
             inst.sync(now)
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
-        elif not self._pending and self._route(i, now):
-            pass
-        else:
-            self._pending.append(i)
+            return
+        if route.path == "disagg" and not self._disagg(i, route.decode, now):
+            route = self.routing.refused()  # every decode instance refused: what the router answers
+        if route.path == "reject":
+            self.num_rejected += 1
+
+    def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
+        """The loads the router sees (as `Stats` would report them), without touching a run."""
+        out = []
+        for inst in insts:
+            w = self._loads[inst.name]
+            if inst.role == "prefill":
+                w.queued_prompt_tokens = inst.outstanding_tokens
+            elif inst.role == "decode":
+                w.free_blocks, w.total_blocks = inst.free_blocks(now), inst.policy.block_manager.num_blocks
+                w.running = inst.policy.num_running
+            else:
+                w.running = inst.policy.num_waiting + inst.policy.num_running
+            out.append(w)
+        return out
 
     def _new_request(self, i: int, now: float) -> Request:
         s = self.specs[i]
         # payload: the request's index, so per-token bookkeeping needs no int(request_id).
         return Request(str(i), [0] * s.prompt_tokens, s.output_tokens, now, payload=i)
 
-    def _route(self, i: int, now: float) -> bool:
-        """Reserve on a decode instance, then queue the prefill; False if no decode can take it."""
+    def _disagg(self, i: int, order: tuple[str, ...], now: float) -> bool:
+        """Reserve on the first decode instance in `order` that can, then queue the prefill on the
+        policy's pick; False if none can reserve (the request is rejected)."""
         dreq = self._new_request(i, now)
-        order = sorted(self.decode, key=lambda d: (-d.free_blocks(now), d.policy.num_running))
         dec = None
-        for d in order:
+        for name in order:
+            d = self._by_name[name]
             d.sync(now)
             ok = d.policy.reserve(dreq, now)
             d.resume()
@@ -110,17 +141,16 @@ class Simulator:
                 break
         if dec is None:
             return False
-        pre = min(self.prefill, key=lambda p: p.outstanding_tokens)
+        pick = self.routing.prefill_for(dec.name, self._view(self.prefill, now))
+        if not isinstance(pick, str):
+            raise AssertionError("a simulated prefill instance is always available")
+        pre = self._by_name[pick]
         preq = self._new_request(i, now)
         self._pairs[i] = (pre, dec, dreq)
         pre.outstanding_tokens += preq.num_prompt_tokens
         pre.policy.add_request(preq, now)
         pre.kick(now)
         return True
-
-    def _drain_pending(self, now: float) -> None:
-        while self._pending and self._route(self._pending[0], now):
-            self._pending.popleft()
 
     # ---- step results ------------------------------------------------------------------------
     def _token(self, i: int, n: int, now: float) -> None:
@@ -157,8 +187,6 @@ class Simulator:
             inst.kv_peak_blocks = used
         for req in finished:
             self._finished(req, now)
-        if finished and self._pending:
-            self._drain_pending(now)
 
     def _on_run(self, inst: SimInstance, reqs: list[Request], ends: list[float]) -> None:
         """A run of decode steps was applied: every request got one token at each of `ends`."""
@@ -203,7 +231,6 @@ class Simulator:
         if done is not None:  # max_tokens == 1: the first token was the last
             self.finish[i] = self.first_token[i]
             self.num_finished += 1
-            self._drain_pending(now)
         dec.kick(now)
         pre.kick(now)
 
@@ -218,6 +245,7 @@ class Simulator:
         self.finish = [nan] * n
         self.itls = array("d")
         self.num_finished = 0
+        self.num_rejected = 0
         start = time.perf_counter()
         if specs:
             self.loop.at(specs[0].arrival_s + self.request_overhead_s, self._arrive, 0)
@@ -236,6 +264,7 @@ class Simulator:
             instances={x.name: x.stats(duration) for x in self.instances},
             ports={x.name: x.port.utilization(duration) for x in self.instances if x.role != "colocated"},
             num_preemptions=sum(getattr(x.policy, "num_preemptions", 0) for x in self.instances),
+            num_rejected=self.num_rejected,
         )
 
 

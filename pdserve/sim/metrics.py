@@ -42,6 +42,7 @@ def summarize(r: SimResult, slo: SLO | None = None, extra: dict[str, Any] | None
     res["instances"] = r.instances
     res["links"] = r.ports
     res["num_preemptions"] = r.num_preemptions
+    res["num_rejected"] = r.num_rejected  # 503s at the router: no decode instance could reserve
     res["sim_wall_s"] = r.wall_s
     res["sim_events"] = r.num_events
     if extra:
@@ -56,6 +57,8 @@ def format_summary(res: dict[str, Any]) -> str:
     if busy:
         lines.append(f"instance busy: mean {np.mean(busy):.0%}, max {max(busy):.0%}; "
                      f"preemptions {res['num_preemptions']}")
+    if res.get("num_rejected"):
+        lines.append(f"rejected at the router (503, every decode instance full): {res['num_rejected']}")
     if res["links"]:
         bw = [v["bandwidth_util"] for v in res["links"].values()]
         lines.append(f"link bandwidth used: mean {np.mean(bw):.1%}, max {max(bw):.1%} of each port's limit")

@@ -1,0 +1,76 @@
+"""The router's routing policy, pure: pair selection, retry order, local fallback, reject."""
+
+from __future__ import annotations
+
+from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, pick_colocated, pick_prefill, rank_decode
+
+
+def _p(name: str, queued: int, available: bool = True) -> WorkerLoad:
+    return WorkerLoad(name, queued_prompt_tokens=queued, available=available)
+
+
+def _d(name: str, free: int, running: int = 0, available: bool = True) -> WorkerLoad:
+    return WorkerLoad(name, free_blocks=free, total_blocks=100, running=running, available=available)
+
+
+def test_pick_prefill_least_queued_ties_to_first_skips_unavailable_and_excluded() -> None:
+    ws = [_p("a", 50), _p("b", 10), _p("c", 10), _p("d", 0, available=False)]
+    assert pick_prefill(ws).name == "b"  # type: ignore[union-attr]
+    assert pick_prefill(ws, frozenset({"b"})).name == "c"  # type: ignore[union-attr]
+    assert pick_prefill(ws, frozenset({"a", "b", "c"})) is None
+
+
+def test_rank_decode_most_free_then_fewest_running() -> None:
+    ws = [_d("a", 10, 1), _d("b", 30, 5), _d("c", 30, 2), _d("d", 99, available=False)]
+    assert [w.name for w in rank_decode(ws)] == ["c", "b", "a"]
+    assert [w.name for w in rank_decode(ws, frozenset({"c"}))] == ["b", "a"]
+
+
+def test_pick_colocated_fewest_running() -> None:
+    ws = [WorkerLoad("a", running=3), WorkerLoad("b", running=1), WorkerLoad("c", running=0, available=False)]
+    assert pick_colocated(ws).name == "b"  # type: ignore[union-attr]
+    assert pick_colocated(ws, frozenset({"a", "b"})) is None
+
+
+def test_disagg_route_tries_decode_in_rank_order() -> None:
+    pol = RoutingPolicy()
+    r = pol.route(100, [_p("p0", 0)], [_d("d0", 5), _d("d1", 50)], [])
+    assert r == Route("disagg", decode=("d1", "d0"))
+    # a decode worker lost on this request, or one a transfer failed to, is not tried
+    assert pol.route(100, [_p("p0", 0)], [_d("d0", 5), _d("d1", 50)], [], bad_kv=frozenset({"d1"})).decode == ("d0",)
+
+
+def test_short_prompts_and_failed_transfers_go_local() -> None:
+    pol = RoutingPolicy(disagg_threshold=30)
+    pre, dec, colo = [_p("p0", 0)], [_d("d0", 50)], [WorkerLoad("c0", running=2), WorkerLoad("c1")]
+    assert pol.route(29, pre, dec, colo) == Route("local", worker="c1")
+    assert pol.route(30, pre, dec, colo).path == "disagg"
+    assert pol.route(30, pre, dec, colo, bad_kv=frozenset({"x", "y"})) == Route("local", worker="c1")
+
+
+def test_local_falls_back_to_decode_without_a_colocated_pool() -> None:
+    dec = [_d("d0", 50, running=4), _d("d1", 50, running=1)]
+    assert RoutingPolicy().route(10, [_p("p0", 0, available=False)], dec, []) == Route("local", worker="d1")
+    # a decode instance that cannot serve whole requests (the simulator's): reject instead
+    r = RoutingPolicy(decode_serves_whole=False).route(10, [_p("p0", 0, available=False)], dec, [])
+    assert r.path == "reject" and r.status == 503
+
+
+def test_nothing_available_rejects() -> None:
+    r = RoutingPolicy().route(10, [], [_d("d0", 50, available=False)], [])
+    assert r == Route.reject("no worker is available")
+
+
+def test_prefill_for_prefers_a_healthy_link_and_rejects_when_none() -> None:
+    pol = RoutingPolicy()
+    pre = [_p("p0", 0), _p("p1", 100)]
+    assert pol.prefill_for("d0", pre) == "p0"
+    assert pol.prefill_for("d0", pre, bad_links=frozenset({"p0"})) == "p1"
+    assert pol.prefill_for("d0", pre, bad_links=frozenset({"p0", "p1"})) == "p0"  # any link beats none
+    r = pol.prefill_for("d0", pre, avoid=frozenset({"p0", "p1"}))
+    assert isinstance(r, Route) and r.path == "reject"
+
+
+def test_every_decode_refusing_is_a_reject_not_a_queue() -> None:
+    r = RoutingPolicy().refused()
+    assert r.path == "reject" and r.status == 503
