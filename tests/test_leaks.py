@@ -1,8 +1,9 @@
 """Leaks: 1,000 requests through 1P2D with injected transfer faults and random client aborts;
 afterwards every worker's free KV blocks are back at their start and the cluster still serves.
 
-And a way a decode reservation outlived its request, forced with a real fault: the client
-leaves while the router's Reserve is unanswered (a frozen decode worker).
+And the two ways a decode reservation outlived its request, each forced with a real fault:
+the client leaves while the router's Reserve is unanswered (a frozen decode worker), and the
+router's connection to the worker closes with reservations held (nobody is left to abort them).
 """
 
 from __future__ import annotations
@@ -227,3 +228,16 @@ def test_client_gone_while_reserve_unanswered_releases_it(workers, tiny_models):
 
     asyncio.run(run())
 
+
+def test_router_connection_lost_releases_its_reservations(workers):
+    """The router's connection closes (router killed or restarted) while a decode reservation is
+    held: no Abort can come any more, so the worker frees what that connection owned at once."""
+    decode = workers["decode"]
+    start = _stats(decode)
+    with _rpc(decode) as router:  # the test speaks for a router
+        reply = _ask(router, m.Reserve("r-orphan", [5, 6, 7, 8, 9], m.Params(max_tokens=8)))
+        assert isinstance(reply, m.Reserved) and reply.ok, reply
+        held = _stats(decode)
+        assert held.reserved == 1 and held.free_blocks < start.free_blocks
+    # The connection is gone (a killed process's sockets close the same way).
+    _wait_for(lambda: _released(decode, start), timeout=5)  # well before the 30 s reservation expiry
