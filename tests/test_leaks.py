@@ -199,7 +199,10 @@ def test_client_gone_while_reserve_unanswered_releases_it(workers, tiny_models):
         await backend.start()
         try:
             d = next(w for w in backend.workers if w.role == "decode")
-            assert all(w.healthy for w in backend.workers)
+            deadline = time.monotonic() + 30
+            while not all(w.healthy for w in backend.workers):  # both answered a heartbeat: disaggregated path
+                assert time.monotonic() < deadline, [(w.name, w.healthy) for w in backend.workers]
+                await asyncio.sleep(0.1)
 
             async def consume() -> None:
                 async for _ in backend.generate("r-frozen", [5, 6, 7, 8], SamplingParams(max_tokens=4, temperature=0)):
@@ -208,7 +211,9 @@ def test_client_gone_while_reserve_unanswered_releases_it(workers, tiny_models):
             os.kill(decode.proc.pid, signal.SIGSTOP)
             try:
                 task = asyncio.create_task(consume())
+                deadline = time.monotonic() + 10
                 while "r-frozen" not in d.client.queues:  # opened just before the Reserve goes out
+                    assert time.monotonic() < deadline and not task.done()
                     await asyncio.sleep(0.005)
                 await asyncio.sleep(0.3)
                 assert not task.done()  # still waiting for the frozen worker's answer
