@@ -57,7 +57,7 @@ class PDWorker:
             self.policy = ColocatedScheduler(ea.scheduler, self.bm)
         self.core = EngineCore(self.runner, self.policy)
         self.thread = EngineThread(self.core, self._on_step)
-        self.rpc = RpcServer(self._handle, args.host, args.port, self.secret)
+        self.rpc = RpcServer(self._handle, args.host, args.port, self.secret, on_close=self._peer_gone)
         self.owners: dict[str, Peer] = {}  # request id -> the router connection to answer on
         self.requests: dict[str, Request] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -196,6 +196,13 @@ class PDWorker:
                 loop.call_soon_threadsafe(self._forget, rid, None)
 
         self.thread.submit(abort)
+
+    def _peer_gone(self, peer: Peer) -> None:
+        """A router connection closed: no Abort can come over it any more and nobody reads its
+        tokens (the router retries such requests elsewhere), so drop what it owned, reservations
+        included, instead of holding them until they expire or finish."""
+        for rid in [rid for rid, owner in self.owners.items() if owner is peer]:
+            self._abort(rid)
 
     def _forget(self, rid: str, req: Request | None) -> None:
         self.transfer_wait.pop(rid, None)

@@ -54,10 +54,13 @@ Handler = Callable[[ToWorker, Peer], Awaitable[None]]
 
 
 class RpcServer:
-    """Accepts router connections and hands each message to `handler`."""
+    """Accepts router connections and hands each message to `handler`; `on_close(peer)` runs when
+    a connection ends, however it ends."""
 
-    def __init__(self, handler: Handler, host: str, port: int, secret: bytes | None) -> None:
+    def __init__(self, handler: Handler, host: str, port: int, secret: bytes | None,
+                 on_close: Callable[[Peer], None] | None = None) -> None:
         self.handler, self.host, self.port, self.secret = handler, host, port, secret
+        self.on_close = on_close
         self.server: asyncio.base_events.Server | None = None
         self.peers: set[Peer] = set()
 
@@ -87,6 +90,8 @@ class RpcServer:
             self.peers.discard(peer)
             peer.closed = True
             writer.close()
+            if self.on_close is not None:
+                self.on_close(peer)
 
     async def close(self) -> None:
         if self.server is not None:
