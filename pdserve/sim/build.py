@@ -15,6 +15,7 @@ from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
 from pdserve.sched.decode import DecodeScheduler
 from pdserve.sched.prefill import PrefillBatcher
+from pdserve.sched.routing import RoutingPolicy
 from pdserve.sim.cluster import Simulator
 from pdserve.sim.hardware import get_gpu, get_link
 from pdserve.sim.instance import SimInstance
@@ -208,5 +209,7 @@ def request_overhead_s(cfg: SimConfig) -> float:
 
 def build(cfg: SimConfig) -> Simulator:
     shape = resolve_shape(cfg.model)
+    # The router's policy with the file's router settings: what `pdserve up` would route by.
+    routing = RoutingPolicy(disagg_threshold=cfg.cluster.router.disagg_threshold, decode_serves_whole=False)
     return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
-                     request_overhead_s=request_overhead_s(cfg))
+                     request_overhead_s=request_overhead_s(cfg), routing=routing)

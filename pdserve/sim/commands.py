@@ -152,8 +152,8 @@ SIM_IGNORES = ("seed", "device", "threads", "served_model_name", "max_waiting",
                *(f"router.{k}" for k in ("host", "port", "api_key", "max_inflight", "reserve_timeout_s",
                                          "first_token_timeout_s", "token_timeout_s", "request_timeout_s",
                                          "backoff_base_s", "backoff_max_s", "stats_interval_s",
-                                         "breaker_failures", "breaker_reset_s", "max_attempts",
-                                         "disagg_threshold")))
+                                         "breaker_failures", "breaker_reset_s", "breaker_probe_timeout_s",
+                                         "max_attempts")))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
