@@ -231,8 +231,11 @@ class ClusterBackend:
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]
                      ) -> AsyncIterator[TokenEvent]:
-        pool = self._pool("colocated") or self._pool("decode")
+        pool = self._pool("colocated")
         pick = pick_colocated([w.load for w in pool], frozenset(avoid))
+        if pick is None:  # no colocated worker can take it (none, all down): a decode worker prefills
+            pool = self._pool("decode")
+            pick = pick_colocated([w.load for w in pool], frozenset(avoid))
         if pick is None:
             raise BackendError("no worker is available", 503, retry_after=1)
         w = next(w for w in pool if w.load is pick)
