@@ -50,7 +50,8 @@ def descendants(pid: int) -> list[int]:
 
 
 def marked(value: str) -> list[int]:
-    """Live processes whose environment carries MARK=value (started by this test session)."""
+    """Live pdserve processes whose environment carries MARK=value (started by this test session).
+    Helpers of the test process itself (multiprocessing's resource tracker) are not counted."""
     needle = f"{MARK}={value}".encode()
     found = []
     for entry in Path("/proc").iterdir():
@@ -58,9 +59,10 @@ def marked(value: str) -> list[int]:
             continue
         try:
             env = (entry / "environ").read_bytes()
+            argv = (entry / "cmdline").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if needle in env.split(b"\0") and alive(int(entry.name)):
+        if needle in env.split(b"\0") and b"pdserve" in argv and alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

@@ -156,7 +156,24 @@ def test_corrupt_chunk_fails_and_never_succeeds() -> None:
         receiver.close()
 
 
-def test_corrupt_chunk_reported_to_sender_through_fake() -> None:
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+def test_corrupt_chunk_reported_to_sender(kind: str) -> None:
+    """A chunk corrupted in flight (after its checksum): the receiver refuses it and writes nothing,
+    and the sender learns the transfer failed, and why."""
+    sink = CacheSink(2)
+    sender, receiver = make_transfer_pair(kind, sink, TransferConfig(fault_corrupt_prob=1.0), timeout_s=3.0)
+    try:
+        receiver.expect("r", 2, [0, 1])
+        sender.send_layer("r", receiver.address(), 0, 2, [0, 1], make_kv(2, 2)[0])
+        assert settle(sender, receiver, "r") == (KVPoll.FAILED, KVPoll.FAILED)
+        assert "checksum" in receiver.error("r") and "checksum" in sender.error("r")
+        assert sink.writes == 0
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_unreserved_block_reported_to_sender_through_fake() -> None:
     sink = CacheSink(1)
     sender, receiver = make_transfer_pair("fake", sink, timeout_s=3.0)
     receiver.expect("r", 1, [0, 1, 2])
