@@ -3,12 +3,17 @@
     with running_server(["serve", "--role", "colocated", "--model", "demo", "--threads", "1"]) as srv:
         httpx.get(srv.url + "/v1/models")
 
-`start_server` starts one without waiting (to start several side by side); then `wait_ready()`
-and `stop()`. The helper picks a free port and appends `--host 127.0.0.1 --port P` (unless the arguments already
-name a port, or `port_flag=None`), waits until `GET url + health_path` answers 200, and on exit stops
-the whole process group (SIGTERM, then SIGKILL). For commands that choose their own address and
+The helper picks a free port and appends `--host 127.0.0.1 --port P` (unless the arguments already
+name a port, or `port_flag=None`), waits until `GET url + health_path` answers 200, and on exit
+stops the whole process group (SIGTERM, then SIGKILL) and any descendant that outlived it (`up`'s
+workers lead sessions of their own). If the port free_port() found is taken before the server
+binds it, `running_server` starts again on another. For commands that choose their own address and
 print it (`pdserve up ...`), pass `url_pattern`: a regex whose first group (or whole match) is the
 base URL, looked for in the process's combined stdout/stderr.
+
+`start_server` starts one without waiting (to start several side by side); then `wait_ready()`
+and `stop()`. `start_worker` starts an internal worker on port 0 and reads the port it bound from
+its READY line (no race at all).
 """
 
 from __future__ import annotations
