@@ -279,7 +279,9 @@ def test_prefill_silent_before_first_token(cluster: Cluster, reference: list[dic
         assert [_tokens(g) for g in got] == [_tokens(r)[:40] for r in reference[:4]]
         retried = [g for g in got if g["timings"][0].get("retries", 0) >= 1]
         assert retried, "no request was sent to the silent prefill worker"
-        assert elapsed >= FIRST_TOKEN_TIMEOUT_S
+        # Retried once first_token_timeout_s ran out: not sooner, and not only when something
+        # else (a 30 s reservation expiry, a client timeout) gave up. The bound is loose: 2 shared cores.
+        assert FIRST_TOKEN_TIMEOUT_S <= elapsed < 4 * FIRST_TOKEN_TIMEOUT_S
         assert c.up_gauge(p0) == 0.0  # left the pool: missed its heartbeats
         decode_start = {w.name: start[w.name] for w in c.role("decode")}
         probes.wait_for(lambda: {w.name: c.stats(w).free_blocks for w in c.role("decode")} == decode_start, 5.0,
@@ -307,8 +309,8 @@ def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, pr
     assert s.done and not s.errors, s.errors
     assert s.text == reference[prompt_index]["choices"][0]["text"]
     assert s.last["timings"].get("retries", 0) >= 1, s.last
-    if sig == signal.SIGSTOP:
-        assert stalled >= TOKEN_TIMEOUT_S
+    if sig == signal.SIGSTOP:  # failed over once token_timeout_s ran out (loose upper bound: shared cores)
+        assert TOKEN_TIMEOUT_S <= stalled < 4 * TOKEN_TIMEOUT_S
     return d, argv
 
 
