@@ -3,12 +3,17 @@
     with running_server(["serve", "--role", "colocated", "--model", "demo", "--threads", "1"]) as srv:
         httpx.get(srv.url + "/v1/models")
 
-`start_server` starts one without waiting (to start several side by side); then `wait_ready()`
-and `stop()`. The helper picks a free port and appends `--host 127.0.0.1 --port P` (unless the arguments already
-name a port, or `port_flag=None`), waits until `GET url + health_path` answers 200, and on exit stops
-the whole process group (SIGTERM, then SIGKILL). For commands that choose their own address and
+The helper picks a free port and appends `--host 127.0.0.1 --port P` (unless the arguments already
+name a port, or `port_flag=None`), waits until `GET url + health_path` answers 200, and on exit
+stops the whole process group (SIGTERM, then SIGKILL) and any descendant that outlived it (`up`'s
+workers lead sessions of their own). If the port free_port() found is taken before the server
+binds it, `running_server` starts again on another. For commands that choose their own address and
 print it (`pdserve up ...`), pass `url_pattern`: a regex whose first group (or whole match) is the
 base URL, looked for in the process's combined stdout/stderr.
+
+`start_server` starts one without waiting (to start several side by side); then `wait_ready()`
+and `stop()`. `start_worker` starts an internal worker on port 0 and reads the port it bound from
+its READY line (no race at all).
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.procs import alive, descendants, kill_and_wait
+
 HOST = "127.0.0.1"
+PORT_RETRIES = 3  # restarts when the port free_port() found was taken before the server bound it
 
 
 def free_port(host: str = HOST) -> int:
@@ -73,8 +81,11 @@ def _killpg(pid: int, sig: int) -> None:
 
 
 def _stop(proc: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the group, wait `grace` s, then SIGKILL it; the final SIGKILL also reaps any children
-    (workers of `pdserve up`) that outlived their parent."""
+    """SIGTERM the group, wait `grace` s, then SIGKILL it and every process descended from it.
+
+    Workers of `pdserve up` lead sessions of their own (start_new_session), so the group's SIGKILL
+    does not reach them: they are found through /proc before their parent goes, and killed too."""
+    children = descendants(proc.pid)
     if proc.poll() is None:
         _killpg(proc.pid, signal.SIGTERM)
         try:
@@ -84,6 +95,7 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
     _killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
+    kill_and_wait([pid for pid in children if alive(pid)])
 
 
 def start_server(
@@ -133,9 +145,18 @@ def running_server(
 
     `url_pattern`: for commands that print where they serve; a regex whose first group (or whole
     match) is the base URL, searched for in the process's output (then `port_flag=None` as a rule)."""
-    server = start_server(args, env, port_flag=port_flag, host_flag=host_flag)
+    for tries_left in range(PORT_RETRIES, -1, -1):
+        server = start_server(args, env, port_flag=port_flag, host_flag=host_flag)
+        try:
+            server.wait_ready(health_path, timeout, url_pattern)
+            break
+        except ServerError as e:
+            # free_port() releases the port it found: another process may bind it before the
+            # server does. Only then, and only for a port we chose, start again on a new one.
+            chose_port = port_flag is not None and port_flag not in args
+            if not (chose_port and tries_left and "address already in use" in str(e).lower()):
+                raise
     try:
-        server.wait_ready(health_path, timeout, url_pattern)
         yield server
     finally:
         server.stop(stop_grace)
@@ -170,3 +191,34 @@ def _wait_ready(server: Server, args: list[str], health_path: str, timeout: floa
     _stop(server.proc, 5.0)
     raise ServerError(f"pdserve {' '.join(args)} not ready at {server.url}{health_path} within {timeout:.0f}s "
                       f"(last: {last_err or 'no URL printed yet'}); output tail:\n{server.tail()}")
+
+
+def wait_output(server: Server, pattern: str, timeout: float = 120.0) -> re.Match[str]:
+    """The first match of `pattern` in the server's output, waiting for it (e.g. a READY line)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = re.search(pattern, server.output())
+        if m:
+            return m
+        if not server.alive():
+            raise ServerError(f"exited with code {server.proc.returncode}; output tail:\n{server.tail()}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"{pattern!r} not in the output within {timeout:.0f}s; tail:\n{server.tail()}")
+        time.sleep(0.1)
+
+
+def start_worker(role: str, model: str, *extra: str, env: dict[str, str] | None = None,
+                 port: int = 0, timeout: float = 120.0) -> Server:
+    """`pdserve serve --role ROLE --internal` on `port` (0: the OS picks one, no bind race); returns
+    once it printed READY, with `port` the one it bound."""
+    args = ["serve", "--role", role, "--internal", "--model", model, "--threads", "1",
+            "--host", HOST, "--port", str(port), *extra]
+    server = start_server(args, env, port_flag=None)
+    try:
+        m = wait_output(server, rf"READY {role} [0-9.]+:(\d+) pid=\d+", timeout)
+    except ServerError:
+        server.stop(5)
+        raise
+    server.port = int(m.group(1))
+    server.url = f"{HOST}:{server.port}"  # an RPC address, not HTTP
+    return server

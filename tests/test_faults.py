@@ -7,7 +7,6 @@ import os
 import random
 import re
 import signal
-import time
 
 import httpx
 import pytest
@@ -15,14 +14,6 @@ import pytest
 from tests.test_cluster import _up, _wait_for, _worker_gauge
 
 pytestmark = pytest.mark.slow
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
-    except FileNotFoundError:
-        return False
 
 
 def _pids(output: str) -> dict[str, int]:
@@ -74,43 +65,10 @@ def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
         got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 24, chaos))
         assert killed
         assert got == want
-        up = _worker_gauge(srv.url, "up")
         _wait_for(lambda: sum(_worker_gauge(srv.url, "up").values()) == 2, timeout=10)
-        assert len(up) == 4
-
-
-def test_sigterm_drains_in_flight_requests(tiny_models):
-    """SIGTERM to a decode worker: it takes no new work, finishes what it has, then exits."""
-    folder = tiny_models["llama"]
-    with _up(str(folder), "--prefill", "1", "--decode", "2") as srv:
-        pids = _pids(srv.output())
-
-        async def run() -> list[int]:
-            async with httpx.AsyncClient(timeout=120) as client:
-                async def one(i: int) -> int:
-                    body = {"model": str(folder), "prompt": [5 + i, 6, 7], "max_tokens": 60,
-                            "temperature": 0, "ignore_eos": True}
-                    r = await client.post(srv.url + "/v1/completions", json=body)
-                    return r.status_code
-
-                tasks = [asyncio.create_task(one(i)) for i in range(16)]
-                await asyncio.sleep(1.0)
-                os.kill(pids["decode-0"], signal.SIGTERM)
-                return list(await asyncio.gather(*tasks))
-
-        assert asyncio.run(run()) == [200] * 16
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not _alive(pids["decode-0"]):
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("the drained decode worker did not exit")
-        # The cluster keeps serving on the remaining decode worker.
-        r = httpx.post(srv.url + "/v1/completions", json={"model": str(folder), "prompt": [9, 8, 7],
-                                                          "max_tokens": 4}, timeout=60)
-        assert r.status_code == 200
-        _wait_for(lambda: sorted(_worker_gauge(srv.url, "up").values()) == [0.0, 1.0, 1.0], timeout=10)
+        up = _worker_gauge(srv.url, "up")
+        assert len(up) == 4  # the killed workers are still listed, as down
+        assert sorted(up.values()) == [0.0, 0.0, 1.0, 1.0]
 
 
 def _config(tmp_path, text: str):  # type: ignore[no-untyped-def]
@@ -137,36 +95,34 @@ def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transpor
 
 
 def test_new_worker_joins_a_running_router(tiny_models):
-    """A decode worker started later joins through POST /admin/workers and takes over the load."""
-    import subprocess
-    import sys
-
-    from tests.servers import free_port
+    """A decode worker started later joins through POST /admin/workers and takes over the load,
+    with the same greedy tokens the original decode worker gave."""
+    from tests.servers import start_worker
 
     folder = tiny_models["llama"]
-    env = {**os.environ, "PDSERVE_CLUSTER_SECRET": "join-me"}
-    with running_server_env(env, str(folder)) as srv:
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", "decode", "--internal",
-                                 "--model", str(folder), "--threads", "1", "--port", str(port)],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    prompts = [[7, 8, 9 + i] for i in range(6)]
+    env = {"PDSERVE_CLUSTER_SECRET": "join-me"}
+    with running_server_env({**os.environ, **env}, str(folder)) as srv:
+        want = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
+        new = start_worker("decode", str(folder), env=env)
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if b"READY decode" in line:
-                    break
-            r = httpx.post(srv.url + "/admin/workers", json={"role": "decode", "address": f"127.0.0.1:{port}"},
-                           timeout=30)
+            r = httpx.post(srv.url + "/admin/workers", json={"role": "decode", "address": new.url}, timeout=30)
             assert r.status_code == 200 and r.json()["up"] is True, r.text
             bad = httpx.post(srv.url + "/admin/workers", json={"role": "boss", "address": "x"}, timeout=30)
             assert bad.status_code == 400
             os.kill(_pids(srv.output())["decode-0"], signal.SIGKILL)
-            prompts = [[7, 8, 9 + i] for i in range(6)]
+            _wait_for(lambda: _worker_gauge(srv.url, "up").get(f"decode@{new.url}") == 1.0
+                      and _worker_gauge(srv.url, "up").get(f"decode@{_decode0(srv.output())}") == 0.0)
             got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
-            assert all(len(g) == 6 for g in got)
+            assert got == want  # served by the new worker: the only decode worker left
         finally:
-            proc.kill()
-            proc.wait()
+            new.stop(5)
+
+
+def _decode0(output: str) -> str:
+    m = re.search(r"\[decode-0\] READY decode ([0-9.]+:\d+)", output)
+    assert m, output[-2000:]
+    return m.group(1)
 
 
 def running_server_env(env: dict[str, str], model: str):  # type: ignore[no-untyped-def]

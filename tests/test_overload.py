@@ -17,17 +17,18 @@ BURST = 80  # capacity: max_num_seqs 8 on one decode worker, 16 in the router
 MAX_TOKENS = 40
 
 
-async def _burst(url: str, model: str) -> list[tuple[int, float, dict, str]]:
-    """(status, seconds until the status line, headers, body) per request, all sent at once."""
+async def _burst(url: str, model: str) -> list[tuple[int, float, dict, str, float]]:
+    """(status, seconds until the status line, headers, body, seconds until the end) per request,
+    all sent at once."""
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=BURST + 8)) as client:
-        async def one(i: int) -> tuple[int, float, dict, str]:
+        async def one(i: int) -> tuple[int, float, dict, str, float]:
             body = {"model": model, "prompt": [5 + i % 50, 6, 7, 8], "max_tokens": MAX_TOKENS,
                     "temperature": 0, "ignore_eos": True, "stream": True}
             t0 = time.monotonic()
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
                 t_status = time.monotonic() - t0
                 text = (await r.aread()).decode()
-                return r.status_code, t_status, dict(r.headers), text
+                return r.status_code, t_status, dict(r.headers), text, time.monotonic() - t0
 
         return list(await asyncio.gather(*(one(i) for i in range(BURST))))
 
@@ -47,13 +48,17 @@ def test_burst_at_5x_capacity(tiny_models, tmp_path):
         accepted = [r for r in results if r[0] == 200]
         assert len(refused) >= BURST // 2, codes  # most of a 5x burst is turned away...
         assert len(accepted) >= 4, codes  # ...but the cluster keeps doing useful work
-        for _, secs, headers, text in refused:
-            assert secs < 2.0, secs  # fast: refused at once, not after queueing
+        # Fast means refused at once, not after queueing: order, not a wall-clock bound (2 cores,
+        # shared). A refusal that waited for capacity would come after accepted requests ended.
+        first_done = min(r[4] for r in accepted)
+        late = [r[1] for r in refused if r[1] > first_done]
+        assert len(late) <= len(refused) // 10, (first_done, sorted(late))
+        for _, _, headers, text, _ in refused:
             assert int(headers["retry-after"]) >= 1
             assert headers["content-type"].startswith("application/json")
             err = httpx.Response(503, content=text.encode()).json()["error"]
             assert err["message"] and err["type"]
-        for _, secs, _, text in accepted:  # every accepted request streams to the end
+        for _, secs, _, text, _ in accepted:  # every accepted request streams to the end
             assert secs < 30, secs  # first token within a bound
             chunks = [ln for ln in text.splitlines() if ln.startswith("data: {")]
             assert text.rstrip().endswith("data: [DONE]"), text[-300:]

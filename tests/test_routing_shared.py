@@ -110,11 +110,12 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
 def test_simulator_rejects_what_no_decode_instance_can_reserve_and_finishes_the_rest() -> None:
     """Tight decode KV under load: the simulator used to queue such requests at the router; now,
     as the real router, it rejects them, and every other request finishes."""
-    from pdserve.sim.build import ClusterConfig, build
+    from pdserve.sim.build import GPU_SCALE, SimConfig, build
     from pdserve.sim.metrics import summarize
     from pdserve.workload import generate
 
-    cfg = ClusterConfig(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3, num_blocks=600)
+    cfg = SimConfig.of(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3,
+                       serving={**GPU_SCALE, "cache": {"num_blocks": 600}})
     specs = generate("chatbot", 300, rate=20.0, seed=3)
     r = build(cfg).run(specs)
     res = summarize(r)

@@ -122,20 +122,23 @@ def test_decode_role_run_equals_steps(seed: int, adaptive: bool) -> None:
     _check_run(_decode(seed, adaptive))
 
 
-def test_run_stops_where_blocks_run_out() -> None:
-    """With few free blocks the run ends before the step that would need a missing one."""
-    policy = _colocated(1, False, num_blocks=120)
+@pytest.mark.parametrize("num_blocks", [64, 80, 96])
+def test_run_stops_where_blocks_run_out(num_blocks: int) -> None:
+    """With few free blocks the run ends at the last step whose blocks are free, before any request
+    reaches max_tokens (these sizes are chosen so that the blocks, not max_tokens, bind)."""
+    policy = _colocated(1, False, num_blocks=num_blocks)
     free = policy.block_manager.num_free_blocks
-    k = policy.decode_run_length(TOKEN, 10_000)
     bs = policy.block_manager.block_size
 
     def need(steps: int) -> int:
         return sum(max(0, -(-(r.num_computed_tokens + steps) // bs) - len(r.block_ids)) for r in policy.running)
 
-    assert need(k) <= free
-    assert k == min(r.max_tokens - len(r.output_token_ids) for r in policy.running) or need(k + 1) > free
-    if k >= 2:
-        _check_run(policy)
+    to_max_tokens = min(r.max_tokens - len(r.output_token_ids) for r in policy.running)
+    assert need(to_max_tokens) > free  # the case under test: blocks run out first
+    k = policy.decode_run_length(TOKEN, 10_000)
+    assert 2 <= k < to_max_tokens
+    assert need(k) <= free < need(k + 1)
+    _check_run(policy)
 
 
 def test_no_run_when_something_could_change() -> None:

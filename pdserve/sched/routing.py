@@ -85,8 +85,9 @@ class RoutingPolicy:
                  or not order or pick_prefill(prefill, avoid) is None)
         if not local:
             return Route("disagg", decode=tuple(w.name for w in order))
-        pool = colocated if colocated or not self.decode_serves_whole else decode
-        pick = pick_colocated(pool, avoid)
+        pick = pick_colocated(colocated, avoid)
+        if pick is None and self.decode_serves_whole:  # no colocated worker can take it: a decode worker prefills
+            pick = pick_colocated(decode, avoid)
         if pick is None:
             return Route.reject("no worker is available")
         return Route("local", worker=pick.name)

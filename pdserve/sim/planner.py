@@ -7,7 +7,8 @@ Search, per mode:
      TPOT SLO) gives a lower-bound cost; candidates are visited cheapest bound first and pruned
      once the bound reaches the best cost found (branch and bound);
   3. each candidate is simulated with a capped number of requests; the side that missed its SLO
-     (TTFT -> prefill, TPOT -> decode) grows by one instance until the SLOs hold.
+     (TTFT -> prefill, TPOT -> decode) grows by one instance until the SLOs hold; then each
+     side shrinks by one while they still hold, so no one instance fewer would do.
 """
 
 from __future__ import annotations
@@ -113,7 +114,9 @@ def _search(cands: list[tuple[float, SimConfig]], inp: PlanInput) -> PlanResult 
             att, ttft, tpot, grow = _evaluate(cfg, inp)
             sims += 1
             if att >= inp.target:
-                best = PlanResult(cfg, cost, att, ttft, tpot, sims)
+                cfg, (att, ttft, tpot), n = _shrink(cfg, (att, ttft, tpot), inp)
+                sims += n
+                best = PlanResult(cfg, cfg.cost_per_hour(), att, ttft, tpot, sims)
                 break
             if cfg.mode == "colocated":
                 cfg = cfg.with_workers(colocated=cfg.num_colocated + 1)
@@ -126,6 +129,27 @@ def _search(cands: list[tuple[float, SimConfig]], inp: PlanInput) -> PlanResult 
     if best is not None:
         best.simulations = sims
     return best
+
+
+def _shrink(cfg: SimConfig, result: tuple[float, float, float], inp: PlanInput
+            ) -> tuple[SimConfig, tuple[float, float, float], int]:
+    """Drop instances while the SLOs still hold: the analytical start can already be above what
+    is needed, and growing never takes one away. Returns the config, its result, simulations run."""
+    sims = 0
+    roles = ("colocated",) if cfg.mode == "colocated" else ("prefill", "decode")
+    shrunk = True
+    while shrunk:
+        shrunk = False
+        for role in roles:
+            n = getattr(cfg, f"num_{role}")
+            if n <= 1:
+                continue
+            smaller = cfg.with_workers(**{role: n - 1})
+            att, ttft, tpot, _ = _evaluate(smaller, inp)
+            sims += 1
+            if att >= inp.target:
+                cfg, result, shrunk = smaller, (att, ttft, tpot), True
+    return cfg, result, sims
 
 
 def _base(inp: PlanInput, **kw: Any) -> SimConfig:
