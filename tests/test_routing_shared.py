@@ -68,7 +68,8 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
     procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
     try:
         prefill = _worker(model, "prefill", procs)
-        decode = _worker(model, "decode", procs, "--max-batch-size", "1", "--max-num-seqs", "1")
+        decode = _worker(model, "decode", procs, "--max-batch-size", "1", "--min-batch-size", "1",
+                         "--max-num-seqs", "1")
 
         async def real() -> list[int]:
             backend = ClusterBackend(resolve_shape(model), [prefill], [decode], [], secret=SECRET.encode(),
