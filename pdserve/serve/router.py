@@ -198,7 +198,8 @@ class ClusterBackend:
         try:
             while True:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
-                                          min_tokens=max(0, params.min_tokens - len(produced)))
+                                          min_tokens=max(0, params.min_tokens - len(produced)),
+                                          output_offset=params.output_offset + len(produced))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
                 no_kv_dest = rank_decode([w.load for w in self._pool("decode")], frozenset(avoid | bad_kv)) == []
                 local = (len(prompt) < cfg.disagg_threshold or len(bad_kv) >= 2 or no_kv_dest
