@@ -173,3 +173,23 @@ def test_cost_per_token_does_not_grow_with_the_output(tokenizers: dict[str, PreT
     assert text == tok.decode(ids, skip_special_tokens=True)
     assert len(ids) > 500 and max(decoded) <= 16, max(decoded)
     assert len(s._view) <= 32  # the text kept for stop-string search stays short too
+
+
+def test_a_tokenizer_whose_clean_up_is_not_local_is_decoded_whole() -> None:
+    """transformers' clean_up_tokenization_spaces (applied to non-BPE models) rewrites " ." as "."
+    across token boundaries: such a tokenizer keeps the whole-output decode, and its exact text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = ["[UNK]", "[SEP]", "a", "b", "c", ".", ",", "n't", "do"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]",
+                                   clean_up_tokenization_spaces=True)
+    assert fast.decode([2, 5]) == "a."  # the clean-up is really applied
+    rng = random.Random(1)
+    for _ in range(100):
+        ids = [rng.randrange(len(words)) for _ in range(rng.randrange(1, 20))]
+        got, s = stream_text(fast, ids, [1])
+        assert not s.windowed
+        assert got == fast.decode(ids, skip_special_tokens=True), ids
