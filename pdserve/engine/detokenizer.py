@@ -21,6 +21,7 @@ from collections.abc import Callable
 from transformers import PreTrainedTokenizerBase
 
 REPLACEMENT = "\ufffd"
+BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 
 
 def _decoder(tokenizer: PreTrainedTokenizerBase) -> tuple[Callable[[list[int]], str], bool]:
@@ -41,8 +42,13 @@ def _decoder(tokenizer: PreTrainedTokenizerBase) -> tuple[Callable[[list[int]], 
 
 def _byte_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     """Ids of byte-fallback tokens `<0x00>`..`<0xFF>` (none in byte-level BPE vocabularies)."""
-    ids = (tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in range(256))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the Rust vocabulary, much faster than transformers' lookup
+        if backend.token_to_id(BYTE_TOKENS[0x41]) is None:  # no byte tokens at all: the usual case
+            return frozenset()
+        return frozenset(i for i in map(backend.token_to_id, BYTE_TOKENS) if i is not None)
     unk = tokenizer.unk_token_id
+    ids = map(tokenizer.convert_tokens_to_ids, BYTE_TOKENS)
     return frozenset(i for i in ids if isinstance(i, int) and i != unk)
 
 
