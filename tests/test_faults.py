@@ -23,48 +23,82 @@ def _pids(output: str) -> dict[str, int]:
 
 
 async def _stream_all(url: str, model: str, prompts: list[list[int]], max_tokens: int,
-                      on_progress=None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+                      on_progress=None, sampling: list[dict] | None = None,
+                      retried: list[int] | None = None) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """Token ids of every prompt (greedy, or with `sampling[i]`'s fields added to request i);
+    the indices of requests the router retried go to `retried`."""
     sem = asyncio.Semaphore(200)
     done = 0
 
     async with httpx.AsyncClient(timeout=300) as client:
-        async def one(p: list[int]) -> list[int]:
+        async def one(i: int, p: list[int]) -> list[int]:
             nonlocal done
             async with sem:
                 body = {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0,
-                        "ignore_eos": True, "return_token_ids": True}
+                        "ignore_eos": True, "return_token_ids": True, **(sampling[i] if sampling else {})}
                 r = await client.post(url + "/v1/completions", json=body)
                 assert r.status_code == 200, r.text
+                if retried is not None and r.json()["timings"][0].get("retries"):
+                    retried.append(i)
                 done += 1
                 if on_progress:
                     on_progress(done)
                 return r.json()["choices"][0]["token_ids"]
 
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+async def _when_streaming(url: str, model: str, prompt: list[int], n: int, then) -> None:  # type: ignore[no-untyped-def]
+    """Stream one long request; call `then()` once `n` chunks of it have come."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    seen, last = 0, ""
+    async with httpx.AsyncClient(timeout=300) as client:
+        async with client.stream("POST", url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                seen += line.startswith("data: {")
+                if seen == n:
+                    then()
+                last = line or last
+            assert last == "data: [DONE]"
 
 
 def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
-    """2P2D, 200 concurrent requests; SIGKILL one prefill and one decode worker mid-run."""
+    """2P2D, 200 concurrent requests; SIGKILL one prefill and one decode worker mid-run. A third of
+    the requests sample (seeded, temperature/top-p/top-k): resumed ones must go on drawing exactly
+    what they would have drawn, so their tokens equal the no-fault run's too."""
     folder = tiny_models["llama"]
     rng = random.Random(5)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.choice([4, 20, 60]))] for _ in range(200)]
+    sampling = [{"max_tokens": 48, **({"temperature": 1.0, "top_p": 0.95, "top_k": 50, "seed": 1000 + i}
+                                     if i % 3 == 0 else {})} for i in range(len(prompts))]
     with _up(str(folder), "--prefill", "1", "--decode", "1", "--colocated", "0") as ref:
-        want = asyncio.run(_stream_all(ref.url, str(folder), prompts, 24))
+        want = asyncio.run(_stream_all(ref.url, str(folder), prompts, 24, sampling=sampling))
     with _up(str(folder), "--prefill", "2", "--decode", "2") as srv:
         pids = _pids(srv.output())
         assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= set(pids)
         killed = False
 
-        def chaos(done: int) -> None:
+        def chaos() -> None:
             nonlocal killed
-            if done >= 30 and not killed:
-                killed = True
-                os.kill(pids["prefill-0"], signal.SIGKILL)
-                os.kill(pids["decode-1"], signal.SIGKILL)
+            killed = True
+            os.kill(pids["prefill-0"], signal.SIGKILL)
+            os.kill(pids["decode-1"], signal.SIGKILL)
 
-        got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 24, chaos))
+        async def run() -> list[list[int]]:
+            """The kills come once a canary streamed a few tokens: requests are mid-stream then, so
+            failover resumes them after some tokens (the case seeded sampling must survive)."""
+            all_done = asyncio.ensure_future(_stream_all(srv.url, str(folder), prompts, 24, None, sampling, retried))
+            await _when_streaming(srv.url, str(folder), prompts[1], 8, chaos)
+            return await all_done
+
+        retried: list[int] = []
+        got = asyncio.run(run())
         assert killed
         assert got == want
+        assert [i for i in retried if i % 3 == 0] and [i for i in retried if i % 3], retried  # both kinds resumed
+        assert len({tuple(want[i]) for i in range(0, len(prompts), 3)}) > 50  # sampled: all differ
         _wait_for(lambda: sum(_worker_gauge(srv.url, "up").values()) == 2, timeout=10)
         up = _worker_gauge(srv.url, "up")
         assert len(up) == 4  # the killed workers are still listed, as down

@@ -25,6 +25,9 @@ from pdserve.serve.metrics import ServerMetrics
 from pdserve.serve.protocol import APIError, GenerateRequest, parse_chat, parse_completion
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# Prompts longer than this (characters, or token ids) are tokenized on a thread: a long prompt
+# takes milliseconds of CPU, during which the event loop would stream nobody's tokens.
+TOKENIZE_ON_LOOP_MAX = 4096
 
 
 @dataclasses.dataclass
@@ -146,7 +149,7 @@ class OpenAIFront:
             if req.model != self.model_name:
                 raise APIError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-            choices = self._prepare(req)
+            choices = await self._prepare_off_loop(req)
         except APIError as e:
             return self._error(e)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -166,6 +169,13 @@ class OpenAIFront:
             return JSONResponse(await self._complete(rid, req, choices, chat))
         except APIError as e:
             return self._error(e)
+
+    async def _prepare_off_loop(self, req: GenerateRequest) -> list[Choice]:
+        """`_prepare`, on a worker thread when the prompt is long."""
+        size = sum(len(p) for p in req.prompts or []) + sum(len(str(m.get("content", ""))) for m in req.messages or [])
+        if size <= TOKENIZE_ON_LOOP_MAX:
+            return self._prepare(req)
+        return await asyncio.to_thread(self._prepare, req)
 
     def _prepare(self, req: GenerateRequest) -> list[Choice]:
         if req.messages is not None:

@@ -21,17 +21,19 @@ class Params(msgspec.Struct, frozen=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     min_tokens: int = 0
+    output_offset: int = 0  # a resumed request's tokens so far: its seeded randomness goes on from there
 
     @classmethod
     def of(cls, p: SamplingParams) -> Params:
         return cls(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop_token_ids),
-                   p.ignore_eos, p.min_tokens)
+                   p.ignore_eos, p.min_tokens, p.output_offset)
 
     def sampling(self) -> SamplingParams:
         """Validated engine parameters (raises ValueError on out-of-range values)."""
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop_token_ids=list(self.stop_token_ids),
-                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens)
+                              ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+                              output_offset=self.output_offset)
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True):

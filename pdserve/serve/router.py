@@ -148,7 +148,8 @@ class ClusterBackend:
         try:
             while True:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
-                                          min_tokens=max(0, params.min_tokens - len(produced)))
+                                          min_tokens=max(0, params.min_tokens - len(produced)),
+                                          output_offset=params.output_offset + len(produced))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
                 route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
                                           self._loads("colocated"), frozenset(avoid), frozenset(bad_kv))
