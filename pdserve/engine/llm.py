@@ -57,7 +57,8 @@ class LLM:
     ) -> None:
         cache = CacheConfig(block_size, num_blocks, kv_cache_memory_gb, enable_prefix_caching, eviction)
         self.runner = ModelRunner(model, cache, device=device, dtype=dtype, seed=seed)
-        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, eviction)
+        self.block_manager = BlockManager(self.runner.num_blocks, block_size, enable_prefix_caching, eviction,
+                                          self.runner.cache_salt)
         self.scheduler = ColocatedScheduler(
             SchedulerConfig(max_num_batched_tokens, max_num_seqs, enable_chunked_prefill), self.block_manager
         )

@@ -45,7 +45,7 @@ class PDWorker:
         self.role: str = args.role
         self.runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
         self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
-                               ea.cache.eviction)
+                               ea.cache.eviction, self.runner.cache_salt)
         self.secret = cluster_secret()
         self.transfer = TransferConfig(transport=args.transport, bandwidth_gbps=args.bandwidth_gbps,
                                        latency_ms=args.latency_ms, fault_corrupt_prob=args.fault_corrupt_prob,
