@@ -31,7 +31,7 @@ from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import CacheSink, blocks_as_array
 from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
-from pdserve.transfer import KVPoll, KVReceiver, KVSender
+from pdserve.transfer import KVPoll, KVReceiver, KVSender, faults
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
@@ -84,6 +84,7 @@ class PDWorker:
         self.transfer_wait: dict[str, float] = {}  # KV still arriving after the first token, seconds
         if self.role == "prefill":
             self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=args.transfer_timeout_s)
+            faults.install_from_config(self.sender, self.transfer)  # fault tests only
             self.core.layer_hook = self._push_layer
         if self.role == "decode":
             self.receiver = KVReceiver(CacheSink(self.runner), self.transfer, host=args.host, secret=self.secret,
