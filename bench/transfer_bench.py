@@ -1,17 +1,21 @@
 """KV transfer throughput: tcp and shm transports beside raw loopback and memcpy, in one run.
 
-    .venv/bin/python bench/transfer_bench.py [--quick] [--out bench/results/transfer.json]
+    .venv/bin/python bench/transfer_bench.py [--quick] [--secret] [--out bench/results/transfer.json]
 
 Each case pushes one request's KV (every layer, KV-shaped [2, n_blocks, 16, kv_heads, head_dim])
 from a KVSender to a KVReceiver whose sink copies into a preallocated cache, and times from the
 first send_layer to SUCCESS. Reference points, measured in the same run: a raw loopback TCP stream
-(sendall / recv_into, no framing), numpy memcpy, and zlib.crc32 (every chunk is checksummed).
+(sendall / recv_into, no framing), numpy memcpy, zlib.crc32 (every chunk is checksummed) and
+HMAC-SHA256 (with `--secret` every case also runs with a cluster secret: frames are HMAC'd, shm
+payloads carry a keyed digest).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
+import hmac
 import json
 import os
 import platform
@@ -31,6 +35,7 @@ from pdserve.transfer import KVPoll, make_transfer_pair  # noqa: E402
 
 BLOCK = 16
 GB = 1e9
+SECRET = b"transfer-bench-secret"
 
 
 def log(msg: str) -> None:
@@ -57,6 +62,11 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
 def crc32_gbps(nbytes: int, reps: int) -> float:
     src = np.ones(nbytes, np.uint8)
     return best_rate(nbytes, lambda: zlib.crc32(src), reps)
+
+
+def hmac_gbps(nbytes: int, reps: int) -> float:
+    src = np.ones(nbytes, np.uint8)
+    return best_rate(nbytes, lambda: hmac.new(SECRET, src, hashlib.sha256).digest(), reps)
 
 
 def loopback_gbps(nbytes: int, reps: int, chunk: int = 8 * 1024 * 1024) -> float:
@@ -100,7 +110,7 @@ class CacheSink:
         dst[:, block_ids[0]:block_ids[0] + len(block_ids)] = np.frombuffer(data, dst.dtype).reshape(shape)
 
 
-def transport_gbps(kind: str, model: str, tokens: int, reps: int) -> dict:
+def transport_gbps(kind: str, model: str, tokens: int, reps: int, secret: bytes | None = None) -> dict:
     shape = CATALOG[model]
     n_blocks = tokens // BLOCK
     np_dtype = np.dtype("float32" if shape.dtype == "float32" else "uint16")  # bf16 rides as raw words
@@ -111,14 +121,14 @@ def transport_gbps(kind: str, model: str, tokens: int, reps: int) -> dict:
     total = kv.nbytes
     assert total == shape.kv_bytes_per_token() * tokens
     sink = CacheSink(shape.num_layers, layer_shape, np_dtype)
-    sender, receiver = make_transfer_pair(kind, sink, TransferConfig(), timeout_s=60.0)
+    sender, receiver = make_transfer_pair(kind, sink, TransferConfig(), secret=secret, timeout_s=60.0)
     blocks = list(range(n_blocks))
-    times = []
+    times, cpu = [], []
     try:
         for rep in range(reps + 1):  # rep 0 warms up connection, segment and pages
             rid = f"{model}-{tokens}-{rep}"
             receiver.expect(rid, shape.num_layers, blocks)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             for layer in range(shape.num_layers):
                 sender.send_layer(rid, receiver.address(), layer, shape.num_layers, blocks, kv[layer],
                                   dtype=shape.dtype)
@@ -128,17 +138,20 @@ def transport_gbps(kind: str, model: str, tokens: int, reps: int) -> dict:
                 raise RuntimeError(f"{kind} transfer failed: {sender.error(rid)}")
             if rep:
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)  # both ends' threads: robust to other tenants
         assert np.stack(sink.kv).tobytes() == kv.tobytes(), "bytes differ after transfer"
     finally:
         sender.close()
         receiver.close()
-    return {"transport": kind, "model": model, "tokens": tokens, "bytes": total,
-            "layers": shape.num_layers, "seconds": times, "gbps": total / min(times) / GB}
+    return {"transport": kind, "secret": secret is not None, "model": model, "tokens": tokens, "bytes": total,
+            "layers": shape.num_layers, "seconds": times, "cpu_seconds": cpu,
+            "gbps": total / min(times) / GB}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="512 tokens only, fewer repetitions")
+    ap.add_argument("--secret", action="store_true", help="also run every case with a cluster secret")
     ap.add_argument("--out", default="bench/results/transfer.json")
     args = ap.parse_args()
     reps = 2 if args.quick else 5
@@ -150,7 +163,9 @@ def main() -> None:
     memcpy = memcpy_gbps(ref_bytes, reps)
     log(f"  memcpy {memcpy:.2f} GB/s; crc32")
     crc = crc32_gbps(ref_bytes, reps)
-    log(f"  crc32 {crc:.2f} GB/s; raw loopback TCP")
+    log(f"  crc32 {crc:.2f} GB/s; hmac-sha256")
+    mac = hmac_gbps(ref_bytes, reps)
+    log(f"  hmac-sha256 {mac:.2f} GB/s; raw loopback TCP")
     loop = loopback_gbps(4 * ref_bytes, reps)
     log(f"  loopback {loop:.2f} GB/s")
 
@@ -158,18 +173,21 @@ def main() -> None:
     for model in models:
         for tokens in token_counts:
             for kind in ("tcp", "shm"):
-                log(f"{kind:3s} {model} {tokens} tokens ...")
-                r = transport_gbps(kind, model, tokens, reps)
-                r["vs_loopback"] = r["gbps"] / loop
-                r["vs_memcpy"] = r["gbps"] / memcpy
-                cases.append(r)
-                log(f"  {r['bytes'] / 1e6:.1f} MB in {min(r['seconds']) * 1e3:.1f} ms = {r['gbps']:.2f} GB/s")
+                for secret in [None, SECRET] if args.secret else [None]:
+                    log(f"{kind:3s} {model} {tokens} tokens{' with a secret' if secret else ''} ...")
+                    r = transport_gbps(kind, model, tokens, reps, secret)
+                    r["vs_loopback"] = r["gbps"] / loop
+                    r["vs_memcpy"] = r["gbps"] / memcpy
+                    cases.append(r)
+                    log(f"  {r['bytes'] / 1e6:.1f} MB in {min(r['seconds']) * 1e3:.1f} ms = {r['gbps']:.2f} GB/s")
 
-    print(f"\n{'transport':9s} {'model':13s} {'tokens':>6s} {'MB':>8s} {'GB/s':>7s} {'/loopback':>9s} {'/memcpy':>8s}")
+    print(f"\n{'transport':9s} {'secret':6s} {'model':13s} {'tokens':>6s} {'MB':>8s} {'GB/s':>7s} "
+          f"{'/loopback':>9s} {'/memcpy':>8s}")
     for r in cases:
-        print(f"{r['transport']:9s} {r['model']:13s} {r['tokens']:6d} {r['bytes'] / 1e6:8.1f} "
-              f"{r['gbps']:7.2f} {r['vs_loopback']:9.2f} {r['vs_memcpy']:8.2f}")
-    print(f"reference: loopback {loop:.2f} GB/s, memcpy {memcpy:.2f} GB/s, crc32 {crc:.2f} GB/s")
+        print(f"{r['transport']:9s} {'yes' if r['secret'] else 'no':6s} {r['model']:13s} {r['tokens']:6d} "
+              f"{r['bytes'] / 1e6:8.1f} {r['gbps']:7.2f} {r['vs_loopback']:9.2f} {r['vs_memcpy']:8.2f}")
+    print(f"reference: loopback {loop:.2f} GB/s, memcpy {memcpy:.2f} GB/s, crc32 {crc:.2f} GB/s, "
+          f"hmac-sha256 {mac:.2f} GB/s")
 
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -177,7 +195,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "block_size": BLOCK,
-        "reference_gbps": {"loopback_tcp": loop, "memcpy": memcpy, "crc32": crc},
+        "reference_gbps": {"loopback_tcp": loop, "memcpy": memcpy, "crc32": crc, "hmac_sha256": mac},
         "cases": cases,
     }
     out = Path(args.out)

@@ -64,7 +64,8 @@ class LLM:
         cfg = _config(model, settings)
         self.runner = ModelRunner(model, cfg.cache, device=cfg.device, dtype=cfg.dtype or None, seed=cfg.seed)
         self.block_manager = BlockManager(self.runner.num_blocks, cfg.cache.block_size,
-                                          cfg.cache.enable_prefix_caching, cfg.cache.eviction)
+                                          cfg.cache.enable_prefix_caching, cfg.cache.eviction,
+                                          self.runner.cache_salt)
         self.scheduler = ColocatedScheduler(cfg.colocated.policy(), self.block_manager)
         self.core = EngineCore(self.runner, self.scheduler)
         self.tokenizer = load_tokenizer(model)

@@ -9,6 +9,7 @@ import torch
 from pdserve.config.engine import CacheConfig
 from pdserve.model.attention import AttentionMetadata
 from pdserve.model.loader import TORCH_DTYPES, load_model
+from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
 
 
@@ -23,6 +24,9 @@ class ModelRunner:
         self.device = torch.device(device)
         self.model, self.shape = load_model(model, dtype=dtype, device=device, seed=seed)
         self.dtype = TORCH_DTYPES[self.shape.dtype]
+        # What besides the tokens decides this replica's KV: the prefix cache's salt. The seed
+        # matters for dummy weights; an adapter id joins it when adapters exist.
+        self.cache_salt = cache_salt(f"{model}#seed={seed}", self.shape.dtype)
         self.block_size = cache.block_size
         per_block = cache.block_size * self.shape.kv_bytes_per_token()
         self.num_blocks = cache.num_blocks or max(4, int(cache.kv_cache_memory_gb * 2**30 // per_block))

@@ -7,26 +7,51 @@ A block is in one of three places:
   * free        — ref_count == 0 and no hash.
 `num_free_blocks` counts free and cached blocks: both can be handed out.
 
-Prefix-cache keys form a hash chain: key_i = hash((key_{i-1}, tokens of block i)), so a block is
-only reused when the whole prefix before it matches too.
+Prefix-cache keys form a SHA-256 chain: key_i = sha256(key_{i-1} + token ids of block i), so a
+block is only reused when the whole prefix before it matches too. A collision would silently serve
+another prompt's KV, so the key is a cryptographic digest (not Python's 64-bit `hash()`), and the
+chain's root is derived from a salt naming everything besides the tokens that makes KV differ
+(model, dtype, an adapter id): blocks of the same tokens under different salts never match.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+import json
+import sys
+from array import array
 from collections import OrderedDict, deque
 
 from pdserve.sched.request import Request
 
 EVICTION_POLICIES = ("lru", "fifo")
+_ROOT_TAG = b"pdserve-prefix-cache-v1\0"
 
 
-def block_hashes(token_ids: list[int], block_size: int, parent: int | None = None) -> list[int]:
-    """Chain hashes of every full block of `token_ids`."""
-    out: list[int] = []
-    h = parent if parent is not None else 0x9E3779B97F4A7C15
-    for i in range(0, len(token_ids) - block_size + 1, block_size):
-        h = hash((h, tuple(token_ids[i : i + block_size])))
+def cache_salt(model: str = "", dtype: str = "", adapter: str = "") -> bytes:
+    """The salt for a cache whose KV comes from this model, dtype and adapter (LoRA id; "" = none)."""
+    return json.dumps([model, dtype, adapter]).encode()  # unambiguous, whatever the strings hold
+
+
+def chain_root(salt: bytes = b"") -> bytes:
+    """The parent key of a prompt's first block."""
+    return hashlib.sha256(_ROOT_TAG + salt).digest()
+
+
+def block_hashes(token_ids: list[int], block_size: int, parent: bytes | None = None,
+                 salt: bytes = b"") -> list[bytes]:
+    """Chain keys of every full block of `token_ids`, continuing from `parent` (else the salt's root)."""
+    packed = array("q", token_ids)  # 8 bytes a token: any int id, one C loop
+    if sys.byteorder != "little":
+        packed.byteswap()  # the same key on every host
+    raw = packed.tobytes()
+    step = 8 * block_size
+    sha = hashlib.sha256
+    h = parent if parent is not None else chain_root(salt)
+    out: list[bytes] = []
+    for i in range(0, len(raw) - step + 1, step):
+        h = sha(h + raw[i : i + step]).digest()
         out.append(h)
     return out
 
@@ -51,7 +76,9 @@ class BlockManager:
         block_size: int = 16,
         enable_prefix_caching: bool = True,
         eviction: str = "lru",
+        salt: bytes = b"",
     ) -> None:
+        """`salt` (see `cache_salt`) keeps caches of different models, dtypes or adapters apart."""
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
         if num_blocks <= 0 or block_size <= 0:
@@ -60,9 +87,11 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.eviction = eviction
+        self.salt = salt
+        self._root = chain_root(salt)
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[int | None] = [None] * num_blocks
-        self.hash_to_block: dict[int, int] = {}
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.hash_to_block: dict[bytes, int] = {}
         self._free: deque[int] = deque(range(num_blocks))
         # Cached, unreferenced blocks. lru: ordered by when they were last released;
         # fifo: a heap ordered by when their content was first cached.
@@ -72,7 +101,7 @@ class BlockManager:
         self._seq = 0
         self._evictable = 0
         # Per request: chain hashes of its full blocks registered so far.
-        self._req_hashes: dict[str, list[int]] = {}
+        self._req_hashes: dict[str, list[bytes]] = {}
         self.hits = 0
         self.queries = 0
 
@@ -141,7 +170,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or req.block_ids:
             return 0  # before any token list is built
-        hashes = block_hashes(_token_slice(req, 0, req.num_tokens - 1), self.block_size)
+        hashes = block_hashes(_token_slice(req, 0, req.num_tokens - 1), self.block_size, self._root)
         self.queries += len(hashes)
         reused: list[int] = []
         for h in hashes:
@@ -207,7 +236,7 @@ class BlockManager:
         num_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
         if num_full <= len(done):
             return
-        parent = done[-1] if done else None
+        parent = done[-1] if done else self._root
         start = len(done)
         tokens = _token_slice(req, start * self.block_size, num_full * self.block_size)
         new = block_hashes(tokens, self.block_size, parent)

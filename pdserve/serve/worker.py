@@ -24,7 +24,8 @@ def build_colocated(args: argparse.Namespace) -> OpenAIFront:
     ea = EngineArgs.from_namespace(args)
     ea.apply_threads()
     runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
-    bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching, ea.cache.eviction)
+    bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching, ea.cache.eviction,
+                      runner.cache_salt)
     core = EngineCore(runner, ColocatedScheduler(ea.scheduler, bm))
     return OpenAIFront(LocalBackend(core), load_tokenizer(ea.model), args.cluster.public_model_name,
                        api_key=args.api_key)

@@ -4,13 +4,15 @@
 - `protocol`: `KVPoll` states, typed chunk/ack/abort messages, the `KVSink` the decode engine gives.
 - `receiver.KVReceiver` (decode side) and `sender.KVSender` (prefill side); each module's
   docstring walks a request through its states. Transports: `tcp` (across hosts, the default),
-  `shm` (same host: bytes go through a shared-memory ring, headers over the socket) and `fake`
-  (in-process, for tests).
+  `shm` (same host: bytes go through a shared-memory ring, headers over the socket; `shm` holds
+  both ends of the segment and says what it trusts) and `fake` (in-process, for tests; `fake`).
+- `faults`: injected corruption and cuts, a wrapper around the sender's transmit step.
 """
 
 from __future__ import annotations
 
 from pdserve.config import TransferConfig
+from pdserve.transfer import faults
 from pdserve.transfer.protocol import KVChunk, KVPoll, KVSink
 from pdserve.transfer.receiver import KVReceiver
 from pdserve.transfer.sender import KVSender
@@ -28,4 +30,7 @@ def make_transfer_pair(kind: str, sink: KVSink, config: TransferConfig | None = 
     """
     receiver = KVReceiver(sink, config, host=host, secret=secret, timeout_s=timeout_s, transport=kind)
     receiver.start()
-    return KVSender(config, secret=secret, timeout_s=timeout_s), receiver
+    sender = KVSender(config, secret=secret, timeout_s=timeout_s)
+    if config is not None:
+        faults.install_from_config(sender, config)
+    return sender, receiver

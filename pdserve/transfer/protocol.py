@@ -2,6 +2,8 @@
 
 One `KVChunk` frame carries K and V of one layer for a run of blocks of one request; its tensor
 bytes travel as the frame payload (tcp) or in a shared-memory segment the header names (shm).
+Bytes in the frame are covered by the frame's HMAC when a cluster secret is set; bytes in a
+segment are not, so with a secret the header carries their keyed digest instead of a CRC.
 The receiver answers every chunk with a `KVAck`, in order; the ack with `done=True` means every
 layer of the request is written into the decode worker's blocks. `KVAbort` tells a receiver that
 the sender gave a request up.
@@ -10,6 +12,8 @@ the sender gave a request up.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import math
 import zlib
 from typing import Protocol
@@ -41,10 +45,11 @@ class KVChunk(msgspec.Struct, tag="chunk", frozen=True):
     dtype: str
     shape: list[int]  # [2, len(block_ids), block_size, kv_heads, head_dim]: K and V
     nbytes: int
-    checksum: int  # zlib.crc32 of the tensor bytes
+    checksum: int  # zlib.crc32 of the tensor bytes; 0 when `digest` is set
     shm_name: str = ""  # shm: the segment holding the bytes; "" = they are the frame payload
     shm_offset: int = 0
     sender_pid: int = 0
+    digest: bytes = b""  # payload_digest of the bytes: shm with a cluster secret (the header is HMAC'd)
 
 
 class KVAbort(msgspec.Struct, tag="abort", frozen=True):
@@ -80,7 +85,18 @@ def decode_ack(data: bytes) -> KVAck:
 
 
 def checksum(data: memoryview | bytes) -> int:
+    """Catches accidents (a torn or misplaced write), not an adversary."""
     return zlib.crc32(data)
+
+
+def payload_key(secret: bytes) -> bytes:
+    """The key of payload digests, derived from the cluster secret so it never doubles as a frame tag."""
+    return hmac.new(secret, b"pdserve kv payload v1", hashlib.sha256).digest()
+
+
+def payload_digest(key: bytes, data: memoryview | bytes) -> bytes:
+    """HMAC-SHA256 of a chunk's bytes: only a holder of the cluster secret can make bytes that match."""
+    return hmac.new(key, data, hashlib.sha256).digest()
 
 
 def chunk_error(chunk: KVChunk, data_len: int) -> str:

@@ -10,25 +10,25 @@ Lifecycle of one request on a decode worker::
     progress for timeout_s
 
 A chunk is written only if its request was expected, it is not terminal, its blocks are among the
-reserved ones and its checksum matches; so a SUCCESS request's KV is complete and intact, and
-blocks of a FAILED (or dropped) request are never touched again once `drop()` returns.
+reserved ones and its bytes check out; so a SUCCESS request's KV is complete and intact, and
+blocks of a FAILED (or dropped) request are never touched again once `drop()` returns. The bytes
+check is the CRC without a cluster secret; with one, bytes in the frame are under the frame's HMAC
+and bytes in shared memory are copied out of the segment, then checked against the keyed digest
+the (authenticated) header carries: another process writing the segment cannot inject KV.
 One thread accepts connections and one thread serves each connection (one per prefill worker).
 """
 
 from __future__ import annotations
 
-import itertools
-import os
+import hmac
 import socket
-import sys
 import threading
 import time
-import weakref
-from multiprocessing import resource_tracker, shared_memory
 
 import msgspec
 
 from pdserve.config import TransferConfig
+from pdserve.transfer import fake
 from pdserve.transfer.frames import FrameError, read_frame_sync, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
@@ -41,12 +41,12 @@ from pdserve.transfer.protocol import (
     chunk_error,
     decode_to_receiver,
     encode,
+    payload_digest,
+    payload_key,
 )
+from pdserve.transfer.shm import Segments
 
-SHM_PREFIX = "pdkv_"
 _RETAIN_S = 300.0  # terminal requests are remembered this long, so late chunks are refused, then forgotten
-_fake_ids = itertools.count()
-FAKE_RECEIVERS: weakref.WeakValueDictionary[str, KVReceiver] = weakref.WeakValueDictionary()
 
 
 class _Req:
@@ -76,6 +76,7 @@ class KVReceiver:
         if self.transport not in ("tcp", "shm", "fake"):
             raise ValueError(f"transport must be tcp, shm or fake, got {self.transport!r}")
         self.sink, self.host, self.port, self.secret, self.timeout_s = sink, host, port, secret, timeout_s
+        self._payload_key = payload_key(secret) if secret else None
         self._cond = threading.Condition()
         self._reqs: dict[str, _Req] = {}
         self._swept = time.monotonic()
@@ -89,8 +90,7 @@ class KVReceiver:
     def start(self) -> None:
         """Bind and start serving (tcp/shm), or register in this process (fake)."""
         if self.transport == "fake":
-            self._fake_id = str(next(_fake_ids))
-            FAKE_RECEIVERS[self._fake_id] = self
+            self._fake_id = fake.register(self)
             return
         self._listener = socket.create_server((self.host, self.port))
         self._listener.settimeout(0.2)  # lets the accept loop notice close()
@@ -157,8 +157,7 @@ class KVReceiver:
     def handle_chunk(self, chunk: KVChunk, data: memoryview, seen: set[str] | None = None) -> KVAck:
         """Verify one chunk, write it through the sink, and say how it went."""
         rid = chunk.request_id
-        err = chunk_error(chunk, data.nbytes) or (
-            "checksum mismatch" if checksum(data) != chunk.checksum else "")
+        err = chunk_error(chunk, data.nbytes) or self._bytes_error(chunk, data)
         with self._cond:
             st = self._reqs.get(rid)
             if st is None or self._closed:
@@ -204,6 +203,19 @@ class KVReceiver:
                 st.state, st.error = KVPoll.FAILED, reason
 
     # ---- internals ----------------------------------------------------------------------------
+    def _bytes_error(self, chunk: KVChunk, data: memoryview) -> str:
+        """Why the chunk's bytes are not the ones its sender sent, or ""."""
+        key = self._payload_key
+        if chunk.digest:
+            if key is None:
+                return "chunk carries a payload digest but no cluster secret is configured here"
+            if not hmac.compare_digest(payload_digest(key, data), chunk.digest):
+                return "payload authentication failed"
+            return ""
+        if key is not None and chunk.shm_name:
+            return "shared-memory payload without a digest while a cluster secret is set"
+        return "checksum mismatch" if checksum(data) != chunk.checksum else ""
+
     def _spawn(self, target, name: str, *args) -> None:
         t = threading.Thread(target=target, args=args, name=name, daemon=True)
         self._threads = [x for x in self._threads if x.is_alive()] + [t]
@@ -236,7 +248,7 @@ class KVReceiver:
 
     def _serve_conn(self, conn: socket.socket) -> None:
         seen: set[str] = set()  # requests that moved over this connection die with it
-        segments: dict[str, shared_memory.SharedMemory] = {}
+        segments = Segments()
         reason = "connection closed by the sender"
         try:
             while True:
@@ -245,9 +257,13 @@ class KVReceiver:
                 if isinstance(msg, KVAbort):
                     self.fail(msg.request_id, f"aborted by the sender: {msg.reason}")
                     continue
-                if msg.shm_name:
-                    seg = _attach(segments, msg)
-                    view = seg.buf[msg.shm_offset: msg.shm_offset + msg.nbytes]
+                if msg.shm_name and self._payload_key is not None:
+                    # Copied out before it is checked: a later write to the segment cannot
+                    # change what was verified.
+                    data = segments.copy(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
+                    ack = self.handle_chunk(msg, data, seen)
+                elif msg.shm_name:  # no secret: same-user processes are trusted; read in place
+                    view = segments.view(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
                     try:
                         ack = self.handle_chunk(msg, view, seen)
                     finally:
@@ -262,39 +278,10 @@ class KVReceiver:
         finally:
             for rid in seen:
                 self.fail(rid, reason)
-            for seg in segments.values():
-                _close_segment(seg)
+            segments.close()
             with self._cond:
                 self._conns.discard(conn)
             conn.close()
-
-
-def _attach(segments: dict[str, shared_memory.SharedMemory], chunk: KVChunk) -> shared_memory.SharedMemory:
-    """Map the sender's segment (once per name); a new name means the old segment was retired."""
-    seg = segments.get(chunk.shm_name)
-    if seg is None:
-        if not chunk.shm_name.startswith(SHM_PREFIX) or "/" in chunk.shm_name:
-            raise ValueError(f"refusing shared-memory segment {chunk.shm_name!r}")
-        for old in segments.values():
-            _close_segment(old)
-        segments.clear()
-        if sys.version_info >= (3, 13):
-            seg = shared_memory.SharedMemory(chunk.shm_name, track=False)
-        else:
-            seg = shared_memory.SharedMemory(chunk.shm_name)
-            if chunk.sender_pid != os.getpid():  # only the creating process may unlink it at exit
-                resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
-        segments[chunk.shm_name] = seg
-    if chunk.shm_offset < 0 or chunk.shm_offset + chunk.nbytes > seg.size:
-        raise ValueError("chunk lies outside its shared-memory segment")
-    return seg
-
-
-def _close_segment(seg: shared_memory.SharedMemory) -> None:
-    try:
-        seg.close()
-    except BufferError:  # a sink kept a view of it; the mapping goes when that view does
-        pass
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -12,29 +12,66 @@ The caller frees its own KV blocks only after SUCCESS or FAILED. `send_layer` do
 `data`: pass an array nobody writes to until then (a gather such as `kv[:, block_ids]` is one).
 Link emulation (`TransferConfig.bandwidth_gbps`, `latency_ms`) sleeps before each chunk for
 latency + bytes * 8 / bandwidth, on the link thread, so the caller never waits for it.
+
+Each chunk leaves through `KVSender.transmit` (an `Outgoing` in, frame out): tests wrap it to
+inject faults (`transfer.faults`), so the send path itself has none. Bytes sent in the frame are
+checksummed (and HMAC'd with the frame under a cluster secret); bytes staged in shared memory get a
+keyed digest instead when a secret is set, since the frame's HMAC does not cover them.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-import random
 import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from pdserve.config import TransferConfig
+from pdserve.transfer import fake
 from pdserve.transfer.frames import read_frame_sync, write_frame_sync
-from pdserve.transfer.protocol import TERMINAL, KVAbort, KVAck, KVChunk, KVPoll, checksum, decode_ack, encode
-from pdserve.transfer.receiver import FAKE_RECEIVERS
+from pdserve.transfer.protocol import (
+    TERMINAL,
+    KVAbort,
+    KVAck,
+    KVChunk,
+    KVPoll,
+    checksum,
+    decode_ack,
+    encode,
+    payload_digest,
+    payload_key,
+)
 from pdserve.transfer.shm import DEFAULT_RING_BYTES, ShmRing
 
 _RETAIN_S = 300.0
 _HEADER_SLACK = 64 * 1024  # room for the chunk header inside max_frame_bytes
+
+
+@dataclass
+class Outgoing:
+    """One chunk ready to leave on a connection (tcp or shm)."""
+
+    sock: socket.socket
+    chunk: KVChunk
+    payload: bytes | memoryview  # the frame payload: the bytes (tcp), or b"" when they are in the ring
+    data: memoryview  # the bytes the checksum or digest was taken over
+    ring: ShmRing | None  # shm: the ring holding the bytes at chunk.shm_offset
+    secret: bytes | None
+
+
+Transmit = Callable[[Outgoing], None]
+
+
+def send_chunk(out: Outgoing) -> None:
+    """The plain transmit step: one frame with the chunk header (and, for tcp, its bytes)."""
+    write_frame_sync(out.sock, encode(out.chunk), out.payload, out.secret)
 
 
 class _Req:
@@ -57,16 +94,18 @@ class KVSender:
     """One per prefill worker; sends to any number of receivers ("tcp://", "shm://", "fake://")."""
 
     def __init__(self, config: TransferConfig | None = None, secret: bytes | None = None,
-                 timeout_s: float = 30.0, shm_ring_bytes: int = DEFAULT_RING_BYTES) -> None:
+                 timeout_s: float = 30.0, shm_ring_bytes: int = DEFAULT_RING_BYTES,
+                 transmit: Transmit = send_chunk) -> None:
         self.config = config or TransferConfig()
         self.shm_ring_bytes = shm_ring_bytes
         self.secret, self.timeout_s = secret, timeout_s
+        self._payload_key = payload_key(secret) if secret else None
+        self.transmit = transmit  # called on link threads; a wrapper may replace it before sending
         self._cond = threading.Condition()
         self._reqs: dict[str, _Req] = {}
         self._links: dict[str, _Link] = {}
         self._swept = time.monotonic()
         self._closed = False
-        self.fault_rng = random.Random()  # drives injected faults (TransferConfig.fault_*)
 
     def send_layer(self, request_id: str, dest: str, layer: int, num_layers: int, block_ids: list[int],
                    data: Any, dtype: str | None = None) -> None:
@@ -206,7 +245,7 @@ class _Link(threading.Thread):
         while (item := self.queue.get()) is not None:
             rid = item[1]
             if item[0] == "abort":
-                if self.scheme == "fake" and (receiver := FAKE_RECEIVERS.get(self.where)) is not None:
+                if self.scheme == "fake" and (receiver := fake.lookup(self.where)) is not None:
                     receiver.fail(rid, "aborted by the sender")
                     continue
                 conn = self.conn
@@ -236,10 +275,12 @@ class _Link(threading.Thread):
             bw = arr.nbytes * 8 / (cfg.bandwidth_gbps * 1e9) if cfg.bandwidth_gbps else 0.0
             time.sleep(cfg.latency_ms / 1e3 + bw)
         data = memoryview(arr).cast("B") if arr.nbytes else memoryview(b"")
+        key = s._payload_key if self.scheme == "shm" else None
+        digest = payload_digest(key, data) if key is not None else b""
         chunk = KVChunk(rid, layer, num_layers, list(block_ids), dtype, list(arr.shape), arr.nbytes,
-                        checksum(data))
+                        0 if digest else checksum(data))
         if self.scheme == "fake":
-            receiver = FAKE_RECEIVERS.get(self.where)
+            receiver = fake.lookup(self.where)
             if receiver is None:
                 raise ConnectionError(f"no fake receiver at {self.dest}")
             with s._cond:
@@ -254,23 +295,14 @@ class _Link(threading.Thread):
                 return
             conn.ring.put(off, arr)
             chunk = KVChunk(rid, layer, num_layers, chunk.block_ids, dtype, chunk.shape, chunk.nbytes,
-                            chunk.checksum, conn.ring.name, off, os.getpid())
+                            chunk.checksum, conn.ring.name, off, os.getpid(), digest)
         with s._cond:
             if conn.dead:
                 raise ConnectionError("connection lost")
             conn.pending.append((rid, off))  # before writing: the ack may beat us back
             conn.rids.add(rid)
             st.started, st.state, st.last = True, KVPoll.TRANSFERRING, time.monotonic()
-        payload = b"" if off is not None else data
-        if cfg.fault_corrupt_prob and s.fault_rng.random() < cfg.fault_corrupt_prob and data.nbytes:
-            broken = bytearray(data)  # injected fault: the bytes no longer match the checksum
-            broken[len(broken) // 2] ^= 0xFF
-            payload = broken if off is None else payload
-            if off is not None:
-                conn.ring.put(off, np.frombuffer(bytes(broken), dtype=np.uint8))  # type: ignore[union-attr]
-        write_frame_sync(conn.sock, encode(chunk), payload, s.secret)
-        if cfg.fault_cut_prob and s.fault_rng.random() < cfg.fault_cut_prob:
-            _shutdown(conn.sock)  # injected fault: the link drops mid-transfer
+        s.transmit(Outgoing(conn.sock, chunk, b"" if off is not None else data, data, conn.ring, s.secret))
 
     def _reserve(self, conn: _Conn, st: _Req, n: int) -> int | None:
         """Room for n bytes in the ring, growing it when n alone does not fit; None if st ended."""

@@ -1,20 +1,27 @@
-"""A shared-memory staging ring: the sender copies a chunk in, the receiver copies it out.
+"""Shared memory for the shm transport, both ends: the sender's staging ring, the receiver's mappings.
 
-Regions are handed out in FIFO order and freed in the same order (the receiver acknowledges the
-chunks of one connection in order), so the free space is always one or two runs at the ends.
+The sender copies a chunk into its ring (`ShmRing`) and sends only the header over the socket; the
+receiver maps the segment the header names (`Segments`) and copies the bytes out. Ring regions are
+handed out in FIFO order and freed in the same order (the receiver acknowledges the chunks of one
+connection in order), so the free space is always one or two runs at the ends.
+
+Trust: a segment is created with mode 0600, so only processes of the same user (and root) can
+map it. Any of them can write it while a chunk is in flight; with a cluster secret the receiver
+copies the bytes out first and checks them against the keyed digest in the authenticated header
+(see `protocol.payload_digest`), so such a write fails the request instead of injecting KV.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sys
 from collections import deque
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
-from pdserve.transfer.receiver import SHM_PREFIX
-
+SHM_PREFIX = "pdkv_"  # every segment pdserve creates is named so; a receiver maps no other
 DEFAULT_RING_BYTES = 64 * 1024 * 1024
 
 
@@ -73,3 +80,59 @@ class ShmRing:
             self.shm.unlink()
         except FileNotFoundError:
             pass
+
+
+class Segments:
+    """A receiver connection's mappings of its sender's segments (one live at a time)."""
+
+    def __init__(self) -> None:
+        self._segs: dict[str, shared_memory.SharedMemory] = {}
+        self._scratch = bytearray()
+
+    def view(self, name: str, offset: int, nbytes: int, sender_pid: int) -> memoryview:
+        """The bytes in place; release the view before the next call (a mapping cannot close under it)."""
+        seg = self._attach(name, sender_pid)
+        if offset < 0 or nbytes < 0 or offset + nbytes > seg.size:
+            raise ValueError("chunk lies outside its shared-memory segment")
+        return seg.buf[offset: offset + nbytes]
+
+    def copy(self, name: str, offset: int, nbytes: int, sender_pid: int) -> memoryview:
+        """The bytes copied into a private buffer (reused by the next call), out of other writers' reach."""
+        if len(self._scratch) < nbytes:
+            self._scratch = bytearray(nbytes)
+        out = memoryview(self._scratch)[:nbytes]
+        src = self.view(name, offset, nbytes, sender_pid)
+        try:
+            out[:] = src
+        finally:
+            src.release()
+        return out
+
+    def close(self) -> None:
+        for seg in self._segs.values():
+            _close_segment(seg)
+        self._segs.clear()
+
+    def _attach(self, name: str, sender_pid: int) -> shared_memory.SharedMemory:
+        """Map a segment once per name; a new name means the sender retired the old segment."""
+        seg = self._segs.get(name)
+        if seg is not None:
+            return seg
+        if not name.startswith(SHM_PREFIX) or "/" in name:
+            raise ValueError(f"refusing shared-memory segment {name!r}")
+        self.close()
+        if sys.version_info >= (3, 13):
+            seg = shared_memory.SharedMemory(name, track=False)
+        else:
+            seg = shared_memory.SharedMemory(name)
+            if sender_pid != os.getpid():  # only the creating process may unlink it at exit
+                resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+        self._segs[name] = seg
+        return seg
+
+
+def _close_segment(seg: shared_memory.SharedMemory) -> None:
+    try:
+        seg.close()
+    except BufferError:  # a sink kept a view of it; the mapping goes when that view does
+        pass

@@ -1,0 +1,105 @@
+"""The prefill role: batched prefill whose KV is pushed, layer by layer, into a decode worker's blocks.
+
+Prefill(prompt, decode's KV address and blocks) ──▶ queue ──▶ batch ──▶ each layer's KV is pushed
+to the decode worker as soon as the layer is computed ──▶ Tokens(first token) to the router at
+once ──▶ TransferDone when every layer is acknowledged (or the transfer failed); then the
+request's blocks are freed. Draining waits for transfers in flight as well as for requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from pdserve.sched.prefill import PrefillBatcher
+from pdserve.sched.request import Request
+from pdserve.serve import messages as m
+from pdserve.serve.engine_args import EngineArgs
+from pdserve.serve.kv_bridge import blocks_as_array
+from pdserve.serve.rpc import Peer
+from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
+from pdserve.transfer import KVPoll, KVSender, faults
+
+
+class PrefillWorker(WorkerBase[PrefillBatcher]):
+    role = "prefill"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.kv_dest: dict[str, m.Prefill] = {}  # where each request's KV goes
+        self.sending: dict[str, float] = {}  # requests whose transfer is in flight, since when
+        self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
+        faults.install_from_config(self.sender, self.transfer)  # fault tests only
+        self.core.layer_hook = self._push_layer
+
+    def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> PrefillBatcher:
+        return PrefillBatcher(args.cluster.prefill.policy(), self.bm)
+
+    # ---- admission --------------------------------------------------------------------------
+    async def _handle_work(self, msg: m.ToWorker, peer: Peer) -> None:
+        if isinstance(msg, m.Prefill):
+            if self._admit(msg, peer):
+                self.kv_dest[msg.request_id] = msg
+                self.policy.set_decode_pressure(msg.decode_free_fraction)
+        else:
+            await super()._handle_work(msg, peer)
+
+    def _forget(self, rid: str, req: Request | None) -> None:
+        super()._forget(rid, req)
+        self.kv_dest.pop(rid, None)
+
+    def _abort_transfer(self, rid: str) -> None:
+        if rid in self.sending:
+            self.sender.abort(rid)
+
+    # ---- the first token and the KV ----------------------------------------------------------
+    def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
+        """The one token a prefill makes goes to the router now; the request lives on until its KV is sent."""
+        reason = first_token_finish(req, tok)
+        self.sending[req.request_id] = time.monotonic()
+        self._transfer_started.set()
+        return m.Tokens(req.request_id, [tok], reason, timings=prefill_timings(req),
+                        num_cached_tokens=req.num_cached_tokens)
+
+    def _push_layer(self, out, layer: int) -> None:  # type: ignore[no-untyped-def]
+        """Engine thread: layer `layer` of this batch is computed; ship it."""
+        for chunk in out.chunks:
+            req = chunk.request
+            dest = self.kv_dest.get(req.request_id)
+            if dest is None:
+                continue
+            n = self.bm.blocks_needed(req.num_prompt_tokens)
+            data, dtype = blocks_as_array(self.runner, layer, req.block_ids[:n])
+            self.sender.send_layer(req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
+                                   dest.block_ids[:n], data, dtype=dtype)
+
+    def _transfers_in_flight(self) -> bool:
+        return bool(self.sending)
+
+    def _busy(self) -> bool:
+        return bool(self.sending)
+
+    def _poll_transfers_once(self) -> None:
+        for rid, started in list(self.sending.items()):
+            try:
+                state = self.sender.poll(rid)
+            except KeyError:
+                state = KVPoll.FAILED if rid not in self.requests else KVPoll.BOOTSTRAPPING
+            if state not in (KVPoll.SUCCESS, KVPoll.FAILED):
+                continue
+            del self.sending[rid]
+            req = self.requests.get(rid)
+            peer = self.owners.get(rid)
+            if peer is not None:
+                asyncio.ensure_future(send_all(peer, [m.TransferDone(
+                    rid, state is KVPoll.SUCCESS, time.monotonic() - started, self.sender.error(rid))]))
+            if req is not None:
+                self.thread.submit(lambda req=req: self.policy.release(req, self.core.clock()))
+            self._forget(rid, req)
+
+    def _close_transfers(self) -> None:
+        self.sender.close()
+
+    def _stats_extra(self) -> dict[str, int]:
+        return {"queued_prompt_tokens": self.policy.queued_tokens}

@@ -1,0 +1,299 @@
+"""What every cluster worker shares, whatever its role: the engine, the RPC server, admission, results.
+
+A worker is a policy (its role) over one model replica and its KV cache, speaking the internal
+RPC to the router. This base owns the parts that do not depend on the role: building the engine,
+serving RPC, answering stats and aborts, refusing work while draining, turning a message into a
+`Request` (or a reason to refuse it), and streaming the engine's tokens back to the router. Each
+role (`colocated_worker`, `prefill_worker`, `decode_worker`) says which messages it takes, how it
+admits them, and what happens around its KV transfers; `pd_worker` picks the class for a role.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from typing import Generic, Protocol, TypeVar
+
+from pdserve.engine.core import EngineCore, Policy, StepResult
+from pdserve.engine.model_runner import ModelRunner
+from pdserve.sched.block_manager import BlockManager
+from pdserve.sched.request import Request, RequestStatus
+from pdserve.serve import messages as m
+from pdserve.serve.async_engine import EngineThread
+from pdserve.serve.engine_args import EngineArgs
+from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
+
+log = logging.getLogger("pdserve.worker")
+POLL_S = 0.002  # transfer state polling while transfers are in flight
+IDLE_POLL_S = 0.05
+
+
+class WorkerPolicy(Policy, Protocol):
+    """The scheduling policy a role runs, as the shared worker code uses it."""
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+
+P = TypeVar("P", bound=WorkerPolicy)
+
+
+class WorkerBase(Generic[P]):
+    """One worker process's state and message loop; subclasses are the roles."""
+
+    role = ""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        ea = EngineArgs.from_namespace(args)
+        ea.apply_threads()
+        self.runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
+        self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
+                               ea.cache.eviction, self.runner.cache_salt)
+        self.secret = cluster_secret()
+        self.transfer = args.cluster.transfer  # the settings, from pdserve.config.schema
+        self.policy: P = self._make_policy(args, ea)
+        self.core = EngineCore(self.runner, self.policy)
+        self.thread = EngineThread(self.core, self._on_step)
+        self.rpc = RpcServer(self._handle, args.host, args.port, self.secret, on_close=self._peer_gone)
+        self.owners: dict[str, Peer] = {}  # request id -> the router connection to answer on
+        self.requests: dict[str, Request] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False
+        self.max_waiting = args.cluster.max_waiting  # queue bound: beyond it new work is refused (overload)
+        self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
+
+    # ---- what a role defines ------------------------------------------------------------------
+    def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> P:
+        raise NotImplementedError
+
+    async def _handle_work(self, msg: m.ToWorker, peer: Peer) -> None:
+        """A message that asks for work (the worker is not draining); the role admits or refuses it."""
+        await self._refuse(msg, peer, f"a {self.role} worker does not take {type(msg).__name__}", "invalid")
+
+    def _on_start(self, msg: m.Start) -> None:
+        """The router says a request's first token came (decode role); others have nothing to do."""
+
+    def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
+        """What to tell the router about a token the engine produced for `req`."""
+        reply = self._tokens(req, [tok], done)
+        if done is not None:
+            self._forget(req.request_id, done)
+        return reply
+
+    def _busy(self) -> bool:
+        """Work that drain() waits for besides the requests themselves."""
+        return False
+
+    def _transfers_in_flight(self) -> bool:
+        return False
+
+    def _poll_transfers_once(self) -> None:
+        """Check transfer states (called every POLL_S while some are in flight, else every IDLE_POLL_S)."""
+
+    def _abort_transfer(self, rid: str) -> None:
+        """Stop moving the request's KV (before the engine forgets it)."""
+
+    def _start_transfers(self) -> None:
+        """Bring the transfer plane up, before the worker says READY."""
+
+    def _close_transfers(self) -> None:
+        """Take the transfer plane down, after the engine stopped."""
+
+    def _stats_extra(self) -> dict[str, int]:
+        """Role-specific Stats fields."""
+        return {}
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._start_transfers()
+        self.thread.start()
+        await self.rpc.start()
+        stop = asyncio.Event()
+        self.loop.add_signal_handler(signal.SIGTERM, stop.set)
+        self.loop.add_signal_handler(signal.SIGINT, stop.set)
+        poller = asyncio.create_task(self._poll_transfers())
+        log.info("%s worker ready on %s:%d (%d KV blocks)", self.role, self.rpc.host, self.rpc.port, self.bm.num_blocks)
+        print(f"READY {self.role} {self.rpc.host}:{self.rpc.port} pid={os.getpid()}", flush=True)
+        await stop.wait()
+        await self.drain()
+        poller.cancel()
+        await self.rpc.close()
+        self.thread.stop()
+        self._close_transfers()
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Take no new work; let in-flight requests and transfers finish. Stats say draining meanwhile."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while (self.requests or self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    # ---- messages from the router -----------------------------------------------------------
+    async def _handle(self, msg: m.ToWorker, peer: Peer) -> None:
+        if isinstance(msg, m.StatsQuery):
+            await peer.send(self._stats(msg.nonce))
+        elif isinstance(msg, m.Abort):
+            self._abort(msg.request_id)
+        elif isinstance(msg, m.Start):
+            self._on_start(msg)
+        elif self.draining:
+            await self._refuse(msg, peer, "worker is draining")
+        else:
+            await self._handle_work(msg, peer)
+
+    async def _refuse(self, msg: m.ToWorker, peer: Peer, why: str, kind: str = "draining") -> None:
+        rid = getattr(msg, "request_id", "")
+        if isinstance(msg, m.Reserve):
+            await peer.send(m.Reserved(rid, False, reason=why))
+        else:
+            await peer.send(m.Tokens(rid, [], error=why, error_kind=kind))
+
+    def _make(self, msg: m.Generate | m.Reserve | m.Prefill) -> Request | str:
+        try:
+            params = msg.params.sampling()
+        except ValueError as e:
+            return str(e)
+        if not msg.prompt_token_ids or any(not 0 <= t < self.runner.shape.vocab_size for t in msg.prompt_token_ids):
+            return "prompt is empty or has token ids outside the vocabulary"
+        if len(msg.prompt_token_ids) + params.max_tokens > self.runner.shape.max_model_len:
+            return "prompt + max_tokens exceeds the model's context"
+        if msg.request_id in self.requests:
+            return f"request id {msg.request_id!r} is already in use"
+        return self.core.make_request(msg.request_id, msg.prompt_token_ids, params)
+
+    def _admit(self, msg: m.Generate | m.Prefill, peer: Peer) -> bool:
+        if self.policy.num_waiting >= self.max_waiting:
+            asyncio.ensure_future(peer.send(m.Tokens(msg.request_id, [], error="queue full",
+                                                     error_kind="overloaded")))
+            return False
+        req = self._make(msg)
+        if isinstance(req, str):
+            asyncio.ensure_future(peer.send(m.Tokens(msg.request_id, [], error=req, error_kind="invalid")))
+            return False
+        self.owners[req.request_id] = peer
+        self.requests[req.request_id] = req
+        self.thread.submit(lambda: self.core.add(req))
+        return True
+
+    def _abort(self, rid: str) -> None:
+        self._abort_transfer(rid)
+        loop = self.loop
+
+        def abort() -> None:  # engine thread
+            self.policy.abort(rid, self.core.clock())
+            if loop is not None:
+                loop.call_soon_threadsafe(self._forget, rid, None)
+
+        self.thread.submit(abort)
+
+    def _peer_gone(self, peer: Peer) -> None:
+        """A router connection closed: no Abort can come over it any more and nobody reads its
+        tokens (the router retries such requests elsewhere), so drop what it owned, reservations
+        included, instead of holding them until they expire or finish."""
+        for rid in [rid for rid, owner in self.owners.items() if owner is peer]:
+            self._abort(rid)
+
+    def _forget(self, rid: str, req: Request | None) -> None:
+        self.requests.pop(rid, None)
+        self.owners.pop(rid, None)
+
+    # ---- engine results (engine thread -> event loop) ---------------------------------------
+    def _on_step(self, result: StepResult) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(self._dispatch, result)
+
+    def _dispatch(self, result: StepResult) -> None:
+        finished = {r.request_id: r for r in result.finished}
+        out: dict[Peer, list[m.Tokens]] = {}
+        for rid, tok in result.new_tokens.items():
+            req = self.requests.get(rid)
+            peer = self.owners.get(rid)
+            if req is None or peer is None:
+                continue
+            out.setdefault(peer, []).append(self._on_token(req, tok, finished.get(rid)))
+        for peer, msgs in out.items():
+            asyncio.ensure_future(send_all(peer, msgs))
+
+    def _tokens(self, req: Request, toks: list[int], done: Request | None) -> m.Tokens:
+        if done is None:
+            return m.Tokens(req.request_id, toks)
+        timings = {}
+        if done.first_token_time is not None and done.finished_time is not None:
+            timings["decode"] = done.finished_time - done.first_token_time
+        timings.update(self._finish_timings(done))
+        return m.Tokens(req.request_id, toks, done.status.finish_reason, timings=timings,
+                        num_cached_tokens=done.num_cached_tokens)
+
+    def _finish_timings(self, done: Request) -> dict[str, float]:
+        """Timings of a request prefilled here: queue and prefill (decode adds transfer waits)."""
+        timings = prefill_timings(done)
+        timings["queue"] = timings.pop("prefill_queue", 0.0)
+        return timings
+
+    # ---- transfers ---------------------------------------------------------------------------
+    async def _poll_transfers(self) -> None:
+        while True:
+            if self._transfers_in_flight():
+                await asyncio.sleep(POLL_S)
+            else:  # idle: sleep until a transfer starts (or a while, for reservation expiry)
+                self._transfer_started.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._transfer_started.wait(), IDLE_POLL_S)
+            self._poll_transfers_once()
+
+    def _finish_now(self, req: Request) -> None:
+        peer = self.owners.get(req.request_id)
+        if peer is not None:
+            asyncio.ensure_future(send_all(peer, [self._tokens(req, [], req)]))
+        self._forget(req.request_id, req)
+
+    def _error_now(self, rid: str, err: str, kind: str) -> None:
+        peer = self.owners.get(rid)
+        if peer is not None:
+            asyncio.ensure_future(send_all(peer, [m.Tokens(rid, [], error=err, error_kind=kind)]))
+        self._forget(rid, None)
+
+    def _stats(self, nonce: str) -> m.Stats:
+        p = self.policy
+        elapsed = max(1e-9, time.monotonic() - self.thread.started_at)
+        return m.Stats(
+            nonce=nonce, role=self.role, running=p.num_running, waiting=p.num_waiting,
+            free_blocks=self.bm.num_free_blocks, total_blocks=self.bm.num_blocks,
+            busy_fraction=self.thread.busy_time / elapsed,
+            block_size=self.bm.block_size, draining=self.draining, **self._stats_extra(),
+        )
+
+
+def first_token_finish(req: Request, tok: int) -> str | None:
+    """Does the prefill's first token already end the request?"""
+    if tok in req.stop_token_ids and req.min_tokens == 0:
+        return RequestStatus.FINISHED_STOPPED.finish_reason
+    if req.max_tokens <= 1:
+        return RequestStatus.FINISHED_LENGTH.finish_reason
+    return None
+
+
+def prefill_timings(req: Request) -> dict[str, float]:
+    t: dict[str, float] = {}
+    if req.first_scheduled_time is not None:
+        t["prefill_queue"] = req.first_scheduled_time - req.arrival_time
+        if req.first_token_time is not None:
+            t["prefill"] = req.first_token_time - req.first_scheduled_time
+    return t
+
+
+async def send_all(peer: Peer, msgs: list) -> None:  # type: ignore[type-arg]
+    try:
+        for msg in msgs:
+            await peer.send(msg)
+    except (ConnectionError, OSError):
+        log.info("router connection gone; dropping %d messages", len(msgs))
