@@ -25,6 +25,13 @@ from pdserve.serve.metrics import ServerMetrics
 from pdserve.serve.protocol import APIError, GenerateRequest, parse_chat, parse_completion
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+# An oversized body is still read (and dropped) up to this many times the limit, so the client
+# gets its 413: closing a socket with unread bytes makes the kernel reset the connection, and the
+# client then sees "connection reset" instead of the answer. Beyond it, the connection is cut.
+DRAIN_FACTOR = 16
+# OpenAI bodies nest a few levels (messages > content parts > ...); anything deeper is refused
+# before it reaches code that recurses (Python's JSON decoder fails near 1,000 levels).
+MAX_JSON_DEPTH = 64
 
 
 @dataclasses.dataclass
@@ -67,7 +74,10 @@ class OpenAIFront:
 
         @app.get("/health")
         async def health() -> Response:
-            return JSONResponse({"status": "ok"})
+            # 503 when this server cannot serve now (draining; no worker of a needed role), with why.
+            check = getattr(front.backend, "health", None)
+            ok, body = check() if check is not None else (True, {"status": "ok"})
+            return JSONResponse(body, status_code=200 if ok else 503)
 
         @app.get("/metrics")
         async def metrics() -> Response:
@@ -109,6 +119,11 @@ class OpenAIFront:
         async def _api_error(request: Request, exc: APIError) -> Response:
             return front._error(exc)
 
+        @app.exception_handler(Exception)
+        async def _internal(request: Request, exc: Exception) -> Response:
+            # A bug still answers in OpenAI's format (and is logged by the server with its traceback).
+            return front._error(APIError("internal server error", status=500, type_="server_error"))
+
         return app
 
     def _error(self, exc: APIError) -> Response:
@@ -124,18 +139,30 @@ class OpenAIFront:
                            code="invalid_api_key")
 
     async def _body(self, request: Request) -> Any:
+        """The JSON body: at most `max_body_bytes`, nested at most MAX_JSON_DEPTH deep, valid UTF-8."""
+        limit = self.max_body_bytes
+        too_big = APIError(f"request body larger than {limit} bytes", status=413, code="request_too_large")
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-            raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+        if size is not None and size.isdigit() and int(size) > limit * DRAIN_FACTOR:
+            raise too_big  # not worth reading: the client sees the connection cut
         raw = bytearray()
+        seen = 0
         async for part in request.stream():
-            raw += part
-            if len(raw) > self.max_body_bytes:
-                raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+            seen += len(part)
+            if seen > limit * DRAIN_FACTOR:
+                raise too_big
+            if seen <= limit:
+                raw += part
+        if seen > limit:
+            raise too_big
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+        except RecursionError:
+            raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(f"malformed JSON body: {e}") from None
+        _check_json(body)
+        return body
 
     # ---- requests ---------------------------------------------------------------------------
     async def handle(self, request: Request, chat: bool) -> Response:
@@ -143,9 +170,9 @@ class OpenAIFront:
             self._auth(request)
             body = await self._body(request)
             req = parse_chat(body) if chat else parse_completion(body)
-            if req.model != self.model_name:
+            if req.model != self.model_name:  # 404, as OpenAI and vLLM answer
                 raise APIError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
+                               status=404, param="model", code="model_not_found")
             choices = self._prepare(req)
         except APIError as e:
             return self._error(e)
@@ -232,8 +259,11 @@ class OpenAIFront:
                     await out.put((choice, choice.stream.flush()))
                     break
         except BackendError as e:
-            await out.put(APIError(str(e), status=e.status, type_="server_error",
-                                   headers={"Retry-After": str(int(e.retry_after or 1))}))
+            if e.status < 500:  # refused for what the request asks (e.g. more than a worker holds)
+                await out.put(APIError(str(e), status=e.status))
+            else:
+                await out.put(APIError(str(e), status=e.status, type_="server_error",
+                                       headers={"Retry-After": str(int(e.retry_after or 1))}))
             return
         except APIError as e:
             await out.put(e)
@@ -330,6 +360,38 @@ class OpenAIFront:
         if req.include_usage:
             yield chunk([], usage=self._usage(choices))
         yield b"data: [DONE]\n\n"
+
+
+def _check_json(body: Any) -> None:
+    """Refuse nesting beyond MAX_JSON_DEPTH and strings holding lone UTF-16 surrogates (valid JSON
+    escapes such as "\\udcff", but no text: the tokenizer and every UTF-8 encoder reject them).
+    Iterative, so that no depth of input can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+            continue
+        if not isinstance(value, list | dict):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for key in value:
+                _check_text(key)
+            items: Any = value.values()
+        else:
+            items = value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, str | list | dict))
+
+
+def _check_text(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(f"the body holds a string that is not valid Unicode ({e.reason} at "
+                           f"position {e.start}): lone UTF-16 surrogates are not text") from None
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]

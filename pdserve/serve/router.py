@@ -30,6 +30,7 @@ from pdserve.sched.breaker import CircuitBreaker
 from pdserve.sched.routing import pick_colocated, pick_prefill, rank_decode
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
+from pdserve.serve.health import cluster_health
 from pdserve.serve.worker_link import Retryable, Worker, event, get, send, watch_transfer, with_deadline
 
 log = logging.getLogger("pdserve.router")
@@ -115,13 +116,17 @@ class ClusterBackend:
             w.busy_fraction = s.busy_fraction
             if not w.healthy and not s.draining:
                 log.info("%s joined the pool", w.name)
-            w.healthy = not s.draining
+            w.healthy, w.draining = not s.draining, s.draining
         except (TimeoutError, OSError, ConnectionError) as e:
             if w.healthy:
                 log.warning("%s left the pool: %s", w.name, e or type(e).__name__)
-            w.healthy = False
+            w.healthy = w.draining = False
         finally:
             w.client.close_queue(nonce)
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """For /health: can the cluster serve now, and if not, why (see serve/health.py)."""
+        return cluster_health(self.workers)
 
     def stats(self) -> dict[str, float]:
         kv = [w for w in self.workers if w.role != "prefill" and w.healthy]
@@ -291,7 +296,7 @@ class ClusterBackend:
             if reply is None:
                 self._abort_on([w], rid)  # a late "yes" must not leave blocks held
             if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
-                raise BackendError(reply.reason, 400)
+                raise BackendError(f"{w.name}: {reply.reason.removeprefix('invalid:').strip()}", 400)
         raise BackendError("every decode worker is full; retry shortly", 503, retry_after=1)
 
     async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, avoid: set[str]

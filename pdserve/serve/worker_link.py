@@ -37,6 +37,7 @@ class Worker:
         self.load = WorkerLoad(name=f"{role}@{address}", available=False)
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_s)
         self.healthy = False  # answered its last heartbeat and is not draining
+        self.draining = False  # its last heartbeat said it is draining
         self.inflight = 0
         self.busy_fraction = 0.0
 
