@@ -22,16 +22,20 @@ from transformers import PreTrainedTokenizerBase
 from pdserve.engine.detokenizer import TextStream
 from pdserve.serve.backend import Backend, BackendError
 from pdserve.serve.metrics import ServerMetrics
-from pdserve.serve.protocol import APIError, GenerateRequest, parse_chat, parse_completion
+from pdserve.serve.protocol import (
+    MAX_JSON_DEPTH,
+    APIError,
+    GenerateRequest,
+    check_json,
+    parse_chat,
+    parse_completion,
+)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # An oversized body is still read (and dropped) up to this many times the limit, so the client
 # gets its 413: closing a socket with unread bytes makes the kernel reset the connection, and the
 # client then sees "connection reset" instead of the answer. Beyond it, the connection is cut.
 DRAIN_FACTOR = 16
-# OpenAI bodies nest a few levels (messages > content parts > ...); anything deeper is refused
-# before it reaches code that recurses (Python's JSON decoder fails near 1,000 levels).
-MAX_JSON_DEPTH = 64
 
 
 @dataclasses.dataclass
@@ -161,7 +165,7 @@ class OpenAIFront:
             raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(f"malformed JSON body: {e}") from None
-        _check_json(body)
+        check_json(body)
         return body
 
     # ---- requests ---------------------------------------------------------------------------
@@ -360,38 +364,6 @@ class OpenAIFront:
         if req.include_usage:
             yield chunk([], usage=self._usage(choices))
         yield b"data: [DONE]\n\n"
-
-
-def _check_json(body: Any) -> None:
-    """Refuse nesting beyond MAX_JSON_DEPTH and strings holding lone UTF-16 surrogates (valid JSON
-    escapes such as "\\udcff", but no text: the tokenizer and every UTF-8 encoder reject them).
-    Iterative, so that no depth of input can exhaust the stack."""
-    stack: list[tuple[Any, int]] = [(body, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, str):
-            _check_text(value)
-            continue
-        if not isinstance(value, list | dict):
-            continue
-        if depth > MAX_JSON_DEPTH:
-            raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep")
-        if isinstance(value, dict):
-            for key in value:
-                _check_text(key)
-            items: Any = value.values()
-        else:
-            items = value
-        stack.extend((v, depth + 1) for v in items if isinstance(v, str | list | dict))
-
-
-def _check_text(s: str) -> None:
-    if not s.isascii():
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise APIError(f"the body holds a string that is not valid Unicode ({e.reason} at "
-                           f"position {e.start}): lone UTF-16 surrogates are not text") from None
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]
