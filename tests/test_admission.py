@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pdserve.config.engine import DecodeConfig, PrefillConfig, SchedulerConfig
-from pdserve.sched.admission import Holds, Limits, admission_error, limits_for
+from pdserve.sched.admission import Holds, Limits, admission_error, limits_for, max_sequence_tokens
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
 from pdserve.sched.decode import DecodeScheduler
@@ -80,6 +80,18 @@ def test_refused_with_the_reason(prompt, max_tokens, limits, words):
 ])
 def test_admitted_at_the_edge(prompt, max_tokens, limits):
     assert admission_error(prompt, max_tokens, limits) is None
+
+
+@pytest.mark.parametrize("limits,most", [
+    (Limits(512, 64), 65), (Limits(512, 64, Holds.RESERVATION), 65), (Limits(512, 64, Holds.PROMPT), 512),
+    (Limits(512, 10_000), 512), (Limits(512, 1000, step_tokens=100), 101),
+])
+def test_max_sequence_tokens_is_the_edge(limits, most):
+    assert max_sequence_tokens(limits) == most
+    p = 10
+    assert admission_error([1] * p, most - p, limits) is None
+    if most < limits.max_model_len or limits.holds is not Holds.PROMPT:
+        assert admission_error([1] * p, most - p + 1, limits) is not None
 
 
 # ---- the limits are exact: the policies finish what is admitted, never what is refused -------

@@ -63,6 +63,16 @@ def limits_for(policy: ColocatedScheduler | PrefillBatcher, max_model_len: int,
     raise TypeError(f"no admission limits for {type(policy).__name__}")
 
 
+def max_sequence_tokens(limits: Limits) -> int:
+    """The longest prompt + max_tokens that can finish here: what an omitted max_tokens may fill."""
+    most = limits.max_model_len
+    if limits.holds is not Holds.PROMPT:
+        most = min(most, limits.kv_tokens + 1)  # the last token needs no KV
+        if limits.step_tokens is not None:
+            most = min(most, limits.step_tokens + 1)
+    return most
+
+
 def admission_error(prompt_token_ids: Sequence[int], max_tokens: int, limits: Limits) -> str | None:
     """Why this request could never finish here, or None if it can. The reason names the limit."""
     p = len(prompt_token_ids)

@@ -15,7 +15,7 @@ from typing import Any
 
 from pdserve.engine.core import EngineCore, StepResult
 from pdserve.engine.sampler import SamplingParams
-from pdserve.sched.admission import admission_error, limits_for
+from pdserve.sched.admission import admission_error, limits_for, max_sequence_tokens
 from pdserve.sched.request import Request
 from pdserve.serve.backend import BackendError, TokenEvent
 
@@ -80,6 +80,7 @@ class LocalBackend:
         self.core = core
         self.max_model_len = core.runner.shape.max_model_len
         self.limits = limits_for(core.policy, self.max_model_len, core.runner.shape.vocab_size)  # type: ignore[arg-type]
+        self.max_sequence_tokens = max_sequence_tokens(self.limits)  # the front fills max_tokens up to it
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.thread = EngineThread(core, self._on_step)

@@ -219,7 +219,9 @@ class OpenAIFront:
             if bad is not None:
                 raise APIError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
                                param="prompt")
-            max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
+            # Left out (chat): as many as fit in the context and in what one request can hold here.
+            room = min(limit, getattr(self.backend, "max_sequence_tokens", limit))
+            max_tokens = req.max_tokens if req.max_tokens is not None else max(1, room - len(ids))
             if len(ids) + max(1, max_tokens) > limit:
                 raise APIError(
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "

@@ -53,22 +53,28 @@ def _serve_draining(front: OpenAIFront, host: str, port: int) -> None:
             await asyncio.sleep(0.05)
         server.should_exit = True
 
+    got: list[signal.Signals] = []
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[None]] = set()
 
-        def on_signal() -> None:
+        def on_signal(sig: signal.Signals) -> None:
+            got.append(sig)
             if backend.draining:
                 server.should_exit = True
             else:
                 tasks.add(asyncio.create_task(drain()))
 
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+            loop.add_signal_handler(sig, on_signal, sig)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # keep ours
         await server.serve()
 
     asyncio.run(main())
+    if got:  # end as uvicorn does: by the signal itself (the interpreter's teardown takes seconds)
+        signal.signal(got[0], signal.SIG_DFL)
+        signal.raise_signal(got[0])
 
 
 def run_serve(args: argparse.Namespace) -> int:
