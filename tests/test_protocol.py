@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from pdserve.serve.protocol import APIError, parse_chat, parse_completion
+from pdserve.serve.protocol import MAX_JSON_DEPTH, APIError, check_json, parse_chat, parse_completion
 
 CHAT_MSGS = [{"role": "user", "content": "hi"}]
 
@@ -176,3 +176,39 @@ def test_error_body_and_headers():
     assert e.body() == {"error": {"message": "nope", "type": "authentication_error", "param": None,
                                   "code": "invalid_api_key"}}
     assert e.status == 401 and e.headers == {"WWW-Authenticate": "Bearer"} and str(e) == "nope"
+
+
+# ---- hostile JSON: lone surrogates, depth ----------------------------------------------------
+
+def _nested(depth: int) -> list:
+    body: list = []
+    for _ in range(depth - 1):
+        body = [body]
+    return body
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "prompt": "\udcff"},
+    {"model": "m", "prompt": ["ok", "a\ud800b"]},
+    {"model": "\udfff", "prompt": "hi"},
+    {"model": "m", "prompt": "hi", "\udcff": 1},  # in a key
+    {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x\udbff"}]}]},
+    json.loads('{"model": "m", "prompt": "\\udcff"}'),  # as the JSON decoder makes it from an escape
+])
+def test_lone_surrogates_refused(body):
+    with pytest.raises(APIError) as ei:
+        check_json(body)
+    assert ei.value.status == 400 and "surrogate" in ei.value.message
+
+
+def test_valid_unicode_and_pairs_accepted():
+    check_json({"model": "m", "prompt": "h\u00e9llo \U0001f600 \u202e", "stop": ["\x00"]})
+    check_json(json.loads('{"p": "\\ud83d\\ude00"}'))  # a surrogate *pair* escape is one character
+
+
+def test_depth_limit_is_exact_and_iterative():
+    check_json({"x": _nested(MAX_JSON_DEPTH - 1)})  # MAX_JSON_DEPTH levels in all
+    with pytest.raises(APIError, match="nested more than"):
+        check_json({"x": _nested(MAX_JSON_DEPTH)})
+    with pytest.raises(APIError, match="nested more than"):
+        check_json(_nested(100_000))  # no RecursionError however deep

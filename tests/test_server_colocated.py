@@ -320,7 +320,6 @@ GOOD_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "m
 
 # (name, path, body, expected "param"; "?": not pinned)
 BAD = [
-    ("unknown model", "completions", {**GOOD, "model": "gpt-4"}, "model"),
     ("max_tokens 0", "completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
     ("max_tokens -1", "completions", {**GOOD, "max_tokens": -1}, "max_tokens"),
     ("max_tokens str", "completions", {**GOOD, "max_tokens": "ten"}, "max_tokens"),
@@ -340,7 +339,6 @@ BAD = [
     ("unknown role", "chat/completions", {**GOOD_CHAT, "messages": [{"role": "bot", "content": "x"}]}, "messages"),
     ("chat n 2", "chat/completions", {**GOOD_CHAT, "n": 2}, "n"),
     ("chat temperature 5", "chat/completions", {**GOOD_CHAT, "temperature": 5}, "temperature"),
-    ("chat unknown model", "chat/completions", {**GOOD_CHAT, "model": "nope"}, "model"),
     ("body is a list", "completions", [GOOD], None),
 ]
 
@@ -349,10 +347,16 @@ BAD = [
 def test_bad_request(http, name, path, body, param):
     err = assert_openai_error(http.post(f"/v1/{path}", json=body), 400, param)
     assert err["type"] == "invalid_request_error"
-    if name == "unknown model":
-        assert err["code"] == "model_not_found"
     if "context" in name:
         assert err["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("path,body", [("completions", {**GOOD, "model": "gpt-4"}),
+                                       ("chat/completions", {**GOOD_CHAT, "model": "nope"})])
+def test_unknown_model_is_404(http, path, body):
+    # As OpenAI and vLLM answer: 404 with code model_not_found.
+    err = assert_openai_error(http.post(f"/v1/{path}", json=body), 404, "model")
+    assert err["type"] == "invalid_request_error" and err["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("raw", [b'{"model": "demo",', b"not json", b"", b"\xff\xfe", b'{"model":"demo","prompt":"hi",'
@@ -366,8 +370,9 @@ def test_bad_request_via_openai_client(client):
     with pytest.raises(openai.BadRequestError) as ei:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=0)
     assert ei.value.status_code == 400 and ei.value.body["param"] == "max_tokens"
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.NotFoundError) as ei:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert ei.value.status_code == 404 and ei.value.body["code"] == "model_not_found"
 
 
 def test_errors_counted_and_server_still_healthy(http, client):

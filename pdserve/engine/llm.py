@@ -15,6 +15,7 @@ from pdserve.engine.detokenizer import TextStream
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import SamplingParams
 from pdserve.model.tokenizer import load_tokenizer
+from pdserve.sched.admission import admission_error, limits_for
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
 from pdserve.sched.request import RequestStatus
@@ -83,17 +84,23 @@ class LLM:
             prompts = [prompts]  # type: ignore[list-item]
         params = sampling_params or SamplingParams()
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        # Every prompt is checked before any is queued: a refused one must not leave the others
+        # behind in the scheduler (the next call would run them and find no output for them).
+        limits = limits_for(self.scheduler, self.max_model_len, self.runner.shape.vocab_size)
+        todo: list[tuple[str | None, list[int], SamplingParams]] = []
+        for i, (prompt, p) in enumerate(zip(prompts, plist, strict=True)):
+            text = prompt if isinstance(prompt, str) else None
+            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
+            why = admission_error(ids, p.max_tokens, limits)
+            if why is not None:
+                raise ValueError(f"prompt {i}: {why}")
+            todo.append((text, ids, p))
         outputs: dict[str, RequestOutput] = {}
         streams: dict[str, TextStream] = {}
         order: list[str] = []
-        for prompt, p in zip(prompts, plist, strict=True):
-            text = prompt if isinstance(prompt, str) else None
-            ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)  # type: ignore[arg-type]
-            if len(ids) + p.max_tokens > self.max_model_len:
-                raise ValueError(
-                    f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) exceeds the "
-                    f"model's context of {self.max_model_len} tokens"
-                )
+        for text, ids, p in todo:
             rid = str(next(self._ids))
             self.core.add(self.core.make_request(rid, ids, p))
             outputs[rid] = RequestOutput(rid, text, ids)

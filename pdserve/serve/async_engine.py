@@ -15,8 +15,9 @@ from typing import Any
 
 from pdserve.engine.core import EngineCore, StepResult
 from pdserve.engine.sampler import SamplingParams
+from pdserve.sched.admission import admission_error, limits_for, max_sequence_tokens
 from pdserve.sched.request import Request
-from pdserve.serve.backend import TokenEvent
+from pdserve.serve.backend import BackendError, TokenEvent
 
 
 class EngineThread:
@@ -78,9 +79,19 @@ class LocalBackend:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
         self.max_model_len = core.runner.shape.max_model_len
+        self.limits = limits_for(core.policy, self.max_model_len, core.runner.shape.vocab_size)  # type: ignore[arg-type]
+        self.max_sequence_tokens = max_sequence_tokens(self.limits)  # the front fills max_tokens up to it
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queues: dict[str, asyncio.Queue[TokenEvent]] = {}
         self.thread = EngineThread(core, self._on_step)
+        self.draining = False  # set on SIGTERM: in-flight requests finish, new ones are refused
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Can this server take a request now? (False while draining.)"""
+        if self.draining:
+            return False, {"status": "draining", "reason": "the server is draining: it finishes its "
+                           f"{len(self.queues)} in-flight requests, then exits"}
+        return True, {"status": "ok"}
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -123,6 +134,11 @@ class LocalBackend:
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
+        if self.draining:
+            raise BackendError("the server is draining; retry on another", 503, retry_after=1)
+        why = admission_error(prompt_token_ids, params.max_tokens, self.limits)
+        if why is not None:  # it could never finish: refuse it before it blocks the queue for good
+            raise BackendError(why, 400)
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.queues[request_id] = q
         req = self.core.make_request(request_id, prompt_token_ids, params)

@@ -22,12 +22,23 @@ from transformers import PreTrainedTokenizerBase
 from pdserve.engine.detokenizer import TextStream
 from pdserve.serve.backend import Backend, BackendError
 from pdserve.serve.metrics import ServerMetrics
-from pdserve.serve.protocol import APIError, GenerateRequest, parse_chat, parse_completion
+from pdserve.serve.protocol import (
+    MAX_JSON_DEPTH,
+    APIError,
+    GenerateRequest,
+    check_json,
+    parse_chat,
+    parse_completion,
+)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Prompts longer than this (characters, or token ids) are tokenized on a thread: a long prompt
 # takes milliseconds of CPU, during which the event loop would stream nobody's tokens.
 TOKENIZE_ON_LOOP_MAX = 4096
+# An oversized body is still read (and dropped) up to this many times the limit, so the client
+# gets its 413: closing a socket with unread bytes makes the kernel reset the connection, and the
+# client then sees "connection reset" instead of the answer. Beyond it, the connection is cut.
+DRAIN_FACTOR = 16
 
 
 @dataclasses.dataclass
@@ -70,7 +81,10 @@ class OpenAIFront:
 
         @app.get("/health")
         async def health() -> Response:
-            return JSONResponse({"status": "ok"})
+            # 503 when this server cannot serve now (draining; no worker of a needed role), with why.
+            check = getattr(front.backend, "health", None)
+            ok, body = check() if check is not None else (True, {"status": "ok"})
+            return JSONResponse(body, status_code=200 if ok else 503)
 
         @app.get("/metrics")
         async def metrics() -> Response:
@@ -112,6 +126,11 @@ class OpenAIFront:
         async def _api_error(request: Request, exc: APIError) -> Response:
             return front._error(exc)
 
+        @app.exception_handler(Exception)
+        async def _internal(request: Request, exc: Exception) -> Response:
+            # A bug still answers in OpenAI's format (and is logged by the server with its traceback).
+            return front._error(APIError("internal server error", status=500, type_="server_error"))
+
         return app
 
     def _error(self, exc: APIError) -> Response:
@@ -127,18 +146,30 @@ class OpenAIFront:
                            code="invalid_api_key")
 
     async def _body(self, request: Request) -> Any:
+        """The JSON body: at most `max_body_bytes`, nested at most MAX_JSON_DEPTH deep, valid UTF-8."""
+        limit = self.max_body_bytes
+        too_big = APIError(f"request body larger than {limit} bytes", status=413, code="request_too_large")
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body_bytes:
-            raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+        if size is not None and size.isdigit() and int(size) > limit * DRAIN_FACTOR:
+            raise too_big  # not worth reading: the client sees the connection cut
         raw = bytearray()
+        seen = 0
         async for part in request.stream():
-            raw += part
-            if len(raw) > self.max_body_bytes:
-                raise APIError(f"request body larger than {self.max_body_bytes} bytes", status=413)
+            seen += len(part)
+            if seen > limit * DRAIN_FACTOR:
+                raise too_big
+            if seen <= limit:
+                raw += part
+        if seen > limit:
+            raise too_big
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+        except RecursionError:
+            raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep") from None
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(f"malformed JSON body: {e}") from None
+        check_json(body)
+        return body
 
     # ---- requests ---------------------------------------------------------------------------
     async def handle(self, request: Request, chat: bool) -> Response:
@@ -146,9 +177,9 @@ class OpenAIFront:
             self._auth(request)
             body = await self._body(request)
             req = parse_chat(body) if chat else parse_completion(body)
-            if req.model != self.model_name:
+            if req.model != self.model_name:  # 404, as OpenAI and vLLM answer
                 raise APIError(f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                               param="model", code="model_not_found")
+                               status=404, param="model", code="model_not_found")
             choices = await self._prepare_off_loop(req)
         except APIError as e:
             return self._error(e)
@@ -198,7 +229,9 @@ class OpenAIFront:
             if bad is not None:
                 raise APIError(f"token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
                                param="prompt")
-            max_tokens = req.max_tokens if req.max_tokens is not None else limit - len(ids)
+            # Left out (chat): as many as fit in the context and in what one request can hold here.
+            room = min(limit, getattr(self.backend, "max_sequence_tokens", limit))
+            max_tokens = req.max_tokens if req.max_tokens is not None else max(1, room - len(ids))
             if len(ids) + max(1, max_tokens) > limit:
                 raise APIError(
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
@@ -242,8 +275,11 @@ class OpenAIFront:
                     await out.put((choice, choice.stream.flush()))
                     break
         except BackendError as e:
-            await out.put(APIError(str(e), status=e.status, type_="server_error",
-                                   headers={"Retry-After": str(int(e.retry_after or 1))}))
+            if e.status < 500:  # refused for what the request asks (e.g. more than a worker holds)
+                await out.put(APIError(str(e), status=e.status))
+            else:
+                await out.put(APIError(str(e), status=e.status, type_="server_error",
+                                       headers={"Retry-After": str(int(e.retry_after or 1))}))
             return
         except APIError as e:
             await out.put(e)

@@ -23,6 +23,43 @@ class APIError(Exception):
                           "code": self.code}}
 
 
+# OpenAI bodies nest a few levels (messages > content parts > ...); anything deeper is refused
+# before it reaches code that recurses (Python's JSON decoder fails near 1,000 levels).
+MAX_JSON_DEPTH = 64
+
+
+def check_json(body: Any) -> None:
+    """Refuse nesting beyond MAX_JSON_DEPTH and strings holding lone UTF-16 surrogates (valid JSON
+    escapes such as "\\udcff", but no text: the tokenizer and every UTF-8 encoder reject them).
+    Iterative, so that no depth of input can exhaust the stack."""
+    stack: list[tuple[Any, int]] = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+            continue
+        if not isinstance(value, list | dict):
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(f"JSON body nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(value, dict):
+            for key in value:
+                _check_text(key)
+            items: Any = value.values()
+        else:
+            items = value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, str | list | dict))
+
+
+def _check_text(s: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise APIError(f"the body holds a string that is not valid Unicode ({e.reason} at "
+                           f"position {e.start}): lone UTF-16 surrogates are not text") from None
+
+
 @dataclass
 class GenerateRequest:
     """A completion or chat request reduced to what the front needs."""

@@ -35,6 +35,7 @@ from pdserve.sched.breaker import CircuitBreaker, Outcome
 from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
+from pdserve.serve.health import cluster_health
 from pdserve.serve.worker_link import Call, Retryable, Worker, breaker, ending
 
 log = logging.getLogger("pdserve.router")
@@ -89,6 +90,10 @@ class ClusterBackend:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
             await asyncio.gather(*(w.heartbeat() for w in self.workers))
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """For /health: can the cluster serve now, and if not, why (see serve/health.py)."""
+        return cluster_health(self.workers)
 
     def stats(self) -> dict[str, float]:
         kv = [w for w in self.workers if w.role != "prefill" and w.healthy]
@@ -224,7 +229,7 @@ class ClusterBackend:
             c.done = isinstance(reply, m.Reserved)  # a refusal holds nothing
             c.close()  # full is overload, not a fault: neutral
             if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
-                raise BackendError(reply.reason, 400)
+                raise BackendError(f"{c.worker.name}: {reply.reason.removeprefix('invalid:').strip()}", 400)
         refused = self.policy.refused()
         raise BackendError(refused.reason, refused.status, retry_after=1)
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
+import time
 
 import uvicorn
 
@@ -31,12 +35,55 @@ def build_colocated(args: argparse.Namespace) -> OpenAIFront:
                        api_key=args.api_key)
 
 
+DRAIN_TIMEOUT_S = 60.0
+
+
+def _serve_draining(front: OpenAIFront, host: str, port: int) -> None:
+    """Serve until SIGTERM/SIGINT, then drain: /health answers 503 "draining" and new requests are
+    refused while the in-flight ones finish (at most DRAIN_TIMEOUT_S); then exit. A second signal
+    stops at once. (uvicorn alone would stop listening at once, so /health could not say why.)"""
+    backend = front.backend
+    assert isinstance(backend, LocalBackend)
+    server = uvicorn.Server(uvicorn.Config(front.app(), host=host, port=port, log_level="warning"))
+
+    async def drain() -> None:
+        backend.draining = True
+        log.info("draining: %d requests in flight", len(backend.queues))
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while backend.queues and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        server.should_exit = True
+
+    got: list[signal.Signals] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task[None]] = set()
+
+        def on_signal(sig: signal.Signals) -> None:
+            got.append(sig)
+            if backend.draining:
+                server.should_exit = True
+            else:
+                tasks.add(asyncio.create_task(drain()))
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # keep ours
+        await server.serve()
+
+    asyncio.run(main())
+    if got:  # end as uvicorn does: by the signal itself (the interpreter's teardown takes seconds)
+        signal.signal(got[0], signal.SIG_DFL)
+        signal.raise_signal(got[0])
+
+
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.role == "colocated" and not args.internal:
         front = build_colocated(args)
         log.info("colocated worker for %s on http://%s:%d", args.cluster.model, args.host, args.port)
-        uvicorn.run(front.app(), host=args.host, port=args.port, log_level="warning")
+        _serve_draining(front, args.host, args.port)
         return 0
     from pdserve.serve.pd_worker import run_pd_worker
 

@@ -21,6 +21,7 @@ from typing import Generic, Protocol, TypeVar
 
 from pdserve.engine.core import EngineCore, Policy, StepResult
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.sched.admission import admission_error, limits_for
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.request import Request, RequestStatus
 from pdserve.serve import messages as m
@@ -162,10 +163,11 @@ class WorkerBase(Generic[P]):
             params = msg.params.sampling()
         except ValueError as e:
             return str(e)
-        if not msg.prompt_token_ids or any(not 0 <= t < self.runner.shape.vocab_size for t in msg.prompt_token_ids):
-            return "prompt is empty or has token ids outside the vocabulary"
-        if len(msg.prompt_token_ids) + params.max_tokens > self.runner.shape.max_model_len:
-            return "prompt + max_tokens exceeds the model's context"
+        limits = limits_for(self.policy, self.runner.shape.max_model_len, self.runner.shape.vocab_size)
+        why = admission_error(msg.prompt_token_ids, params.max_tokens,
+                              limits.for_reservation() if isinstance(msg, m.Reserve) else limits)
+        if why is not None:  # it could never finish here: refuse it rather than queue it for good
+            return why
         if msg.request_id in self.requests:
             return f"request id {msg.request_id!r} is already in use"
         return self.core.make_request(msg.request_id, msg.prompt_token_ids, params)

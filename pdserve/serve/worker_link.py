@@ -73,6 +73,7 @@ class Worker:
         self.load = WorkerLoad(name=f"{role}@{address}", available=False)
         self.breaker = breaker(config)
         self.healthy = False  # answered its last heartbeat and is not draining
+        self.draining = False  # its last heartbeat said it is draining
         self.inflight = 0
         self.busy_fraction = 0.0
         self._nonce = 0
@@ -102,11 +103,11 @@ class Worker:
             self.busy_fraction = s.busy_fraction
             if not self.healthy and not s.draining:
                 log.info("%s joined the pool", self.name)
-            self.healthy = not s.draining
+            self.healthy, self.draining = not s.draining, s.draining
         except (TimeoutError, OSError, ConnectionError) as e:
             if self.healthy:
                 log.warning("%s left the pool: %s", self.name, e or type(e).__name__)
-            self.healthy = False
+            self.healthy = self.draining = False
         finally:
             self.client.close_queue(nonce)
 
