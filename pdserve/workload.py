@@ -75,7 +75,8 @@ def _u(lo: int, hi: int) -> LengthDist:
     return LengthDist("uniform", lo, hi)
 
 
-# The seed design's three workload shapes, plus variants that fit the demo model's 2,048-token context.
+# The three workload shapes of the article pdserve was designed from (search, chatbot,
+# summarization), plus variants that fit the demo model's 2,048-token context.
 PRESETS: dict[str, WorkloadSpec] = {
     "search": WorkloadSpec("search", _u(50, 500), _u(5, 20)),
     "chatbot": WorkloadSpec("chatbot", _u(2000, 4000), _u(200, 500)),

@@ -6,14 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
-from tests.servers import free_port
+from tests.servers import Server, start_worker
 from tests.test_cluster import _up, _wait_for, _worker_gauge
 from tests.test_faults import _pids
 
@@ -86,19 +84,11 @@ def test_queue_full_refusals_do_not_open_the_breaker(tiny_models):
     closed (before the fix, three refusals opened it: a busy worker shut out as if it had failed)."""
     model = str(tiny_models["llama"])
     env = {**os.environ, "PDSERVE_CLUSTER_SECRET": "s3cret", "OMP_NUM_THREADS": "1"}
-    procs = []
+    procs: list[Server] = []
 
     def worker(role: str, *extra: str) -> str:
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", role, "--internal",
-                                 "--model", model, "--threads", "1", "--host", "127.0.0.1", "--port", str(port),
-                                 *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        procs.append(proc)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if f"READY {role}".encode() in line:
-                return f"127.0.0.1:{port}"
-        raise AssertionError(f"{role} worker exited before READY")
+        procs.append(start_worker(role, model, *extra, env=env))
+        return procs[-1].url
 
     try:
         prefill = worker("prefill", "--max-waiting", "0")  # every request: "queue full"
@@ -115,5 +105,4 @@ def test_queue_full_refusals_do_not_open_the_breaker(tiny_models):
             assert _role_gauge(srv.url, "breaker_state", "decode") == 0.0
     finally:
         for p in procs:
-            p.kill()
-            p.wait()
+            p.stop(0)

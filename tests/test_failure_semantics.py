@@ -292,11 +292,14 @@ def test_prefill_silent_before_first_token(cluster: Cluster, reference: list[dic
     _blocks_back(c, start, 10.0, "every block back once the stalled worker resumed")
 
 
-def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, prompt_index: int  # type: ignore[type-arg]
-                      ) -> tuple[probes.WorkerInfo, list[str]]:
+def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, prompt_index: int,  # type: ignore[type-arg]
+                      **sampling: object) -> tuple[probes.WorkerInfo, list[str]]:
     """Stream a long generation, hit its decode worker with `sig` mid-stream; the same stream must
-    end with the no-fault text. Returns the worker and its command line."""
-    s = Stream(c.url, _body(PROMPTS[prompt_index], REF_TOKENS)).read(5)
+    end with the no-fault text (`reference`'s, or with `sampling`, the same request's on the healthy
+    cluster). Returns the worker and its command line."""
+    want = (_complete(c.url, PROMPTS[prompt_index], REF_TOKENS, **sampling) if sampling
+            else reference[prompt_index])
+    s = Stream(c.url, _body(PROMPTS[prompt_index], REF_TOKENS, **sampling)).read(5)
     d = _decode_serving(c)
     argv = cmdline(d.pid)
     os.kill(d.pid, sig)
@@ -307,7 +310,7 @@ def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, pr
     finally:
         s.close()
     assert s.done and not s.errors, s.errors
-    assert s.text == reference[prompt_index]["choices"][0]["text"]
+    assert s.text == want["choices"][0]["text"]
     assert s.last["timings"].get("retries", 0) >= 1, s.last
     if sig == signal.SIGSTOP:  # failed over once token_timeout_s ran out (loose upper bound: shared cores)
         assert TOKEN_TIMEOUT_S <= stalled < 4 * TOKEN_TIMEOUT_S
@@ -334,7 +337,8 @@ def test_decode_death_mid_stream_and_the_restarted_worker_rejoins(cluster: Clust
                                                                  ) -> None:
     c = cluster
     start = c.free_blocks()
-    d, argv = _stall_mid_stream(c, reference, signal.SIGKILL, 5)
+    # Seeded sampling: the resumed attempt must draw what the first would have (seed, position).
+    d, argv = _stall_mid_stream(c, reference, signal.SIGKILL, 5, temperature=1.0, top_p=0.95, seed=77)
     probes.wait_for(lambda: c.up_gauge(d) == 0.0, 5.0, "the dead decode worker leaves the pool")
     assert wait_gone([d.pid], 5.0) == []
     c.restart(d, argv)  # same command line, same address

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, pick_colocated, pick_prefill, rank_decode
 
 
@@ -74,3 +76,14 @@ def test_prefill_for_prefers_a_healthy_link_and_rejects_when_none() -> None:
 def test_every_decode_refusing_is_a_reject_not_a_queue() -> None:
     r = RoutingPolicy().refused()
     assert r.path == "reject" and r.status == 503
+
+
+def test_retry_backoff_doubles_caps_and_jitters() -> None:
+    from pdserve.sched.routing import retry_backoff_s
+
+    mid = [retry_backoff_s(a, 0.05, 2.0, 0.5) for a in range(1, 9)]  # jitter factor 1.0
+    assert mid == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
+    for a in (1, 4, 8):  # the jitter spans [0.5, 1.5) of the nominal wait
+        nominal = min(2.0, 0.05 * 2 ** (a - 1))
+        assert retry_backoff_s(a, 0.05, 2.0, 0.0) == pytest.approx(0.5 * nominal)
+        assert retry_backoff_s(a, 0.05, 2.0, 0.999) == pytest.approx(1.499 * nominal)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -26,7 +23,7 @@ from pdserve.sim.hardware import get_link
 from pdserve.sim.instance import SimInstance
 from pdserve.sim.network import Port
 from pdserve.workload import RequestSpec
-from tests.servers import free_port
+from tests.servers import Server, start_worker
 from tests.test_sim import FixedModel
 
 pytestmark = pytest.mark.slow
@@ -46,18 +43,9 @@ def _counted(policy: RoutingPolicy) -> Counter[str]:
     return calls
 
 
-def _worker(model: str, role: str, procs: list[subprocess.Popen], *extra: str) -> str:  # type: ignore[type-arg]
-    port = free_port()
-    env = {**os.environ, "PDSERVE_CLUSTER_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", role, "--internal",
-                             "--model", model, "--threads", "1", "--host", "127.0.0.1", "--port", str(port),
-                             *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    procs.append(proc)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if f"READY {role}".encode() in line:
-            return f"127.0.0.1:{port}"
-    raise AssertionError(f"{role} worker exited before READY")
+def _worker(model: str, role: str, procs: list[Server], *extra: str) -> str:
+    procs.append(start_worker(role, model, *extra, env={"PDSERVE_CLUSTER_SECRET": SECRET}))
+    return procs[-1].url
 
 
 def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_models) -> None:  # type: ignore[no-untyped-def]
@@ -65,7 +53,7 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
     calls = _counted(policy)
     model = str(tiny_models["llama"])
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    procs: list[Server] = []
     try:
         prefill = _worker(model, "prefill", procs)
         decode = _worker(model, "decode", procs, "--max-batch-size", "1", "--min-batch-size", "1",
@@ -90,8 +78,7 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
         assert len(asyncio.run(real())) == 6
     finally:
         for p in procs:
-            p.kill()
-            p.wait()
+            p.stop(0)
     assert calls == Counter(route=2, prefill_for=1, refused=1)
 
     # The same object in the simulator: a second request while the first holds the only decode

@@ -216,7 +216,7 @@ class ClusterConfig(Section):
     device: H(str, "cpu, cuda or cuda:N") = "cpu"
     threads: H(int, "torch threads per worker (0: torch's default for one `serve`, 1 under `up`)", ge=0) = 0
     seed: H(int, "seed of dummy weights") = 0
-    max_waiting: H(int, "requests queued on a worker before it refuses more (overload)", ge=1) = 256
+    max_waiting: H(int, "requests queued on a worker before it refuses more (overload; 0: refuse all)", ge=0) = 256
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefill: PrefillSection = field(default_factory=PrefillSection)
     decode: DecodeSection = field(default_factory=DecodeSection)

@@ -102,3 +102,10 @@ class RoutingPolicy:
     def refused(self) -> Route:
         """Every decode worker in the order refused the reservation: reject, do not queue."""
         return Route.reject("every decode worker is full; retry shortly")
+
+
+def retry_backoff_s(attempt: int, base_s: float, max_s: float, jitter: float) -> float:
+    """The wait before retry `attempt` (1: the first retry): `base_s` doubling per attempt, capped at
+    `max_s`, times a factor in [0.5, 1.5) from `jitter` (a uniform draw in [0, 1)) so that requests
+    failed by one fault do not all come back at the same instant."""
+    return min(max_s, base_s * 2 ** (attempt - 1)) * (0.5 + jitter)

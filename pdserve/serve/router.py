@@ -32,7 +32,7 @@ from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.breaker import CircuitBreaker, Outcome
-from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad
+from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
@@ -185,8 +185,8 @@ class ClusterBackend:
                         raise BackendError(f"gave up after {attempt} attempts: {e}", 503, retry_after=1) from e
                     log.warning("request %s attempt %d failed (%s); retrying with %d tokens so far",
                                 rid, attempt, e, len(produced))
-                    backoff = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
-                    await asyncio.sleep(min(deadline - now, backoff * (0.5 + self._rng.random())))
+                    backoff = retry_backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s, self._rng.random())
+                    await asyncio.sleep(min(deadline - now, backoff))
         finally:
             self.inflight -= 1
 

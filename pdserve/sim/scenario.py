@@ -1,6 +1,7 @@
-"""`pdserve sim --scenario seed`: the seed article's 70B example as the model predicts it.
+"""`pdserve sim --scenario seed`: the worked example of the article pdserve was designed from
+(Llama-3-70B, 2,000-token prompts, 8 prefill + 32 decode GPUs), as our performance model predicts it.
 
-Seed claims: 5.12 GB of KV per 2,000-token sequence; ~50 ms to move it over 100 Gb/s RDMA;
+The article's claims: 5.12 GB of KV per 2,000-token sequence; ~50 ms to move it over 100 Gb/s RDMA;
 6.37x throughput for 8 prefill + 32 decode GPUs over 8 monolithic GPUs. Each is recomputed here
 with the arithmetic shown, and the clusters are simulated at saturation (all requests at t=0)
 per GPU, in total, and at equal GPU count.
