@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,3 +84,24 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> float:
             raise AssertionError(f"not within {timeout:.1f}s: {what}")
         time.sleep(0.05)
     return time.monotonic() - t0
+
+
+def parallel(fns: list) -> list:  # type: ignore[type-arg]
+    """Run callables at once in threads; their results in order (an exception is re-raised)."""
+    out: list = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out

@@ -102,25 +102,6 @@ def _complete(url: str, prompt: list[int], max_tokens: int = 40, **extra: object
     return r.json()
 
 
-def _parallel(fns: list) -> list:  # type: ignore[type-arg]
-    """Run callables at once in threads; their results in order (an exception is re-raised)."""
-    out: list = [None] * len(fns)
-
-    def run(i: int) -> None:
-        try:
-            out[i] = fns[i]()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller below
-            out[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
 
 
 class Stream:
@@ -167,7 +148,7 @@ class Stream:
 @pytest.fixture(scope="module")
 def reference(cluster: Cluster) -> list[dict]:  # type: ignore[type-arg]
     """Every prompt's greedy output on the healthy cluster: the no-fault run faults are held to."""
-    return _parallel([lambda p=p: _complete(cluster.url, p, REF_TOKENS) for p in PROMPTS])
+    return probes.parallel([lambda p=p: _complete(cluster.url, p, REF_TOKENS) for p in PROMPTS])
 
 
 def _tokens(resp: dict) -> list[int]:  # type: ignore[type-arg]
@@ -274,7 +255,7 @@ def test_prefill_silent_before_first_token(cluster: Cluster, reference: list[dic
     os.kill(p0.pid, signal.SIGSTOP)
     try:
         t0 = time.monotonic()
-        got = _parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])
+        got = probes.parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])
         elapsed = time.monotonic() - t0
         assert [_tokens(g) for g in got] == [_tokens(r)[:40] for r in reference[:4]]
         retried = [g for g in got if g["timings"][0].get("retries", 0) >= 1]
@@ -343,7 +324,7 @@ def test_decode_death_mid_stream_and_the_restarted_worker_rejoins(cluster: Clust
     assert wait_gone([d.pid], 5.0) == []
     c.restart(d, argv)  # same command line, same address
     c.wait_all_up()  # rejoined by itself: nobody told the router
-    got = _parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])
+    got = probes.parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])
     assert [_tokens(g) for g in got] == [_tokens(r)[:40] for r in reference[:4]]
     assert c.stats(c.workers[d.name]).busy_fraction > 0, "the restarted worker got no work"
     _blocks_back(c, {**start, d.name: c.stats(c.workers[d.name]).total_blocks}, 10.0, "blocks back")
@@ -359,7 +340,7 @@ def test_prefill_death_frees_the_decode_reservation(cluster: Cluster, reference:
     os.kill(p0.pid, signal.SIGSTOP)  # holds its requests before their first token...
     results: list = []  # type: ignore[type-arg]
     runner = threading.Thread(target=lambda: results.extend(
-        _parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])))
+        probes.parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])))
     runner.start()
     try:
         probes.wait_for(lambda: sum(c.stats(w).reserved for w in c.role("decode")) >= 1, FIRST_TOKEN_TIMEOUT_S / 2,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Iterator
 
 import httpx
@@ -47,19 +46,12 @@ def up(model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 
 
 def _run(up: Server, model: str) -> list[dict]:  # type: ignore[type-arg]
-    out: list = [None] * len(PROMPTS)  # type: ignore[type-arg]
-
-    def one(i: int) -> None:
-        r = httpx.post(up.url + "/v1/completions", timeout=120, trust_env=False, json={
+    def one(i: int) -> httpx.Response:
+        return httpx.post(up.url + "/v1/completions", timeout=120, trust_env=False, json={
             "model": model, "prompt": PROMPTS[i], "max_tokens": MAX_TOKENS, "temperature": 0,
             "return_token_ids": True})
-        out[i] = r
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    out = probes.parallel([lambda i=i: one(i) for i in range(len(PROMPTS))])
     assert all(r.status_code == 200 for r in out), [r.text for r in out]
     return [r.json() for r in out]
 
