@@ -38,7 +38,7 @@ ROLE_POLICIES: dict[str, type[Section]] = {"prefill": PrefillConfig, "decode": D
 
 
 def _shown(v: Any) -> str:
-    if v == "" or v == []:
+    if v == "" or v == [] or v == {}:
         return "none"
     if isinstance(v, bool):
         return "on" if v else "off"
@@ -50,6 +50,20 @@ def _int_list(s: str) -> list[int]:
         return [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def _float_map(s: str) -> dict[str, float]:
+    """`node_a=1,GPU=0.5` -> {"node_a": 1.0, "GPU": 0.5}."""
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in s.split(","))):
+        key, _, value = (p.strip() for p in item.partition("="))
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER,..., got {s!r}") from None
+        if not key:
+            raise argparse.ArgumentTypeError(f"expected NAME=NUMBER,..., got {s!r}")
+    return out
 
 
 def _add(g: argparse._ArgumentGroup, key: str, name: str, tp: Any, help_text: str, default_text: str,
@@ -66,6 +80,8 @@ def _add(g: argparse._ArgumentGroup, key: str, name: str, tp: Any, help_text: st
             kw["choices"] = [c for c in choices if c != ""]
     elif typing.get_origin(tp) is list:
         kw.update(type=_int_list, metavar="N,N,...")
+    elif typing.get_origin(tp) is dict:
+        kw.update(type=_float_map, metavar="NAME=X,...")
     else:
         kw.update(type=tp, metavar={int: "N", float: "X"}.get(tp, "TEXT"))
     g.add_argument(*opts, **kw)

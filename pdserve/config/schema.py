@@ -132,7 +132,8 @@ class DecodeConfig(Section):
 class TransferConfig(Section):
     """KV transfer between prefill and decode workers."""
 
-    transport: H(Literal["tcp", "shm"], "KV transport: tcp, or shm (shared memory, same machine)") = "tcp"
+    transport: H(Literal["tcp", "shm", "auto"], "KV transport: tcp, shm (shared memory, same machine), or auto "
+                 "(per pair: shm when both workers are on one node, else tcp)") = "tcp"
     bandwidth_gbps: H(float, "link emulation: bandwidth in Gb/s (0: as fast as the transport goes)", ge=0) = 0.0
     latency_ms: H(float, "link emulation: one-way latency added per chunk", ge=0) = 0.0
     max_frame_bytes: H(int, "largest KV frame accepted", ge=4096) = 256 * 1024 * 1024
@@ -148,6 +149,18 @@ class ListenConfig(Section):
     host: H(str, "address the HTTP API listens on") = "127.0.0.1"
     port: H(int, "port of the HTTP API (0: pick a free one)", ge=0, le=65535) = 8000
     api_key: H(str, "require this Bearer key on the HTTP API (empty: none)") = ""
+
+
+class LaunchConfig(Section):
+    """Where `pdserve up` runs its workers: local processes, or a Ray cluster."""
+
+    launcher: H(Literal["local", "ray"], "local: processes on this machine; ray: one Ray actor per worker") = "local"
+    ray_address: H(str, "launcher ray: the cluster to join (auto: the one running here or RAY_ADDRESS; "
+                        "HOST:PORT; empty: start a private one)") = ""
+    ray_bind_node_address: H(bool, "launcher ray: workers listen on their node's address (not 127.0.0.1), "
+                                   "so a router on another node reaches them") = False
+    ray_max_restarts: H(int, "launcher ray: restarts of a worker whose process died, before it is given up",
+                        ge=0) = 3
 
 
 class RouterConfig(ListenConfig):
@@ -171,6 +184,13 @@ class RouterConfig(ListenConfig):
 
 # ---- the cluster file -------------------------------------------------------------------------
 
+# A role's placement under `--launcher ray` (the same two settings in each role's section).
+RayResources = H(dict[str, float], "launcher ray: resources each worker of this role needs, e.g. "
+                 "{GPU: 1, node_a: 0.01} (CPU and GPU as Ray counts them; other keys are custom resources)")
+RayStrategy = H(Literal["pack", "spread"], "launcher ray: pack this role's workers onto few nodes (Ray's "
+                "default placement), or spread them across nodes")
+
+
 class _Role:
     """A role's section: its worker count on top of its policy's config (the first base class)."""
 
@@ -184,6 +204,8 @@ class PrefillSection(PrefillConfig, _Role):
     """Prefill workers and their batching policy."""
 
     workers: H(int, "prefill workers", ge=0) = 1
+    ray_resources: RayResources = field(default_factory=dict)
+    ray_strategy: RayStrategy = "pack"
 
     def policy(self) -> PrefillConfig:
         return typing.cast(PrefillConfig, _Role.policy(self))
@@ -193,6 +215,8 @@ class DecodeSection(DecodeConfig, _Role):
     """Decode workers and their batching policy."""
 
     workers: H(int, "decode workers", ge=0) = 1
+    ray_resources: RayResources = field(default_factory=dict)
+    ray_strategy: RayStrategy = "pack"
 
     def policy(self) -> DecodeConfig:
         return typing.cast(DecodeConfig, _Role.policy(self))
@@ -202,6 +226,8 @@ class ColocatedSection(SchedulerConfig, _Role):
     """Colocated workers (prefill and decode in one) and their batching policy."""
 
     workers: H(int, "colocated workers", ge=0) = 0
+    ray_resources: RayResources = field(default_factory=dict)
+    ray_strategy: RayStrategy = "pack"
 
     def policy(self) -> SchedulerConfig:
         return typing.cast(SchedulerConfig, _Role.policy(self))
@@ -223,6 +249,7 @@ class ClusterConfig(Section):
     colocated: ColocatedSection = field(default_factory=ColocatedSection)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def check(self) -> None:
         _check(self.num_workers > 0, "workers", "the cluster needs at least one worker")
@@ -247,7 +274,7 @@ class ClusterConfig(Section):
 ROLES = ("prefill", "decode", "colocated")
 SECTIONS: dict[str, type[Section]] = {"cache": CacheConfig, "prefill": PrefillSection, "decode": DecodeSection,
                                       "colocated": ColocatedSection, "transfer": TransferConfig,
-                                      "router": RouterConfig}
+                                      "router": RouterConfig, "launch": LaunchConfig}
 
 
 def settings(cls: type[Section]) -> list[tuple[str, Any, Any, str]]:
@@ -274,6 +301,8 @@ def _yaml_value(v: Any) -> str:
         return '""' if v == "" else v
     if isinstance(v, list):
         return "[" + ", ".join(map(str, v)) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {x}" for k, x in v.items()) + "}"
     return repr(v)
 
 

@@ -1,19 +1,16 @@
-"""`pdserve up`: the workers as local processes, the router in this process.
+"""`pdserve up` (the default launcher): the workers as local processes, the router in this process.
 
-Workers get free loopback ports and a fresh cluster secret (every frame between them and the
-router is authenticated). Ctrl-C stops the router, then SIGTERMs the workers, which finish their
-in-flight requests and transfers before exiting.
+Workers get free loopback ports and the cluster secret (every frame between them and the router is
+authenticated). Ctrl-C stops the router, then SIGTERMs the workers, which finish their in-flight
+requests and transfers before exiting. `serving.run_cluster` drives this through `LocalLauncher`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import ctypes.util
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -25,7 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.config.load import to_dict
-from pdserve.config.schema import ClusterConfig
+from pdserve.config.schema import ROLES, ClusterConfig
+from pdserve.launch.base import Launcher, WorkerHandle
+from pdserve.transfer.pairing import node_identity
 
 
 @dataclass
@@ -67,10 +66,10 @@ def write_worker_settings(cfg: ClusterConfig, folder: str) -> str:
     return path
 
 
-def worker_command(settings_path: str, role: str, port: int) -> list[str]:
+def worker_command(settings_path: str, role: str, port: int, host: str = "127.0.0.1") -> list[str]:
     """The `pdserve serve` command line of one worker of the cluster: every setting is in the file."""
     return [sys.executable, "-m", "pdserve.cli", "serve", "--config", settings_path, "--role", role, "--internal",
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", host, "--port", str(port)]
 
 
 def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
@@ -80,20 +79,19 @@ def _pump(proc: subprocess.Popen[bytes], prefix: str) -> None:
     proc.wait()  # reap it as soon as it exits, so no zombie lingers
 
 
-def start_workers(cfg: ClusterConfig, secret: str, settings_path: str) -> list[WorkerProc]:
+def start_worker(role: str, index: int, secret: str, settings_path: str) -> WorkerProc:
+    """One worker process (not yet ready), its output prefixed with its name on our stderr."""
     env = {**os.environ, "PDSERVE_CLUSTER_SECRET": secret}
-    procs: list[WorkerProc] = []
-    for role, n in (("prefill", cfg.prefill.workers), ("decode", cfg.decode.workers),
-                    ("colocated", cfg.colocated.workers)):
-        for i in range(n):
-            port = free_port()
-            proc = subprocess.Popen(worker_command(settings_path, role, port), env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
-            w = WorkerProc(role, i, port, proc)
-            threading.Thread(target=_pump, args=(proc, w.name), daemon=True).start()
-            procs.append(w)
-    return procs
+    port = free_port()
+    proc = subprocess.Popen(worker_command(settings_path, role, port), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+    w = WorkerProc(role, index, port, proc)
+    threading.Thread(target=_pump, args=(proc, w.name), daemon=True).start()
+    return w
+
+
+def start_workers(cfg: ClusterConfig, secret: str, settings_path: str) -> list[WorkerProc]:
+    return [start_worker(role, i, secret, settings_path) for role in ROLES for i in range(cfg.role(role).workers)]
 
 
 def wait_ready(workers: list[WorkerProc], timeout: float = 180.0) -> None:
@@ -128,20 +126,6 @@ def stop_workers(workers: list[WorkerProc], grace: float = 30.0) -> None:
             w.proc.wait()
 
 
-def _serve_until_signal(server) -> None:  # type: ignore[no-untyped-def]
-    """Serve until SIGINT/SIGTERM, then return (uvicorn alone would re-raise the signal and
-    kill this process before it could stop the workers)."""
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
-        server.capture_signals = contextlib.nullcontext  # keep our handlers
-        await server.serve()
-
-    asyncio.run(main())
-
-
 def _die_with_parent() -> None:
     """Runs in the child before exec: a worker gets SIGTERM if `up` dies, even by SIGKILL."""
     try:
@@ -151,42 +135,65 @@ def _die_with_parent() -> None:
         pass  # not Linux: stop_workers still stops them on a normal exit
 
 
-def run_cluster(cfg: ClusterConfig) -> int:
-    """Start everything, serve until interrupted, stop everything."""
-    import uvicorn
+class LocalLauncher(Launcher):
+    """Workers as child processes of this one, on loopback ports."""
 
-    from pdserve.config.model import resolve_shape
-    from pdserve.model.tokenizer import load_tokenizer
-    from pdserve.serve.frontend import OpenAIFront
-    from pdserve.serve.router import ClusterBackend
+    def __init__(self, cfg: ClusterConfig) -> None:
+        self.cfg = cfg
+        self._procs: list[WorkerProc] = []
+        self._next = dict.fromkeys(ROLES, 0)  # the index the role's next worker gets
+        self._lock = threading.Lock()
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._settings = self._secret = ""
 
-    # A given secret lets workers started elsewhere join (POST /admin/workers); else a fresh one.
-    secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
-    shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
-    r = cfg.router
-    print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "
-          f"{cfg.colocated.workers} colocated worker(s) for {cfg.model}...", flush=True)
-    tmp = tempfile.TemporaryDirectory(prefix="pdserve-up-")
-    workers = start_workers(cfg, secret, write_worker_settings(cfg, tmp.name))
-    try:
-        wait_ready(workers)
-        by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
-        backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
-                                 secret=secret.encode(), config=r)
-        name = cfg.public_model_name
-        front = OpenAIFront(backend, load_tokenizer(cfg.model), name, api_key=r.api_key or None)
-        port = r.port or free_port()  # --port 0: pick one, and print the real one
-        auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""
-        url = f"http://{r.host}:{port}"
-        print(f"pdserve: serving {name} at {url}/v1  (metrics: {url}/metrics)\n"
-              f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"""-d '{{"model": "{name}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
-              f"  Ctrl-C stops the cluster.", flush=True)
-        server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
-                                               timeout_graceful_shutdown=30))
-        _serve_until_signal(server)
-    finally:
-        print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
-        stop_workers(workers)
-        tmp.cleanup()
-    return 0
+    def start(self, secret: str) -> list[WorkerHandle]:
+        self._secret = secret
+        self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-up-")
+        self._settings = write_worker_settings(self.cfg, self._tmp.name)
+        with self._lock:
+            self._procs = start_workers(self.cfg, secret, self._settings)
+            for role in ROLES:
+                self._next[role] = self.cfg.role(role).workers
+        try:
+            wait_ready(self._procs)
+        except BaseException:
+            self.stop()
+            raise
+        return self.workers()
+
+    def workers(self) -> list[WorkerHandle]:
+        node = node_identity()
+        with self._lock:
+            return [WorkerHandle(w.role, w.index, w.address, w.proc.pid, node) for w in self._procs]
+
+    def add_worker(self, role: str) -> WorkerHandle:
+        self.cfg.role(role)  # a bad role fails here
+        with self._lock:
+            w = start_worker(role, self._next[role], self._secret, self._settings)
+            self._next[role] += 1
+        try:
+            wait_ready([w])
+        except BaseException:
+            stop_workers([w])
+            raise
+        with self._lock:
+            self._procs.append(w)
+        return WorkerHandle(w.role, w.index, w.address, w.proc.pid, node_identity())
+
+    def remove_worker(self, role: str) -> WorkerHandle | None:
+        with self._lock:
+            w = next((w for w in reversed(self._procs) if w.role == role), None)
+        if w is None:
+            return None
+        stop_workers([w])
+        with self._lock:
+            self._procs.remove(w)
+        return WorkerHandle(w.role, w.index, w.address, w.proc.pid, node_identity())
+
+    def stop(self) -> None:
+        with self._lock:
+            procs = list(self._procs)
+        stop_workers(procs)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

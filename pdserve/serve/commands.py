@@ -21,8 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_router_flags(r)
     r.set_defaults(func=_run_router)
 
-    u = sub.add_parser("up", help="start a router and its workers on this machine")
-    u.add_argument("--launcher", choices=["local"], default="local", help="where the workers run")
+    u = sub.add_parser("up", help="start a router and its workers on this machine (or on Ray: --launcher ray)")
     add_cluster_flags(u)
     u.set_defaults(func=_run_up)
 
@@ -30,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run_up(args: argparse.Namespace) -> int:
     from pdserve.config.flags import cluster_from_args
     from pdserve.config.model import resolve_shape
-    from pdserve.launch.local import run_cluster
+    from pdserve.launch.serving import run_cluster
 
     cfg = cluster_from_args(args)
     resolve_shape(cfg.model, cfg.dtype or None)  # a bad model fails here, before any worker starts

@@ -21,6 +21,7 @@ from pdserve.serve.kv_bridge import CacheSink
 from pdserve.serve.rpc import Peer
 from pdserve.serve.worker_base import WorkerBase
 from pdserve.transfer import KVPoll, KVReceiver
+from pdserve.transfer.pairing import advertised
 
 log = logging.getLogger("pdserve.worker")
 EXPIRY_EVERY_S = 0.5
@@ -35,7 +36,8 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         self.transfer_wait: dict[str, float] = {}  # KV still arriving after the first token, seconds
         self._last_expiry = 0.0
         self.receiver = KVReceiver(CacheSink(self.runner), self.transfer, host=args.host, secret=self.secret,
-                                   timeout_s=self.transfer.timeout_s)
+                                   timeout_s=self.transfer.timeout_s, transport=advertised(self.transfer.transport))
+        self.kv_received = 0
 
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> DecodeScheduler:
         return DecodeScheduler(args.cluster.decode.policy(), self.bm)
@@ -61,7 +63,8 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         self.requests[req.request_id] = req
         n = self.bm.blocks_needed(req.num_prompt_tokens)
         self.receiver.expect(req.request_id, self.runner.shape.num_layers, req.block_ids[:n])
-        return m.Reserved(req.request_id, True, self.receiver.address(), list(req.block_ids[:n]), self.bm.block_size)
+        return m.Reserved(req.request_id, True, self.receiver.address(), list(req.block_ids[:n]), self.bm.block_size,
+                          node_id=self.node_id)
 
     def _on_start(self, msg: m.Start) -> None:
         if msg.request_id in self.requests:
@@ -111,6 +114,7 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
     def _kv_ready(self, rid: str, first: int, wait: float) -> None:
         """Engine thread: KV complete and verified; the request joins on the next step."""
         self.transfer_wait[rid] = wait
+        self.kv_received += 1
         done = self.policy.remote_kv_done(rid, first, self.core.clock())
         if done is not None and self.loop is not None:
             self.loop.call_soon_threadsafe(self._finish_now, done)
@@ -131,4 +135,4 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         super()._error_now(rid, err, kind)
 
     def _stats_extra(self) -> dict[str, int]:
-        return {"reserved": self.policy.num_reserved}
+        return {"reserved": self.policy.num_reserved, "kv_received": self.kv_received}

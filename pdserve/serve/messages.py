@@ -62,6 +62,7 @@ class Prefill(msgspec.Struct, tag="prefill", frozen=True):
     block_ids: list[int]
     block_size: int
     decode_free_fraction: float = 1.0  # back-pressure: how idle the chosen decode worker is
+    kv_node: str = ""  # the decode worker's node: with transport auto, shm only when it is the prefill's
 
 
 class Start(msgspec.Struct, tag="start", frozen=True):
@@ -86,6 +87,7 @@ class Reserved(msgspec.Struct, tag="reserved", frozen=True):
     block_ids: list[int] = []
     block_size: int = 0
     reason: str = ""
+    node_id: str = ""  # the decode worker's node (transfer/pairing.py)
 
 
 class Tokens(msgspec.Struct, tag="tokens", frozen=True):
@@ -117,6 +119,10 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     reserved: int = 0
     block_size: int = 16
     draining: bool = False
+    node_id: str = ""  # the machine (Ray node) the worker runs on
+    kv_sent_tcp: int = 0  # prefill: transfers completed over tcp / shm since start
+    kv_sent_shm: int = 0
+    kv_received: int = 0  # decode: transfers received complete since start
 
 
 ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery

@@ -74,6 +74,8 @@ class ServerMetrics:
             if name in self._gauges:
                 self._gauges[name].set(value)
         if self._worker_stats is not None:
+            for gauge in self._worker_gauges.values():
+                gauge.clear()  # a worker that left the router (removed, restarted elsewhere) leaves /metrics
             for worker, role, values in self._worker_stats():
                 for name, value in values.items():
                     if name in self._worker_gauges:

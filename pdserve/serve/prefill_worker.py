@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import Counter
+
+import msgspec
 
 from pdserve.sched.prefill import PrefillBatcher
 from pdserve.sched.request import Request
@@ -20,6 +23,7 @@ from pdserve.serve.kv_bridge import blocks_as_array
 from pdserve.serve.rpc import Peer
 from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
 from pdserve.transfer import KVPoll, KVSender, faults
+from pdserve.transfer.pairing import pair_address, scheme
 
 
 class PrefillWorker(WorkerBase[PrefillBatcher]):
@@ -29,6 +33,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         super().__init__(args)
         self.kv_dest: dict[str, m.Prefill] = {}  # where each request's KV goes
         self.sending: dict[str, float] = {}  # requests whose transfer is in flight, since when
+        self.kv_sent: Counter[str] = Counter()  # completed transfers by transport
         self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
         faults.install_from_config(self.sender, self.transfer)  # fault tests only
         self.core.layer_hook = self._push_layer
@@ -40,7 +45,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     async def _handle_work(self, msg: m.ToWorker, peer: Peer) -> None:
         if isinstance(msg, m.Prefill):
             if self._admit(msg, peer):
-                self.kv_dest[msg.request_id] = msg
+                kv = pair_address(msg.kv_address, self.transfer.transport, self.node_id, msg.kv_node)
+                self.kv_dest[msg.request_id] = msgspec.structs.replace(msg, kv_address=kv)
                 self.policy.set_decode_pressure(msg.decode_free_fraction)
         else:
             await super()._handle_work(msg, peer)
@@ -89,6 +95,9 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if state not in (KVPoll.SUCCESS, KVPoll.FAILED):
                 continue
             del self.sending[rid]
+            dest = self.kv_dest.get(rid)
+            if state is KVPoll.SUCCESS and dest is not None:
+                self.kv_sent[scheme(dest.kv_address)] += 1
             req = self.requests.get(rid)
             peer = self.owners.get(rid)
             if peer is not None:
@@ -102,4 +111,5 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         self.sender.close()
 
     def _stats_extra(self) -> dict[str, int]:
-        return {"queued_prompt_tokens": self.policy.queued_tokens}
+        return {"queued_prompt_tokens": self.policy.queued_tokens, "kv_sent_tcp": self.kv_sent["tcp"],
+                "kv_sent_shm": self.kv_sent["shm"]}

@@ -67,7 +67,10 @@ class ClusterBackend:
         return [w.refresh_available(now) for w in self.workers if w.role == role]
 
     def _worker(self, name: str) -> Worker:
-        return next(w for w in self.workers if w.name == name)
+        w = next((w for w in self.workers if w.name == name), None)
+        if w is None:  # removed by its launcher while this request was being routed
+            raise Retryable(f"{name} left the cluster", name)
+        return w
 
     def _link(self, prefill: str, decode: str) -> CircuitBreaker:
         key = (prefill, decode)
@@ -128,6 +131,15 @@ class ClusterBackend:
             self.workers.append(existing)
         await existing.heartbeat()
         return existing.name
+
+    async def remove_worker(self, address: str) -> bool:
+        """A worker stopped (or moved) leaves the pool; its requests still in flight fail over.
+        False if no worker has that address."""
+        gone = [w for w in self.workers if w.client.address == address]
+        self.workers = [w for w in self.workers if w.client.address != address]
+        for w in gone:
+            await w.client.close()
+        return bool(gone)
 
     def link_stats(self) -> list[tuple[str, str, float]]:
         """Breaker state of every (prefill, decode) link used so far."""
@@ -257,7 +269,7 @@ class ClusterBackend:
                                            transfer_failed):
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                        res.block_size, d.load.free_fraction))
+                                        res.block_size, d.load.free_fraction, kv_node=res.node_id))
                 queued = time.monotonic() - t0
                 ev = await pc.next(self.config.first_token_timeout_s)
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part

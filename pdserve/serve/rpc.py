@@ -22,8 +22,14 @@ MAX_CONTROL_FRAME = 16 * 1024 * 1024  # a 2M-token prompt as msgpack ints fits w
 
 
 def cluster_secret() -> bytes | None:
-    """The secret that authenticates every frame of the cluster (`PDSERVE_CLUSTER_SECRET`)."""
+    """The secret that authenticates every frame of the cluster: `PDSERVE_CLUSTER_SECRET`, or the
+    content of the (0600) file `PDSERVE_CLUSTER_SECRET_FILE` names (the Ray launcher's way: the
+    secret then appears in no process's environment)."""
     s = os.environ.get("PDSERVE_CLUSTER_SECRET")
+    path = os.environ.get("PDSERVE_CLUSTER_SECRET_FILE")
+    if not s and path:
+        with open(path) as f:
+            s = f.read().strip()
     return s.encode() if s else None
 
 

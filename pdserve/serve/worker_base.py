@@ -28,6 +28,7 @@ from pdserve.serve import messages as m
 from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
+from pdserve.transfer.pairing import node_identity
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
@@ -59,6 +60,7 @@ class WorkerBase(Generic[P]):
         self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
                                ea.cache.eviction, self.runner.cache_salt)
         self.secret = cluster_secret()
+        self.node_id = node_identity()
         self.transfer = args.cluster.transfer  # the settings, from pdserve.config.schema
         self.policy: P = self._make_policy(args, ea)
         self.core = EngineCore(self.runner, self.policy)
@@ -271,7 +273,7 @@ class WorkerBase(Generic[P]):
             nonce=nonce, role=self.role, running=p.num_running, waiting=p.num_waiting,
             free_blocks=self.bm.num_free_blocks, total_blocks=self.bm.num_blocks,
             busy_fraction=self.thread.busy_time / elapsed,
-            block_size=self.bm.block_size, draining=self.draining, **self._stats_extra(),
+            block_size=self.bm.block_size, draining=self.draining, node_id=self.node_id, **self._stats_extra(),
         )
 
 

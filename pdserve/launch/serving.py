@@ -1,0 +1,111 @@
+"""`pdserve up`: a launcher's workers (local processes or Ray actors) behind a router in this process.
+
+The router's pools follow the launcher: every `FOLLOW_S` the workers the launcher lists are
+compared with the router's, and the difference joins or leaves the router. So a worker that a
+launcher adds, removes, or restarts under a new address (Ray) is in the right pool within a
+second, with no call from the worker or the caller. Ctrl-C / SIGTERM stops the router, then the
+launcher's workers (they drain first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pdserve.config.schema import ClusterConfig
+from pdserve.launch.base import Launcher, make_launcher
+from pdserve.launch.local import free_port
+
+log = logging.getLogger("pdserve.launch")
+FOLLOW_S = 0.5
+
+
+async def follow(backend: Any, launcher: Launcher, interval: float = FOLLOW_S) -> None:
+    """Keep the router's workers equal to the launcher's, forever (cancel to stop)."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await sync_pools(backend, launcher)
+        except Exception:  # a launcher hiccup must not end the router; the next round retries
+            log.exception("could not sync the router's pools with the launcher")
+
+
+async def sync_pools(backend: Any, launcher: Launcher) -> None:
+    """One round of `follow`: add the launcher's new workers to the router, remove its gone ones."""
+    wanted = {(h.role, h.address) for h in await asyncio.to_thread(launcher.workers)}
+    have = {(w.role, w.client.address) for w in backend.workers}
+    for role, address in sorted(wanted - have):
+        await backend.add_worker(role, address)
+    for _, address in sorted(have - wanted):
+        await backend.remove_worker(address)
+
+
+def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:
+    """Serve (and follow the launcher) until SIGINT/SIGTERM, then return (uvicorn alone would
+    re-raise the signal and kill this process before it could stop the workers)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():  # else (tests) the caller stops it
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        server.capture_signals = contextlib.nullcontext  # keep our handlers
+        follower = asyncio.create_task(follow(backend, launcher))
+        try:
+            await server.serve()
+        finally:
+            follower.cancel()
+
+    asyncio.run(main())
+
+
+def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
+                serving: Callable[[Any, str], None] | None = None) -> int:
+    """Start everything, serve until interrupted, stop everything. `serving(server, url)` is
+    called once the router is about to serve (a caller in another thread stops it by setting
+    `server.should_exit`)."""
+    import uvicorn
+
+    from pdserve.config.model import resolve_shape
+    from pdserve.model.tokenizer import load_tokenizer
+    from pdserve.serve.frontend import OpenAIFront
+    from pdserve.serve.router import ClusterBackend
+
+    # A given secret lets workers started elsewhere join (POST /admin/workers); else a fresh one.
+    secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
+    shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
+    r = cfg.router
+    where = " on Ray" if cfg.launch.launcher == "ray" else ""
+    print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "
+          f"{cfg.colocated.workers} colocated worker(s) for {cfg.model}{where}...", flush=True)
+    launcher = launcher or make_launcher(cfg)
+    try:
+        workers = launcher.start(secret)
+        by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
+        backend = ClusterBackend(shape, by_role["prefill"], by_role["decode"], by_role["colocated"],
+                                 secret=secret.encode(), config=r)
+        name = cfg.public_model_name
+        front = OpenAIFront(backend, load_tokenizer(cfg.model), name, api_key=r.api_key or None)
+        port = r.port or free_port()  # --port 0: pick one, and print the real one
+        auth = f' -H "Authorization: Bearer {r.api_key}"' if r.api_key else ""
+        url = f"http://{r.host}:{port}"
+        print(f"pdserve: serving {name} at {url}/v1  (metrics: {url}/metrics)\n"
+              f"  curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"""-d '{{"model": "{name}", "prompt": "Hello, my name is", "max_tokens": 16, "temperature": 0}}'\n"""
+              f"  Ctrl-C stops the cluster.", flush=True)
+        server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
+                                               timeout_graceful_shutdown=30))
+        if serving is not None:
+            serving(server, url)
+        _serve_until_signal(server, backend, launcher)
+    finally:
+        print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
+        launcher.stop()
+    return 0
