@@ -27,6 +27,7 @@ from pdserve.launch.ray_actor import WorkerSupervisor
 POLL_S = 0.5
 START_TIMEOUT_S = 300.0
 STOP_GRACE_S = 30.0
+ANSWER_S = 2.0  # a live actor answers info() within this, even on a loaded machine
 
 
 def actor_options(resources: dict[str, float], strategy: str, max_restarts: int) -> dict[str, Any]:
@@ -180,8 +181,11 @@ class RayLauncher(Launcher):
                             self._actors.remove(a)
 
     def _stop_actors(self, actors: list[_Actor]) -> None:
-        """Drain the workers (SIGTERM, in parallel), then end their actors for good."""
-        refs = [a.handle.stop.remote(STOP_GRACE_S) for a in actors]
+        """Drain the workers (SIGTERM, in parallel), then end their actors for good. An actor
+        that does not answer at once (its node is gone, it waits for a restart) is just ended."""
+        probes = {a.handle.info.remote(): a for a in actors}
+        answered, _ = ray.wait(list(probes), num_returns=len(probes), timeout=ANSWER_S) if probes else ([], [])
+        refs = [probes[r].handle.stop.remote(STOP_GRACE_S) for r in answered]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=STOP_GRACE_S + 10)
         for a in actors:

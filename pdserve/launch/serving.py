@@ -82,10 +82,10 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
     secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
     shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
     r = cfg.router
+    launcher = launcher or make_launcher(cfg)
     where = " on Ray" if cfg.launch.launcher == "ray" else ""
     print(f"pdserve: starting {cfg.prefill.workers} prefill, {cfg.decode.workers} decode, "
           f"{cfg.colocated.workers} colocated worker(s) for {cfg.model}{where}...", flush=True)
-    launcher = launcher or make_launcher(cfg)
     try:
         workers = launcher.start(secret)
         by_role = {role: [w.address for w in workers if w.role == role] for role in ("prefill", "decode", "colocated")}
