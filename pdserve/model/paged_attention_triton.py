@@ -91,6 +91,8 @@ def paged_decode_triton(
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
         num_splits = num_splits_for(b, n_kv, block_tables.shape[1], sms)
     q = q.contiguous()
+    # The kernel's loop bounds come from these: one integer type for them (a no-op when already int32).
+    context_lens, block_tables = context_lens.to(torch.int32), block_tables.to(torch.int32)
     m = torch.empty(b, n_heads, num_splits, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
     acc = torch.empty(b, n_heads, num_splits, d, device=q.device, dtype=torch.float32)
