@@ -23,6 +23,7 @@ import numpy as np
 from pdserve.bench.cluster import busy_during, running_cluster, scrape_busy, up_args
 from pdserve.config.load import cluster_from_dict
 from pdserve.config.model import resolve_shape
+from pdserve.config.schema import CPU_KV_CACHE_GB
 from pdserve.sim import hardware
 from pdserve.sim.build import SimConfig, build
 from pdserve.sim.metrics import per_request_ms, summarize
@@ -83,7 +84,7 @@ def sim_config(mode: str, run: CheckRun, serving_overheads: bool = True) -> SimC
     p, d, c = (0, 0, run.workers) if mode == "colocated" else (run.prefill, run.workers - run.prefill, 0)
     up = cluster_from_dict({"model": run.model})
     shape = resolve_shape(run.model)
-    num_blocks = max(4, int(up.cache.kv_cache_memory_gb * 2**30 // (up.cache.block_size * shape.kv_bytes_per_token())))
+    num_blocks = max(4, int((up.cache.kv_cache_memory_gb or CPU_KV_CACHE_GB) * 2**30 // (up.cache.block_size * shape.kv_bytes_per_token())))
     return SimConfig.of(model=run.model, num_prefill=p, num_decode=d, num_colocated=c,
                         serving={"cache": {"num_blocks": num_blocks}}, link=run.link, profile=run.profile,
                         prefill_gpu="h100", decode_gpu="h100", serving_overheads=serving_overheads)

@@ -75,12 +75,21 @@ def H(tp: Any, help: str, **bounds: Any) -> Any:  # noqa: A002 - `help` reads be
 
 # ---- per-instance policies (the `sched/` and `transfer/` configs) ------------------------------
 
+CPU_KV_CACHE_GB = 0.5  # the KV cache of a cpu worker when no size is given
+
+
 class CacheConfig(Section):
-    """The paged KV cache of every worker."""
+    """The paged KV cache of every worker (and the decode CUDA graphs that read it)."""
 
     block_size: H(Literal[1, 2, 4, 8, 16, 32, 64, 128], "tokens per KV block") = 16
     num_blocks: H(int, "KV blocks per worker (0: as many as kv_cache_memory_gb holds)", ge=0) = 0
-    kv_cache_memory_gb: H(float, "memory for KV tensors per worker when num_blocks is 0", gt=0) = 0.5
+    kv_cache_memory_gb: H(float, "memory for KV tensors per worker when num_blocks is 0 (0: on cuda, what "
+                          f"gpu_memory_utilization leaves; on cpu, {CPU_KV_CACHE_GB})", ge=0) = 0.0
+    gpu_memory_utilization: H(float, "cuda: share of the device's memory this worker may use (weights, "
+                              "activations, KV), as vLLM", gt=0, le=1) = 0.9
+    enforce_eager: H(bool, "cuda: run decode steps eagerly, not as captured CUDA graphs (cpu: always eager)") = False
+    cuda_graph_max_batch: H(int, "cuda: largest decode batch captured as a CUDA graph (larger ones run eagerly)",
+                            ge=1) = 64
     enable_prefix_caching: H(bool, "reuse the KV of cached prompt prefixes (hash chain of full blocks)") = True
     eviction: H(Literal["lru", "fifo"], "which cached, unused block is evicted first") = "lru"
 

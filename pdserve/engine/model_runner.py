@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 
 from pdserve.config.engine import CacheConfig
+from pdserve.engine import cuda_graph
+from pdserve.engine.cuda_graph import DecodeGraphs
+from pdserve.engine.kv_sizing import kv_blocks_for
 from pdserve.model.attention import AttentionMetadata
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.sched.block_manager import cache_salt
@@ -28,20 +31,25 @@ class ModelRunner:
         # matters for dummy weights; an adapter id joins it when adapters exist.
         self.cache_salt = cache_salt(f"{model}#seed={seed}", self.shape.dtype)
         self.block_size = cache.block_size
-        per_block = cache.block_size * self.shape.kv_bytes_per_token()
-        self.num_blocks = cache.num_blocks or max(4, int(cache.kv_cache_memory_gb * 2**30 // per_block))
+        self.graphs: DecodeGraphs | None = None
+        self.num_blocks = kv_blocks_for(self, cache)  # engine-gpu hook: set, or sized from free memory on cuda
         s = self.shape
         self.kv_caches = [
             torch.zeros(2, self.num_blocks, cache.block_size, s.num_kv_heads, s.head_dim,
                         dtype=self.dtype, device=self.device)
             for _ in range(s.num_layers)
         ]
+        self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput, layer_done: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Compute every chunk; return float32 logits for the chunks that sample, in chunk order."""
+        if self.graphs is not None and layer_done is None:  # engine-gpu hook: replay a decode graph
+            logits = self.graphs.run(out)
+            if logits is not None:
+                return logits
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
+
 
 @dataclass
 class AttentionMetadata:
@@ -38,9 +40,11 @@ def _gather(cache_half: torch.Tensor, table: torch.Tensor, ctx: int) -> torch.Te
 
 
 def paged_attention(
-    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata | DecodeMetadata, scale: float
 ) -> torch.Tensor:
     """q: [T, heads, head_dim] -> [T, heads, head_dim], causal within each chunk's context."""
+    if isinstance(meta, DecodeMetadata):  # engine-gpu hook: a static-shape decode step (CUDA graphs)
+        return paged_decode(q, cache, meta.block_tables, meta.context_lens, scale)
     out = torch.empty_like(q)
     n_heads, n_kv = q.shape[1], cache.shape[3]
     group = n_heads // n_kv

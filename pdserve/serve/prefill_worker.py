@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 from collections import Counter
 
@@ -19,7 +20,7 @@ from pdserve.sched.prefill import PrefillBatcher
 from pdserve.sched.request import Request
 from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
-from pdserve.serve.kv_bridge import blocks_as_array
+from pdserve.serve.kv_bridge import KVPush
 from pdserve.serve.rpc import Peer
 from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
 from pdserve.transfer import KVPoll, KVSender, faults
@@ -37,6 +38,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
         faults.install_from_config(self.sender, self.transfer)  # fault tests only
         self.core.layer_hook = self._push_layer
+        self.kv_push = KVPush(self.runner)  # cuda: side-stream copies into pinned buffers, no engine-thread sync
 
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> PrefillBatcher:
         return PrefillBatcher(args.cluster.prefill.policy(), self.bm)
@@ -76,9 +78,9 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if dest is None:
                 continue
             n = self.bm.blocks_needed(req.num_prompt_tokens)
-            data, dtype = blocks_as_array(self.runner, layer, req.block_ids[:n])
-            self.sender.send_layer(req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
-                                   dest.block_ids[:n], data, dtype=dtype)
+            self.kv_push.push(layer, req.block_ids[:n], functools.partial(
+                self.sender.send_layer, req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
+                dest.block_ids[:n]))
 
     def _transfers_in_flight(self) -> bool:
         return bool(self.sending)
@@ -108,6 +110,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             self._forget(rid, req)
 
     def _close_transfers(self) -> None:
+        self.kv_push.close()  # deliver queued layers first
         self.sender.close()
 
     def _stats_extra(self) -> dict[str, int]:
