@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pdserve import LLM, SamplingParams  # noqa: E402
 from pdserve.config import CATALOG  # noqa: E402
 from pdserve.config.model import ModelShape  # noqa: E402
+from pdserve.model.loader import hf_state_dict  # noqa: E402
 
 GB = 1e9
 _ids = itertools.count()
@@ -150,7 +151,7 @@ def hf_model(model: str, llm: LLM, device: str, dtype: torch.dtype):  # type: ig
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     cfg = hf_config(llm.runner.shape)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    missing, unexpected = hf.load_state_dict(llm.runner.model.state_dict(), strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(llm.runner.model), strict=False)
     missing = [m for m in missing if "rotary_emb" not in m]
     if missing or unexpected:
         raise RuntimeError(f"state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
