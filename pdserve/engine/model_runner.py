@@ -7,7 +7,13 @@ from collections.abc import Callable
 import torch
 
 from pdserve.config.engine import CacheConfig
-from pdserve.model.attention import AttentionMetadata, DecodeGroup, PrefillChunk, group_decodes
+from pdserve.model.attention import (
+    GROUP_SLACK_KEYS,
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillChunk,
+    group_decodes,
+)
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
@@ -46,38 +52,17 @@ class ModelRunner:
         """Compute every chunk; return float32 logits for the chunks that sample, in chunk order."""
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
-        meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=self.block_size,
-                                 workspace=self._workspace)
-        dec_rows: list[int] = []
-        dec_ctx: list[int] = []
-        dec_tables: list[list[int]] = []
+        spans: list[tuple[list[int], int, int]] = []
         sample_rows: list[int] = []
-        bs, dev = self.block_size, self.device
         for chunk in out.chunks:
             req, start, n = chunk.request, chunk.start, chunk.num_tokens
-            q_start = len(ids)
             ids.extend(_token_slice(req.prompt_token_ids, req.output_token_ids, start, n))
             pos.extend(range(start, start + n))
-            table = req.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                dec_rows.append(q_start)
-                dec_ctx.append(start + 1)
-                dec_tables.append(table[: (start + bs) // bs])
-            elif start == 0:
-                meta.prefill.append(PrefillChunk(q_start, n, n))
-            else:
-                ctx = start + n
-                nblk = -(-ctx // bs)
-                # Query i sits at position start + i and sees keys up to and including itself.
-                mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
-                meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
+            spans.append((req.block_ids, start, n))
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
-        meta.decode = [self._decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g],
-                                          [dec_tables[i] for i in g]) for g in group_decodes(dec_ctx)]
-        meta.slot_mapping = _long(slots, dev)
+        dev = self.device
+        meta = step_metadata(spans, self.block_size, dev, self._workspace)
         positions = _long(pos, dev)
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
@@ -85,23 +70,6 @@ class ModelRunner:
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[_long(sample_rows, dev)]
         return self.model.logits(hidden)
-
-    def _decode_group(self, rows: list[int], ctx: list[int], tables: list[list[int]]) -> DecodeGroup:
-        """One SDPA call's worth of single-token sequences: tables padded to the longest."""
-        bs, dev = self.block_size, self.device
-        width = max(len(t) for t in tables)
-        if len(rows) == 1:
-            t = tables[0]
-            in_place = t == list(range(t[0], t[0] + len(t)))
-            return DecodeGroup(_long(rows, dev), None if in_place else _long(t, dev), width, None,
-                               slice(rows[0], rows[0] + 1), ctx=ctx[0], first_block=t[0] if in_place else None)
-        blocks = _long([b for t in tables for b in t + [0] * (width - len(t))], dev)
-        mask = None
-        if any(c != width * bs for c in ctx):
-            mask = (torch.arange(width * bs, device=dev)[None, :] < _long(ctx, dev)[:, None])[:, None, None, :]
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        return DecodeGroup(_long(rows, dev), blocks, width, mask,
-                           slice(rows[0], rows[0] + len(rows)) if consecutive else None)
 
     # ---- KV in and out (transfer plane) -------------------------------------------------------
     def read_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:
@@ -112,6 +80,58 @@ class ModelRunner:
     def write_blocks(self, layer: int, block_ids: list[int], data: torch.Tensor) -> None:
         idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         self.kv_caches[layer].index_copy_(1, idx, data.to(self.device, self.dtype))
+
+
+def step_metadata(
+    spans: list[tuple[list[int], int, int]], block_size: int, device: torch.device,
+    workspace: list[torch.Tensor] | None = None, decode_slack: int = GROUP_SLACK_KEYS,
+) -> AttentionMetadata:
+    """Attention metadata for one step, built once and read by every layer. `spans` holds, per
+    chunk in packing order, (the sequence's block table, first position, number of tokens)."""
+    bs, dev = block_size, device
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=bs,
+                             workspace=workspace if workspace is not None else [])
+    slots: list[int] = []
+    dec_rows: list[int] = []
+    dec_ctx: list[int] = []
+    dec_tables: list[list[int]] = []
+    for table, start, n in spans:
+        q_start = len(slots)
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        if n == 1:
+            dec_rows.append(q_start)
+            dec_ctx.append(start + 1)
+            dec_tables.append(table[: (start + bs) // bs])
+        elif start == 0:
+            meta.prefill.append(PrefillChunk(q_start, n, n))
+        else:
+            ctx = start + n
+            nblk = -(-ctx // bs)
+            # Query i sits at position start + i and sees keys up to and including itself.
+            mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
+            meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
+    meta.decode = [_decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g],
+                                 [dec_tables[i] for i in g], bs, dev) for g in group_decodes(dec_ctx, decode_slack)]
+    meta.slot_mapping = _long(slots, dev)
+    return meta
+
+
+def _decode_group(rows: list[int], ctx: list[int], tables: list[list[int]], bs: int,
+                  dev: torch.device) -> DecodeGroup:
+    """One SDPA call's worth of single-token sequences: tables padded to the longest."""
+    width = max(len(t) for t in tables)
+    if len(rows) == 1:
+        t = tables[0]
+        in_place = t == list(range(t[0], t[0] + len(t)))
+        return DecodeGroup(_long(rows, dev), None if in_place else _long(t, dev), width, None,
+                           slice(rows[0], rows[0] + 1), ctx=ctx[0], first_block=t[0] if in_place else None)
+    blocks = _long([b for t in tables for b in t + [0] * (width - len(t))], dev)
+    mask = None
+    if any(c != width * bs for c in ctx):
+        mask = (torch.arange(width * bs, device=dev)[None, :] < _long(ctx, dev)[:, None])[:, None, None, :]
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    return DecodeGroup(_long(rows, dev), blocks, width, mask,
+                       slice(rows[0], rows[0] + len(rows)) if consecutive else None)
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:

@@ -67,8 +67,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         for chunk in out.chunks:
             req = chunk.request
             dest = self.kv_dest.get(req.request_id)
-            if dest is None:
-                continue
+            if dest is None or not chunk.sample:
+                continue  # a prompt's earlier chunks: its KV goes with the last one, all blocks
             n = self.bm.blocks_needed(req.num_prompt_tokens)
             data, dtype = blocks_as_array(self.runner, layer, req.block_ids[:n])
             self.sender.send_layer(req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
