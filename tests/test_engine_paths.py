@@ -106,10 +106,14 @@ def test_decode_batch_of_different_lengths(heads, kv_heads) -> None:
     rng = random.Random(heads * 10 + kv_heads)
     ctx = [38, 1, 17, 16, 5, 33, 29, 2]
     tables = _shuffled_tables(ctx, rng)
+    tables[2] = [50, 51, 52, 53, 54]  # one in place
     spans = [(t, c - 1, 1) for t, c in zip(tables, ctx, strict=True)]
     for slack, n_groups in ((0, 8), (8, 4), (1000, 1)):  # all singles, some groups, one padded group
         ours, ref, meta = _attend(spans, heads, kv_heads, 8, seed=slack, slack=slack)
-        assert len(meta.decode) == n_groups == len(group_decodes(ctx, slack))
+        runs = [t == list(range(t[0], t[0] + len(t))) for t in tables]  # read in place, alone
+        rest = [c for c, r in zip(ctx, runs, strict=True) if not r]
+        assert len(meta.decode) == sum(runs) + len(group_decodes(rest, slack))
+        assert len(group_decodes(ctx, slack)) == n_groups
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 

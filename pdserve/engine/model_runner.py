@@ -110,8 +110,14 @@ def step_metadata(
             # Query i sits at position start + i and sees keys up to and including itself.
             mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
             meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
+    # A sequence whose blocks are consecutive is read in place (one SDPA call of its own, no
+    # copy); the others are grouped by length and gathered.
+    in_place = [i for i, t in enumerate(dec_tables) if _consecutive(t)]
+    rest = [i for i, t in enumerate(dec_tables) if not _consecutive(t)]
+    groups = [[i] for i in in_place] + [[rest[j] for j in g] for g in group_decodes([dec_ctx[i] for i in rest],
+                                                                                    decode_slack)]
     meta.decode = [_decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g],
-                                 [dec_tables[i] for i in g], bs, dev) for g in group_decodes(dec_ctx, decode_slack)]
+                                 [dec_tables[i] for i in g], bs, dev) for g in groups]
     meta.slot_mapping = _long(slots, dev)
     return meta
 
@@ -122,7 +128,7 @@ def _decode_group(rows: list[int], ctx: list[int], tables: list[list[int]], bs: 
     width = max(len(t) for t in tables)
     if len(rows) == 1:
         t = tables[0]
-        in_place = t == list(range(t[0], t[0] + len(t)))
+        in_place = _consecutive(t)
         return DecodeGroup(_long(rows, dev), None if in_place else _long(t, dev), width, None,
                            slice(rows[0], rows[0] + 1), ctx=ctx[0], first_block=t[0] if in_place else None)
     blocks = _long([b for t in tables for b in t + [0] * (width - len(t))], dev)
@@ -132,6 +138,10 @@ def _decode_group(rows: list[int], ctx: list[int], tables: list[list[int]], bs: 
     consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
     return DecodeGroup(_long(rows, dev), blocks, width, mask,
                        slice(rows[0], rows[0] + len(rows)) if consecutive else None)
+
+
+def _consecutive(table: list[int]) -> bool:
+    return table == list(range(table[0], table[0] + len(table)))
 
 
 def _long(values: list[int], device: torch.device) -> torch.Tensor:
