@@ -17,7 +17,7 @@ from torch import nn
 
 from pdserve.config.model import ModelShape
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from pdserve.model.rope import RotaryEmbedding, apply_rope
+from pdserve.model.rope import RotaryEmbedding, apply_rope, rotate
 
 # Fused parameter -> the Hugging Face parameters stacked in it (row-wise, in this order).
 FUSED: dict[str, tuple[str, ...]] = {
@@ -63,14 +63,18 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         assert meta.cos is not None and meta.sin is not None
-        q, k = apply_rope(q, k, meta.cos, meta.sin)
+        if self.qk_norm:
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+            q, k = apply_rope(q, k, meta.cos, meta.sin)
+        else:
+            # q and k sit side by side in the fused output: rotate both heads' sets in one pass.
+            qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), meta.cos, meta.sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))

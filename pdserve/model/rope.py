@@ -67,6 +67,11 @@ def apply_rope(
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x: [T, heads, head_dim]; cos, sin: [T, head_dim] (in x's dtype)."""
+    return _rotate(x, cos[:, None, :], sin[:, None, :])
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
