@@ -1,7 +1,17 @@
 """Engine throughput beside `transformers` generate, and decode/prefill against the hardware limits.
 
-    .venv/bin/python bench/engine_bench.py [--model demo] [--device cpu] [--dtype float32]
-                                           [--out bench/results/engine_cpu.json]
+    .venv/bin/python bench/engine_bench.py [--model demo] [--device cpu] [--dtype float32] [--quick]
+                                           [--threads 1] [--out bench/results/engine_cpu.json]
+
+Rooflines: the copy bandwidth (bytes read + written per second of one large tensor copy) and the
+matmul FLOP/s (best of square fp32 matmuls) are measured in the same run. A decode step's bound is
+max(bytes it must read / copy bandwidth, FLOPs / matmul FLOP/s), bytes = weights + the KV of every
+sequence's context; a prefill is compared with the matmul FLOP/s. Decode steps and prefills here
+are model steps (`ModelRunner.execute` + greedy argmax) on sequences whose KV blocks are allocated
+as the engine would (zeros: the values do not change the time), so 2k-context batches need no
+prefill first. The 512-context batches of 16 (and the largest) are also run with the blocks past the first 256
+tokens of context interleaved across sequences (`layout: fragmented`: those are gathered, not read
+in place), and profiled per op. `--quick` runs a subset in about a minute.
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
 `transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
@@ -42,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pdserve import LLM, SamplingParams  # noqa: E402
 from pdserve.config import CATALOG  # noqa: E402
 from pdserve.config.model import ModelShape  # noqa: E402
+from pdserve.model.loader import hf_state_dict  # noqa: E402
 
 GB = 1e9
 _ids = itertools.count()
@@ -150,8 +161,8 @@ def hf_model(model: str, llm: LLM, device: str, dtype: torch.dtype):  # type: ig
         return AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device).eval()
     cfg = hf_config(llm.runner.shape)
     hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    missing, unexpected = hf.load_state_dict(llm.runner.model.state_dict(), strict=False)
-    missing = [m for m in missing if "rotary_emb" not in m]
+    missing, unexpected = hf.load_state_dict(hf_state_dict(llm.runner.model), strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m and not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
     hf = hf.to(device)
@@ -261,6 +272,133 @@ def prefill_profile(llm: LLM, lengths: list[int], seed: int, peak_flops: float |
     return out
 
 
+# ---- model-step rooflines ----------------------------------------------------------------------------
+def matmul_flops(device: str, n: int = 2048, reps: int = 4, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """Best of `reps` [n x n] @ [n x n] matmuls, FLOP/s."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    torch.mm(a, b)
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return {"n": n, "dtype": str(dtype), "best_s": min(times), "all_s": times,
+            "flops_per_s": 2 * n**3 / min(times)}
+
+
+def _step_runner(model: str, dtype: str | None, device: str, tokens: int, seed: int):  # type: ignore[no-untyped-def]
+    from pdserve.config.engine import CacheConfig
+    from pdserve.engine.model_runner import ModelRunner
+
+    return ModelRunner(model, CacheConfig(block_size=16, num_blocks=tokens // 16 + 64), device=device,
+                       dtype=dtype, seed=seed)
+
+
+def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | None = None):  # type: ignore[no-untyped-def]
+    """Requests with block tables laid out as the engine does: each prompt's blocks consecutive
+    (admitted together); with `prompt` set, blocks past the first `prompt` tokens are handed out
+    one at a time round-robin across the sequences, as decoding grows them (fragmented)."""
+    from pdserve.sched import Request
+
+    bs = runner.block_size
+    rng = random.Random(seed)
+    reqs, nxt = [], 0
+    need = [-(-n // bs) for n in lengths]
+    first = [need_i if prompt is None else min(need_i, -(-prompt // bs)) for need_i in need]
+    for i, n in enumerate(lengths):
+        r = Request(f"s{i}", [rng.randrange(3, vocab) for _ in range(n)], max_tokens=1, arrival_time=0.0)
+        r.block_ids = list(range(nxt, nxt + first[i]))
+        nxt += first[i]
+        reqs.append(r)
+    while any(len(r.block_ids) < k for r, k in zip(reqs, need, strict=True)):
+        for r, k in zip(reqs, need, strict=True):
+            if len(r.block_ids) < k:
+                r.block_ids.append(nxt)
+                nxt += 1
+    assert nxt <= runner.num_blocks, "cache too small"
+    return reqs
+
+
+def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
+                 seed: int, profile_ops: bool = False, fragmented: bool = False) -> dict[str, Any]:
+    """Median model step decoding `batch` sequences at context ~`ctx`, against its roofline.
+    Contiguous layout: each sequence's blocks consecutive (read in place); fragmented: the blocks
+    past the prompt interleaved across sequences (gathered), as after decoding a while."""
+    from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+
+    shape = runner.shape
+    reqs = _requests(runner, [ctx + steps + 4] * batch, shape.vocab_size, seed,
+                     prompt=ctx - 256 if fragmented else None)
+    times = []
+
+    def step(k: int) -> None:
+        for r in reqs:
+            r.num_computed_tokens = ctx + k
+        out = SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])
+        runner.execute(out).argmax(-1).tolist()
+
+    step(0)  # warm-up (buffers, kernels)
+    for k in range(1, steps + 1):
+        t = time.perf_counter()
+        step(k)
+        sync(runner.device.type)
+        times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    ctx_mean = ctx + (steps + 1) / 2
+    kv_bytes = batch * ctx_mean * shape.kv_bytes_per_token()
+    step_flops = batch * shape.flops_per_token(int(ctx_mean))
+    bytes_s = (shape.weight_bytes() + kv_bytes) / (bw_gbps * GB)
+    flops_s = step_flops / flops
+    roof = max(bytes_s, flops_s)
+    rec: dict[str, Any] = {
+        "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous", "steps": steps, "step_s_median": med, "step_s_min": min(times),
+        "step_s_all": times, "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
+        "kv_bytes_read": kv_bytes, "flops": step_flops, "bound_bytes_s": bytes_s, "bound_flops_s": flops_s,
+        "roofline_s": roof, "roofline_over_achieved": roof / med, "achieved_over_roofline": med / roof,
+    }
+    if profile_ops:
+        rec["op_profile"] = op_profile(lambda: step(steps + 1), 3)
+    return rec
+
+
+def op_profile(fn, reps: int, top: int = 14) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """torch.profiler's top ops by self CPU time, per call of `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / reps,
+             "calls_per_step": e.count / reps} for e in rows]
+
+
+def model_prefill(runner, length: int, flops: float, seed: int, reps: int = 1) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """One fresh prompt of `length` tokens in one model step (first token sampled): tokens/s and
+    FLOP/s against the matmul FLOP/s."""
+    from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+
+    shape = runner.shape
+    times = []
+    for k in range(reps):
+        (req,) = _requests(runner, [length], shape.vocab_size, seed + k)
+        t = time.perf_counter()
+        runner.execute(SchedulerOutput([ScheduledChunk(req, length, sample=True)])).argmax(-1).tolist()
+        sync(runner.device.type)
+        times.append(time.perf_counter() - t)
+    best = min(times)
+    head = 2.0 * shape.vocab_size * shape.hidden_size
+    # Causal attention: token i sees i + 1 keys, on average about half the prompt; the LM head
+    # runs for the sampled row only.
+    model_flops = length * (shape.flops_per_token(length // 2) - head) + head
+    return {"tokens": length, "s_all": times, "s_best": best, "tokens_per_s": length / best,
+            "flops": model_flops, "flops_per_s": model_flops / best, "matmul_flops_per_s": flops,
+            "fraction_of_matmul": model_flops / best / flops}
+
+
 # ---- main -----------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -279,14 +417,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--skip-hf", action="store_true", help="pdserve numbers only")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a subset (about a minute): smoke test of the script")
+    ap.add_argument("--step-batches", default="1,8,16,32", help="decode model-step batch sizes")
+    ap.add_argument("--step-contexts", default="512,2048", help="decode model-step contexts")
+    ap.add_argument("--step-decode-steps", type=int, default=8)
+    ap.add_argument("--prefill-lengths", default="512,2048,8192", help="fresh prompt lengths (one step each)")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
+    if args.quick:
+        args.num_prompts, args.max_tokens, args.repeats = 8, 16, 1
+        args.step_batches, args.step_contexts, args.step_decode_steps = "1,16", "512", 4
+        args.prefill_lengths, args.copy_mb = "512,2048", 256
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     dev = args.device
     out_path = Path(args.out or Path(__file__).parent / "results" / f"engine_{dev.split(':')[0]}.json")
     result: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["PYTHONPATH=. .venv/bin/python", *sys.argv]),
+        "note": "a shared machine: see machine.loadavg_1_5_15, loadavg_at_end and each step's loadavg_1",
         "machine": machine_info(dev),
         "args": vars(args),
     }
@@ -296,6 +444,9 @@ def main() -> None:
     bw = copy_bandwidth(dev, args.copy_mb * 2**20)
     result["copy_bandwidth"] = bw
     log(f"  {bw['gbps_read_plus_write']:.1f} GB/s (read + write)")
+    mm = matmul_flops(dev)
+    result["matmul"] = mm
+    log(f"  matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s ({mm['n']}^3 {mm['dtype']})")
 
     log(f"loading pdserve model {args.model} on {dev}")
     llm = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
@@ -363,20 +514,42 @@ def main() -> None:
         if dev.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    log("decode step profiles")
-    dec = []
-    for b in sorted({1, args.num_prompts}):
-        d = decode_profile(llm, b, args.decode_ctx, args.decode_steps, bw["gbps_read_plus_write"], args.seed + 7)
-        dec.append(d)
-        log(f"  batch {b}: {d['step_s_median'] * 1e3:.2f} ms/step, bound {d['bound_s_weights'] * 1e3:.2f} ms "
-            f"-> {d['bound_over_achieved']:.0%} of the bandwidth bound")
-    result["decode"] = dec
-
-    log("prefill profile")
-    pre_lens = [min(args.max_num_batched_tokens, 512)] * 4
-    result["prefill"] = prefill_profile(llm, pre_lens, args.seed + 11)
-    p = result["prefill"]
-    log(f"  {p['tokens_per_s']:.0f} tok/s, {p['flops_2n_per_s'] / 1e9:.1f} GFLOP/s (2 x params x tokens)")
+    del llm
+    batches = [int(x) for x in args.step_batches.split(",")]
+    contexts = [int(x) for x in args.step_contexts.split(",")]
+    lengths = [int(x) for x in args.prefill_lengths.split(",")]
+    most = max(max(batches) * (max(contexts) + args.step_decode_steps + 8), max(lengths) + 16)
+    runner = _step_runner(args.model, args.dtype, dev, most, args.seed)
+    log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
+    steps = []
+    for ctx in contexts:
+        for b in batches:
+            d = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"],
+                             mm["flops_per_s"], args.seed + b, profile_ops=(b == 16 and ctx == contexts[0]))
+            d["loadavg_1"] = os.getloadavg()[0]
+            steps.append(d)
+            log(f"  batch {b:>2} ctx {ctx}: {d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
+                f" -> {d['roofline_over_achieved']:.0%} of roofline (load {d['loadavg_1']:.1f})")
+    for b in sorted({min(16, max(batches)), max(batches)}):
+        d = model_decode(runner, b, contexts[0], args.step_decode_steps, bw["gbps_read_plus_write"],
+                         mm["flops_per_s"], args.seed + b, profile_ops=True, fragmented=True)
+        d["loadavg_1"] = os.getloadavg()[0]
+        steps.append(d)
+        log(f"  batch {b:>2} ctx {contexts[0]} (fragmented): {d['step_s_median'] * 1e3:7.2f} ms, roofline "
+            f"{d['roofline_s'] * 1e3:6.2f} ms -> {d['roofline_over_achieved']:.0%} of roofline")
+    result["decode_steps"] = steps
+    # The older summary (bench/gpu_check.py reads it): the steps at the first context.
+    result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
+                         "bound_over_achieved": d["roofline_over_achieved"]} for d in steps if d["context"] == contexts[0] and d["layout"] == "contiguous"]
+    log("prefill model steps against the matmul FLOP/s")
+    pre = []
+    for n in lengths:
+        p = model_prefill(runner, n, mm["flops_per_s"], args.seed + n, reps=1 if n > 2048 else 2)
+        p["loadavg_1"] = os.getloadavg()[0]
+        pre.append(p)
+        log(f"  {n} tokens: {p['tokens_per_s']:.0f} tok/s, {p['flops_per_s'] / 1e9:.1f} GFLOP/s "
+            f"= {p['fraction_of_matmul']:.0%} of matmul (load {p['loadavg_1']:.1f})")
+    result["prefill_steps"] = pre
     result["total_s"] = time.perf_counter() - t_all
     result["loadavg_at_end"] = list(os.getloadavg())
 
@@ -399,14 +572,13 @@ def print_table(r: dict[str, Any]) -> None:
     if "agreement" in r:
         a = r["agreement"]
         rows.append(("greedy sequences equal to transformers", f"{a['sequences_equal']}/{a['sequences']}"))
-    for d in r["decode"]:
-        rows += [(f"decode step, batch {d['batch']} (ctx {d['context']}), ms", f"{d['step_s_median'] * 1e3:.2f}"),
-                 ("  bound weights / bw, ms", f"{d['bound_s_weights'] * 1e3:.2f}"),
-                 ("  bound / achieved (weights; +KV)",
-                  f"{d['bound_over_achieved']:.0%}; {d['bound_kv_over_achieved']:.0%}")]
-    p = r["prefill"]
-    rows += [("prefill tok/s", f"{p['tokens_per_s']:.0f}"),
-             ("prefill GFLOP/s (2 x params x tokens)", f"{p['flops_2n_per_s'] / 1e9:.1f}")]
+    for d in r["decode_steps"]:
+        rows.append((f"decode b{d['batch']} ctx {d['context']}{' frag' if d['layout'] == 'fragmented' else ''}: "
+                     "ms (roof, share)",
+                     f"{d['step_s_median'] * 1e3:.1f} ({d['roofline_s'] * 1e3:.1f}, {d['roofline_over_achieved']:.0%})"))
+    for p in r["prefill_steps"]:
+        rows.append((f"prefill {p['tokens']}: tok/s (share of matmul FLOP/s)",
+                     f"{p['tokens_per_s']:.0f} ({p['fraction_of_matmul']:.0%})"))
     for k, v in rows:
         print(f"{k:<44}{v:>14}")
 

@@ -113,6 +113,7 @@ class PrefillConfig(Section):
     length_buckets: H(list[int], "prompt length bounds of separate queues, e.g. 512,1024 (empty: one queue)"
                       ) = field(default_factory=list)
     min_batch_scale: H(float, "lowest share of the budget used under decode back-pressure", gt=0, le=1) = 0.25
+    chunk_tokens: H(int, "chunked prefill: prompt tokens per step per request (0: whole prompt)", ge=0) = 0
 
     def check(self) -> None:
         _check(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",

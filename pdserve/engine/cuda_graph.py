@@ -150,8 +150,11 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int) -> torch.Tensor:
         inp = self.inputs
-        hidden = self.runner.model(inp.ids[:bucket], inp.positions[:bucket], self.runner.kv_caches,
-                                   inp.metadata(bucket))
+        meta = inp.metadata(bucket)
+        # `need` given: the table is sized once, and no host sync (max of positions) lands in a graph.
+        cos, sin = self.runner.model.rope.table(inp.positions[:bucket], need=self.runner.shape.max_model_len)
+        meta.cos, meta.sin = cos.to(self.runner.dtype), sin.to(self.runner.dtype)
+        hidden = self.runner.model(inp.ids[:bucket], inp.positions[:bucket], self.runner.kv_caches, meta)
         return self.runner.model.logits(hidden)
 
     @torch.inference_mode()

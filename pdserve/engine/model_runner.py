@@ -10,7 +10,13 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
-from pdserve.model.attention import AttentionMetadata
+from pdserve.model.attention import (
+    GROUP_SLACK_KEYS,
+    AttentionMetadata,
+    DecodeGroup,
+    PrefillChunk,
+    group_decodes,
+)
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
@@ -39,6 +45,8 @@ class ModelRunner:
                         dtype=self.dtype, device=self.device)
             for _ in range(s.num_layers)
         ]
+        # Attention's gather buffer, kept across steps: large fresh tensors are paged in anew.
+        self._workspace: list[torch.Tensor] = []
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
@@ -52,46 +60,24 @@ class ModelRunner:
                 return logits
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
-        prefill: list[tuple[int, int, int, torch.Tensor]] = []
-        dec_idx: list[int] = []
-        dec_ctx: list[int] = []
-        dec_tables: list[list[int]] = []
+        spans: list[tuple[list[int], int, int]] = []
         sample_rows: list[int] = []
-        bs = self.block_size
         for chunk in out.chunks:
             req, start, n = chunk.request, chunk.start, chunk.num_tokens
-            q_start = len(ids)
-            ids.extend(req.all_token_ids[start : start + n])
+            ids.extend(_token_slice(req.prompt_token_ids, req.output_token_ids, start, n))
             pos.extend(range(start, start + n))
-            table = req.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            if n == 1:
-                dec_idx.append(q_start)
-                dec_ctx.append(start + 1)
-                dec_tables.append(table[: (start + bs) // bs])
-            else:
-                t = torch.tensor(table[: -(-(start + n) // bs)], dtype=torch.long, device=self.device)
-                prefill.append((q_start, n, start + n, t))
+            spans.append((req.block_ids, start, n))
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
         dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            prefill_chunks=prefill,
-            decode_idx=torch.tensor(dec_idx, dtype=torch.long, device=dev) if dec_idx else None,
-            decode_ctx=torch.tensor(dec_ctx, dtype=torch.long, device=dev) if dec_idx else None,
-            decode_tables=_pad_tables(dec_tables, dev) if dec_idx else None,
-            block_size=bs,
-        )
-        hidden = self.model(
-            torch.tensor(ids, dtype=torch.long, device=dev),
-            torch.tensor(pos, dtype=torch.long, device=dev),
-            self.kv_caches,
-            meta,
-            layer_done,
-        )
-        return self.model.logits(hidden[sample_rows])
+        meta = step_metadata(spans, self.block_size, dev, self._workspace)
+        positions = _long(pos, dev)
+        cos, sin = self.model.rope.table(positions, max(pos) + 1)
+        meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
+        hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done)
+        if len(sample_rows) < hidden.shape[0]:
+            hidden = hidden[_long(sample_rows, dev)]
+        return self.model.logits(hidden)
 
     # ---- KV in and out (transfer plane) -------------------------------------------------------
     def read_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:
@@ -104,6 +90,77 @@ class ModelRunner:
         self.kv_caches[layer].index_copy_(1, idx, data.to(self.device, self.dtype))
 
 
-def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:
+def step_metadata(
+    spans: list[tuple[list[int], int, int]], block_size: int, device: torch.device,
+    workspace: list[torch.Tensor] | None = None, decode_slack: int = GROUP_SLACK_KEYS,
+) -> AttentionMetadata:
+    """Attention metadata for one step, built once and read by every layer. `spans` holds, per
+    chunk in packing order, (the sequence's block table, first position, number of tokens)."""
+    bs, dev = block_size, device
+    meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=bs,
+                             workspace=workspace if workspace is not None else [])
+    slots: list[int] = []
+    dec_rows: list[int] = []
+    dec_ctx: list[int] = []
+    dec_tables: list[list[int]] = []
+    for table, start, n in spans:
+        q_start = len(slots)
+        slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+        if n == 1:
+            dec_rows.append(q_start)
+            dec_ctx.append(start + 1)
+            dec_tables.append(table[: (start + bs) // bs])
+        elif start == 0:
+            meta.prefill.append(PrefillChunk(q_start, n, n))
+        else:
+            ctx = start + n
+            nblk = -(-ctx // bs)
+            # Query i sits at position start + i and sees keys up to and including itself.
+            mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
+            meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
+    # A sequence whose blocks are consecutive is read in place (one SDPA call of its own, no
+    # copy); the others are grouped by length and gathered.
+    in_place = [i for i, t in enumerate(dec_tables) if _consecutive(t)]
+    rest = [i for i, t in enumerate(dec_tables) if not _consecutive(t)]
+    groups = [[i] for i in in_place] + [[rest[j] for j in g] for g in group_decodes([dec_ctx[i] for i in rest],
+                                                                                    decode_slack)]
+    meta.decode = [_decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g],
+                                 [dec_tables[i] for i in g], bs, dev) for g in groups]
+    meta.slot_mapping = _long(slots, dev)
+    return meta
+
+
+def _decode_group(rows: list[int], ctx: list[int], tables: list[list[int]], bs: int,
+                  dev: torch.device) -> DecodeGroup:
+    """One SDPA call's worth of single-token sequences: tables padded to the longest."""
     width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=device)
+    if len(rows) == 1:
+        t = tables[0]
+        in_place = _consecutive(t)
+        return DecodeGroup(_long(rows, dev), None if in_place else _long(t, dev), width, None,
+                           slice(rows[0], rows[0] + 1), ctx=ctx[0], first_block=t[0] if in_place else None)
+    blocks = _long([b for t in tables for b in t + [0] * (width - len(t))], dev)
+    mask = None
+    if any(c != width * bs for c in ctx):
+        mask = (torch.arange(width * bs, device=dev)[None, :] < _long(ctx, dev)[:, None])[:, None, None, :]
+    consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+    return DecodeGroup(_long(rows, dev), blocks, width, mask,
+                       slice(rows[0], rows[0] + len(rows)) if consecutive else None)
+
+
+def _consecutive(table: list[int]) -> bool:
+    return table == list(range(table[0], table[0] + len(table)))
+
+
+def _long(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def _token_slice(prompt: list[int], output: list[int], start: int, n: int) -> list[int]:
+    """Tokens [start, start + n) of prompt + output, without concatenating the two."""
+    p = len(prompt)
+    if start + n <= p:
+        return prompt[start : start + n]
+    if start >= p:
+        return output[start - p : start - p + n]
+    return prompt[start:] + output[: start + n - p]

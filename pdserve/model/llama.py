@@ -1,6 +1,9 @@
 """One decoder for the Llama family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k norm).
 
-Module and parameter names follow Hugging Face, so a checkpoint's state dict loads as it is.
+Module names follow Hugging Face except two fused projections: `qkv_proj` holds q_proj, k_proj
+and v_proj stacked on the output dimension (biases too), `gate_up_proj` holds gate_proj and
+up_proj; the loader maps a checkpoint onto them (`FUSED`) and `hf_state_dict` maps back. One
+matmul instead of three (and two) per layer; each output element is the same dot product.
 Tokens of all sequences in a step are packed into one dimension; attention reads the paged cache.
 """
 
@@ -14,7 +17,13 @@ from torch import nn
 
 from pdserve.config.model import ModelShape
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
-from pdserve.model.rope import RotaryEmbedding
+from pdserve.model.rope import RotaryEmbedding, apply_rope, rotate
+
+# Fused parameter -> the Hugging Face parameters stacked in it (row-wise, in this order).
+FUSED: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -24,6 +33,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # Hugging Face's formula in five ops (torch's rms_norm is no single kernel on a CPU).
+            var = x.pow(2).mean(-1, keepdim=True)
+            return self.weight * (x * var.add_(self.eps).rsqrt_())
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -34,9 +47,8 @@ class Attention(nn.Module):
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = s.num_heads, s.num_kv_heads, s.head_dim
-        self.q_proj = nn.Linear(s.hidden_size, s.num_heads * s.head_dim, bias=s.attention_bias)
-        self.k_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
-        self.v_proj = nn.Linear(s.hidden_size, s.num_kv_heads * s.head_dim, bias=s.attention_bias)
+        self.q_size, self.kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.qkv_proj = nn.Linear(s.hidden_size, self.q_size + 2 * self.kv_size, bias=s.attention_bias)
         self.o_proj = nn.Linear(s.num_heads * s.head_dim, s.hidden_size, bias=False)
         if s.qk_norm:
             self.q_norm = RMSNorm(s.head_dim, s.rms_norm_eps)
@@ -47,32 +59,36 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
         cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        assert meta.cos is not None and meta.sin is not None
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
+            q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(t, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(t, self.num_kv_heads, self.head_dim))
+            q, k = apply_rope(q, k, meta.cos, meta.sin)
+        else:
+            # q and k sit side by side in the fused output: rotate both heads' sets in one pass.
+            qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), meta.cos, meta.sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, cache, meta, self.scale)
+        o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
         self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -83,8 +99,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
-    def forward(self, x, positions, rope, cache, meta) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -118,8 +134,11 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """`layer_done(i)` runs once layer i's K/V are in the cache (the KV streaming hook)."""
         x = self.model.embed_tokens(input_ids)
+        if meta.cos is None:  # the runner fills these once per step; direct callers may not
+            cos, sin = self.rope.table(positions)
+            meta.cos, meta.sin = cos.to(x.dtype), sin.to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.rope, kv_caches[i], meta)
+            x = layer(x, kv_caches[i], meta)
             if layer_done is not None:
                 layer_done(i)
         return self.model.norm(x)

@@ -37,6 +37,8 @@ class DecodeMetadata:
     slot_mapping: torch.Tensor  # [B] int64: flat cache slot of each row's new K/V
     block_tables: torch.Tensor  # [B, W] int32: physical block of each logical block; beyond the context unread
     context_lens: torch.Tensor  # [B] int32: keys each row attends to, its own token included
+    cos: torch.Tensor | None = None  # [B, head_dim] RoPE rows, filled before the forward (see cuda_graph)
+    sin: torch.Tensor | None = None
 
 
 def paged_decode(

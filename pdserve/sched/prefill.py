@@ -5,6 +5,9 @@ Lifecycle of a request on a prefill worker:
   `target_utilization` x budget, or the oldest request has waited `max_wait_ms`, or the batch is
   full ──▶ computed (KV streamed to decode while layers finish; first token sampled)
   ──▶ transferring (blocks held until the transfer ends) ──▶ `release` frees them.
+With `chunk_tokens` set, a prompt longer than that is computed `chunk_tokens` at a time over
+several steps (its blocks all allocated at the start; partly computed prompts go first in every
+step); the first token is sampled, and the KV sent, with the last chunk.
 Batches are packed (no padding); what padding to the longest prompt would have cost is counted,
 so the saving can be reported. Decode back-pressure (`set_decode_pressure`) shrinks the budget.
 """
@@ -28,7 +31,8 @@ class PrefillBatcher:
         self.block_manager = block_manager
         self.queues: list[deque[Request]] = [deque() for _ in range(len(config.length_buckets) + 1)]
         self.enqueued_at: dict[str, float] = {}
-        self.transferring: dict[str, Request] = {}
+        self.transferring: dict[str, Request] = {}  # holding blocks: computing or sending
+        self.computing: deque[Request] = deque()  # prompt partly computed (chunked)
         self.scale = 1.0
         self.packed_tokens = 0  # tokens computed
         self.padded_tokens = 0  # tokens a padded batch would have computed
@@ -50,7 +54,11 @@ class PrefillBatcher:
         return max(1, int(self.config.max_batch_tokens * self.scale))
 
     def has_work(self) -> bool:
-        return self.num_waiting > 0
+        return self.num_waiting > 0 or bool(self.computing)
+
+    def _chunk(self, req: Request) -> int:
+        n, c = req.num_uncomputed_tokens, self.config.chunk_tokens
+        return n if c <= 0 else min(n, c)
 
     def add_request(self, req: Request, now: float) -> None:
         req.status = RequestStatus.WAITING
@@ -85,18 +93,24 @@ class PrefillBatcher:
 
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
+        budget = self.budget
+        for req in self.computing:  # their blocks are held: finish them first
+            n = self._chunk(req)
+            if len(out.chunks) >= self.config.max_num_seqs or (out.chunks and n > budget):
+                break
+            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
+            budget -= n
         ready = [q for q in self.queues if self._ready(q, now)]
         if not ready:
+            self._count(out)
             return out
         q = min(ready, key=lambda q: self.enqueued_at[q[0].request_id])
-        budget = self.budget
         while q and len(out.chunks) < self.config.max_num_seqs:
             req = q[0]
-            if out.chunks and req.num_uncomputed_tokens > budget:
+            if out.chunks and self._chunk(req) > budget:
                 break
             self.block_manager.match_prefix(req)
-            n = req.num_uncomputed_tokens
-            if not self.block_manager.allocate(req, n):
+            if not self.block_manager.allocate(req, req.num_uncomputed_tokens):
                 self.block_manager.free(req)
                 req.num_cached_tokens = 0
                 break  # blocks come back as transfers finish
@@ -105,13 +119,19 @@ class PrefillBatcher:
             req.status = RequestStatus.RUNNING
             req.first_scheduled_time = now
             self.transferring[req.request_id] = req
-            out.chunks.append(ScheduledChunk(req, n, sample=True))
+            n = self._chunk(req)
+            if n < req.num_uncomputed_tokens:
+                self.computing.append(req)
+            out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
             budget -= n
+        self._count(out)
+        return out
+
+    def _count(self, out: SchedulerOutput) -> None:
         if out.chunks:
             lens = [c.num_tokens for c in out.chunks]
             self.packed_tokens += sum(lens)
             self.padded_tokens += max(lens) * len(lens)
-        return out
 
     def update(self, out: SchedulerOutput, sampled: dict[str, int], now: float) -> list[Request]:
         """Record the computed KV and first tokens; the requests now wait for their transfers."""
@@ -122,14 +142,24 @@ class PrefillBatcher:
                 continue  # aborted while the step ran
             req.num_computed_tokens += chunk.num_tokens
             self.block_manager.cache_full_blocks(req)
+            if not chunk.sample:
+                continue  # more chunks to come
+            self._stop_computing(req)
             req.first_token_time = now
             req.append_token(sampled[req.request_id])
             done.append(req)
         return done
 
+    def _stop_computing(self, req: Request) -> None:
+        for i, r in enumerate(self.computing):
+            if r is req:
+                del self.computing[i]
+                return
+
     def release(self, req: Request, now: float, status: RequestStatus = RequestStatus.FINISHED_STOPPED) -> None:
         """The transfer ended (either way): free the prefill-side blocks."""
         if self.transferring.pop(req.request_id, None) is not None:
+            self._stop_computing(req)  # aborted mid-prompt
             self.block_manager.free(req)
             req.status = status
             req.finished_time = now

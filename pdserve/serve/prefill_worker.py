@@ -75,8 +75,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         for chunk in out.chunks:
             req = chunk.request
             dest = self.kv_dest.get(req.request_id)
-            if dest is None:
-                continue
+            if dest is None or not chunk.sample:
+                continue  # a prompt's earlier chunks: its KV goes with the last one, all blocks
             n = self.bm.blocks_needed(req.num_prompt_tokens)
             self.kv_push.push(layer, req.block_ids[:n], functools.partial(
                 self.sender.send_layer, req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
