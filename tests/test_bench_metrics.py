@@ -13,7 +13,7 @@ from pdserve.bench.cluster import busy_during, parse_busy
 from pdserve.bench.report import summarize_run
 from pdserve.bench.table import slo_rate, winner
 from pdserve.cli import build_parser
-from pdserve.metrics_summary import SLO, summarize
+from pdserve.metrics_summary import SLO, attainment, summarize
 
 NAN = float("nan")
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"  # shared/ lies beside the repo
@@ -105,3 +105,13 @@ def test_bench_trace_flags_fit_demo_context(name: str) -> None:
     assert len(specs) == 200 and specs[0].arrival_s == 0.0
     assert all(s.prompt_tokens + s.output_tokens <= 2048 for s in specs)
     assert [s.arrival_s for s in specs] == sorted(s.arrival_s for s in specs)
+
+
+def test_worst_gap_slo() -> None:
+    """An ITL SLO judges each request by its worst gap; a 1-token output has none and passes it."""
+    ms = np.array
+    good = attainment(ms([10.0, 10.0, 10.0]), ms([5.0, 5.0, np.nan]), ms([50.0, 50.0, 10.0]), SLO(itl_ms=40),
+                      max_itl=ms([30.0, 45.0, np.nan]))
+    assert good.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="itl"):
+        attainment(ms([1.0]), ms([1.0]), ms([1.0]), SLO(itl_ms=40))
