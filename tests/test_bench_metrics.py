@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -115,3 +116,26 @@ def test_worst_gap_slo() -> None:
     assert good.tolist() == [True, False, True]
     with pytest.raises(ValueError, match="itl"):
         attainment(ms([1.0]), ms([1.0]), ms([1.0]), SLO(itl_ms=40))
+
+
+def test_rescore_recomputes_attainment_from_the_records(tmp_path: Path) -> None:
+    from pdserve.bench.compare import rescore
+
+    def run(worst_gap_s: float) -> dict:  # type: ignore[type-arg]
+        rec = RequestRecord(0, 0.0, 8, 3, generated_tokens=3, ttft_s=0.1, e2el_s=0.1 + 2 * worst_gap_s,
+                            itl_s=[worst_gap_s, worst_gap_s], success=True)
+        return {"rate": 1.0, "summary": {"duration": 1.0, "worker_busy_fraction": {"w": 0.5}},
+                "requests": [rec.as_dict()]}
+
+    payload = {"command": "pdserve bench compare", "config": {},
+               "modes": {"colocated": {"label": "c", "runs": [run(0.5)]},
+                         "disaggregated": {"label": "d", "runs": [run(0.02)]}}}
+    src = tmp_path / "cmp.json"
+    src.write_text(json.dumps(payload))
+    args = build_parser().parse_args(["bench", "rescore", str(src), "--name", "re", "--out-dir", str(tmp_path),
+                                      "--slo-itl-ms", "100"])
+    assert rescore(args) == 0
+    out = json.loads((tmp_path / "re.json").read_text())
+    att = {m: v["runs"][0]["summary"]["slo_attainment"] for m, v in out["modes"].items()}
+    assert att == {"colocated": 0.0, "disaggregated": 1.0}
+    assert out["modes"]["colocated"]["runs"][0]["summary"]["worker_busy_fraction"] == {"w": 0.5}

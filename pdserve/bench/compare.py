@@ -94,3 +94,35 @@ def run_compare(args: argparse.Namespace) -> int:
     print(f"wrote {out / (stem + '.json')} and {', '.join(str(p) for p in pngs)} "
           f"({payload['wall_s']:.0f} s in all)")
     return 0
+
+
+def rescore(args: argparse.Namespace) -> int:
+    """Recompute a compare run's summaries, table and plots under other SLOs, from its raw records."""
+    import json
+
+    from pdserve.bench.client import RequestRecord, RunResult
+    from pdserve.bench.plots import plot_all
+    from pdserve.bench.report import summarize_run
+    from pdserve.metrics_summary import SLO
+
+    src = Path(args.json)
+    payload = json.loads(src.read_text())
+    slo = SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, itl_ms=args.slo_itl_ms)
+    for m in payload["modes"].values():
+        for run in m["runs"]:
+            recs = [RequestRecord(**{k: (float("nan") if v is None and k in ("ttft_s", "e2el_s") else v)
+                                     for k, v in r.items()}) for r in run["requests"]]
+            old = run["summary"]
+            new = summarize_run(RunResult(recs, old["duration"]), slo)
+            for k in ("worker_busy_fraction", "load_average", "request_rate"):
+                if k in old:
+                    new[k] = old[k]
+            run["summary"] = new
+    payload["config"].update(slo_ttft_ms=args.slo_ttft_ms, slo_tpot_ms=args.slo_tpot_ms, slo_itl_ms=args.slo_itl_ms)
+    payload["rescored_from"] = {"file": src.name, "command": payload.get("command")}
+    payload["table"] = format_table(payload)
+    out = Path(args.out_dir)
+    write_json(out / f"{args.name}.json", payload)
+    plot_all(payload, out, args.name)
+    print(payload["table"])
+    return 0
