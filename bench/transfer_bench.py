@@ -149,7 +149,7 @@ def transport_gbps(kind: str, model: str, tokens: int, reps: int, loop: RawLoopb
     sink = CacheSink(shape.num_layers, layer_shape, np_dtype)
     sender, receiver = make_transfer_pair(kind, sink, TransferConfig(), secret=secret, timeout_s=60.0)
     blocks = list(range(n_blocks))
-    times, cpu, loop_times, copy_times = [], [], [], []
+    times, cpu, loop_times, loop_cpu, copy_times = [], [], [], [], []
     flat = kv.reshape(-1).view(np.uint8)
     copy_dst = np.empty_like(flat)
     np.copyto(copy_dst, flat)
@@ -168,9 +168,10 @@ def transport_gbps(kind: str, model: str, tokens: int, reps: int, loop: RawLoopb
             if rep:
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)  # both ends' threads: robust to other tenants
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 loop.send(total)
                 loop_times.append(time.perf_counter() - t)
+                loop_cpu.append(time.process_time() - c)
                 t = time.perf_counter()
                 np.copyto(copy_dst, flat)
                 copy_times.append(time.perf_counter() - t)
@@ -180,7 +181,10 @@ def transport_gbps(kind: str, model: str, tokens: int, reps: int, loop: RawLoopb
         receiver.close()
     return {"transport": kind, "secret": secret is not None, "model": model, "tokens": tokens, "bytes": total,
             "layers": shape.num_layers, "seconds": times, "cpu_seconds": cpu,
-            "loopback_seconds": loop_times, "memcpy_seconds": copy_times,
+            "loopback_seconds": loop_times, "loopback_cpu_seconds": loop_cpu, "memcpy_seconds": copy_times,
+            # CPU time per byte against raw loopback's, both ends in this process: what a loaded
+            # machine cannot distort (wall-clock ratios there swing 3x between identical runs)
+            "cpu_vs_loopback": min(loop_cpu) / min(cpu),
             "gbps": total / min(times) / GB, "loopback_gbps": total / min(loop_times) / GB,
             "memcpy_gbps": total / min(copy_times) / GB,
             "vs_loopback": min(loop_times) / min(times), "vs_memcpy": min(copy_times) / min(times),
@@ -224,10 +228,11 @@ def main() -> None:
     loop.close()
 
     print(f"\n{'transport':9s} {'secret':6s} {'model':13s} {'tokens':>6s} {'MB':>8s} {'GB/s':>7s} "
-          f"{'/loopback':>9s} {'/memcpy':>8s}")
+          f"{'/loopback':>9s} {'/memcpy':>8s} {'cpu/loopback':>12s}")
     for r in cases:
         print(f"{r['transport']:9s} {'yes' if r['secret'] else 'no':6s} {r['model']:13s} {r['tokens']:6d} "
-              f"{r['bytes'] / 1e6:8.1f} {r['gbps']:7.2f} {r['vs_loopback']:9.2f} {r['vs_memcpy']:8.2f}")
+              f"{r['bytes'] / 1e6:8.1f} {r['gbps']:7.2f} {r['vs_loopback']:9.2f} {r['vs_memcpy']:8.2f} "
+              f"{r['cpu_vs_loopback']:12.2f}")
     print(f"reference: memcpy {memcpy:.2f} GB/s, crc32 {crc:.2f} GB/s, "
           f"hmac-sha256 {mac:.2f} GB/s, keyed blake3 {b3_one:.2f} (1 thread) / {b3_all:.2f} GB/s")
     load = os.getloadavg()
