@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from pdserve.config import CATALOG  # noqa: E402
 
-PDSERVE = str(ROOT / ".venv" / "bin" / "pdserve")
+# This tree's pdserve, run by the interpreter running the bench (a venv's entry point may be elsewhere).
+PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 MODEL = "demo"
 
 
@@ -71,7 +72,7 @@ class Cluster:
             os.write(fd, yaml_text.encode())
             os.close(fd)
             args = ["--config", self.cfg_path, *args]
-        self.cmd = [PDSERVE, "up", "--model", MODEL, *args, "--port", str(self.port), "--threads", "1"]
+        self.cmd = [*PDSERVE, "up", "--model", MODEL, *args, "--port", str(self.port), "--threads", "1"]
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.lines: list[str] = []

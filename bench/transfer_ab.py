@@ -38,7 +38,9 @@ import pdserve.config, pdserve.transfer  # the tree under test, cached before th
 sys.path.insert(0, sys.argv[2])
 import transfer_bench as tb
 kind, secret, model, tokens, reps = sys.argv[3], sys.argv[4] == "1", sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
-r = tb.transport_gbps(kind, model, tokens, reps, tb.SECRET if secret else None)
+loop = tb.RawLoopback()
+r = tb.transport_gbps(kind, model, tokens, reps, loop, tb.SECRET if secret else None)
+loop.close()
 r["pdserve"] = pdserve.transfer.__file__
 print("RESULT " + json.dumps(r))
 """

@@ -25,10 +25,11 @@ class SLO:
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     e2el_ms: float | None = None
+    itl_ms: float | None = None  # a request's worst inter-token gap (streaming smoothness)
 
     def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("e2el", self.e2el_ms))
-                if v is not None}
+        return {k: v for k, v in (("ttft", self.ttft_ms), ("tpot", self.tpot_ms), ("e2el", self.e2el_ms),
+                                  ("itl", self.itl_ms)) if v is not None}
 
 
 def tpot_ms(ttft_ms: np.ndarray, e2el_ms: np.ndarray, output_tokens: np.ndarray) -> np.ndarray:
@@ -50,21 +51,30 @@ def stats(name: str, xs: np.ndarray, out: dict[str, Any]) -> None:
         out[f"p{p}_{name}_ms"] = float(np.percentile(xs, p)) if ok else 0.0
 
 
-def attainment(ttft: np.ndarray, tpot: np.ndarray, e2el: np.ndarray, slo: SLO) -> np.ndarray:
-    """Boolean per request: finished and within every SLO (TPOT is vacuous for 1-token outputs)."""
+def attainment(ttft: np.ndarray, tpot: np.ndarray, e2el: np.ndarray, slo: SLO,
+               max_itl: np.ndarray | None = None) -> np.ndarray:
+    """Boolean per request: finished and within every SLO (TPOT and ITL are vacuous for 1-token
+    outputs). `max_itl` is each request's worst gap; without it an ITL SLO cannot be judged."""
     m = {"ttft": np.asarray(ttft, dtype=float), "tpot": np.asarray(tpot, dtype=float),
          "e2el": np.asarray(e2el, dtype=float)}
+    if max_itl is not None:
+        m["itl"] = np.asarray(max_itl, dtype=float)
     good = ~np.isnan(m["e2el"])
     for key, limit in slo.as_dict().items():
+        if key not in m:
+            raise ValueError(f"an SLO on {key} needs each request's {key}")
         v = m[key]
-        good &= (np.isnan(v) | (v <= limit)) if key == "tpot" else (v <= limit)
+        good &= (np.isnan(v) | (v <= limit)) if key in ("tpot", "itl") else (v <= limit)
     return good
 
 
 def summarize(ttft_ms: np.ndarray, e2el_ms: np.ndarray, itl_ms: np.ndarray, prompt_tokens: np.ndarray,
               output_tokens: np.ndarray, duration_s: float, slo: SLO | None = None,
-              backend: str = "pdserve") -> dict[str, Any]:
-    """The summary dict; arrays are per request except `itl_ms` (every gap of every request)."""
+              backend: str = "pdserve", max_itl_ms: np.ndarray | None = None) -> dict[str, Any]:
+    """The summary dict; arrays are per request except `itl_ms` (every gap of every request).
+
+    `max_itl_ms`: each request's worst gap (NaN without one), for an ITL SLO and its percentiles.
+    """
     ttft = np.asarray(ttft_ms, dtype=float)
     e2el = np.asarray(e2el_ms, dtype=float)
     tpot = tpot_ms(ttft, e2el, output_tokens)
@@ -86,12 +96,14 @@ def summarize(ttft_ms: np.ndarray, e2el_ms: np.ndarray, itl_ms: np.ndarray, prom
         "total_token_throughput": (in_tok + out_tok) / dur,
     }
     if slo is not None and slo.as_dict():
-        good = attainment(ttft, tpot, e2el, slo)
+        good = attainment(ttft, tpot, e2el, slo, max_itl_ms)
         res["request_goodput"] = float(good.sum()) / dur
         res["slo_attainment"] = float(good.sum()) / max(1, ttft.size)
         res["slo"] = slo.as_dict()
     for key, xs in (("ttft", ttft), ("tpot", tpot), ("itl", np.asarray(itl_ms, dtype=float)), ("e2el", e2el)):
         stats(key, xs, res)
+    if max_itl_ms is not None:
+        stats("max_itl", np.asarray(max_itl_ms, dtype=float), res)
     return res
 
 

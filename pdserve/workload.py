@@ -7,6 +7,7 @@ so both see the same requests for the same (workload, rate, seed). Everything is
 from __future__ import annotations
 
 import csv
+import json
 import math
 import random
 from collections.abc import Callable
@@ -18,11 +19,16 @@ LengthSampler = Callable[[random.Random], int]
 
 @dataclass(frozen=True)
 class RequestSpec:
-    """One request to send: when (seconds from the start), prompt length and output length."""
+    """One request to send: when (seconds from the start), prompt length and output length.
+
+    `hash_ids`: a trace's per-block prefix hashes (Mooncake layout); requests sharing a leading run
+    of ids share that prefix. Empty: the prompt shares nothing.
+    """
 
     arrival_s: float
     prompt_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,10 @@ PRESETS: dict[str, WorkloadSpec] = {
     "chatbot-small": WorkloadSpec("chatbot-small", _u(256, 768), _u(64, 192)),
     "summarization-small": WorkloadSpec("summarization-small", _u(512, 1500), _u(16, 64)),
     "uniform": WorkloadSpec("uniform", _u(128, 1024), _u(32, 256)),
+    # Long prompts, short answers (summarization / RAG), scaled so a sweep fits 2 CPU cores with
+    # the demo model: prefill of one prompt costs tens of decode steps, the regime where prefill
+    # interrupts a colocated batch's decodes (issue 12).
+    "longprompt-small": WorkloadSpec("longprompt-small", _u(640, 1024), _u(48, 128)),
     # Medians/p90 roughly those of the Azure conversation trace.
     "lognormal": WorkloadSpec(
         "lognormal",
@@ -98,6 +108,46 @@ def custom_workload(prompt: LengthDist, output: LengthDist, name: str = "custom"
     return WorkloadSpec(name, prompt, output)
 
 
+def _scaled(p: int, o: int, length_scale: float, max_prompt_tokens: int | None,
+            max_output_tokens: int | None) -> tuple[int, int]:
+    p = max(1, round(p * length_scale))
+    o = max(1, round(o * length_scale))
+    if max_prompt_tokens is not None:
+        p = min(p, max_prompt_tokens)
+    if max_output_tokens is not None:
+        o = min(o, max_output_tokens)
+    return p, o
+
+
+def _csv_rows(path: str | Path) -> list[tuple[float | None, int, int, tuple[int, ...]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        need = {"num_prefill_tokens", "num_decode_tokens"}
+        if not reader.fieldnames or not need <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected columns {sorted(need)} (and optionally arrived_at), "
+                             f"got {reader.fieldnames}")
+        timed = "arrived_at" in reader.fieldnames
+        return [(float(row["arrived_at"]) if timed else None, int(row["num_prefill_tokens"]),
+                 int(row["num_decode_tokens"]), ()) for row in reader]
+
+
+def _mooncake_rows(path: str | Path) -> list[tuple[float | None, int, int, tuple[int, ...]]]:
+    """Mooncake's JSONL: one object per line with timestamp (ms), input_length, output_length, hash_ids."""
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                ts = obj.get("timestamp")
+                rows.append((float(ts) / 1e3 if ts is not None else None, int(obj["input_length"]),
+                             int(obj["output_length"]), tuple(int(h) for h in obj.get("hash_ids", []))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not a Mooncake trace line ({e})") from None
+    return rows
+
+
 def load_trace(
     path: str | Path,
     time_scale: float = 1.0,
@@ -105,30 +155,30 @@ def load_trace(
     max_prompt_tokens: int | None = None,
     max_output_tokens: int | None = None,
 ) -> list[RequestSpec]:
-    """Read a CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens).
+    """Read a trace: a CSV (num_prefill_tokens,num_decode_tokens[,arrived_at]; Vidur's layout) or
+    Mooncake JSONL (.jsonl: timestamp in ms, input_length, output_length, hash_ids).
 
     `time_scale` multiplies arrival times (0.5 = twice the rate); `length_scale` multiplies both
-    lengths; the caps clip lengths (e.g. to a small model's context). Lengths stay >= 1.
+    lengths; the caps clip lengths (e.g. to a small model's context). Lengths stay >= 1. A trace
+    without times keeps file order and gets arrival 0 everywhere (see `has_times`); `generate`
+    re-times it with an arrival process.
     """
-    out: list[RequestSpec] = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        need = {"arrived_at", "num_prefill_tokens", "num_decode_tokens"}
-        if not reader.fieldnames or not need <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected columns {sorted(need)}, got {reader.fieldnames}")
-        for row in reader:
-            p = max(1, round(int(row["num_prefill_tokens"]) * length_scale))
-            o = max(1, round(int(row["num_decode_tokens"]) * length_scale))
-            if max_prompt_tokens is not None:
-                p = min(p, max_prompt_tokens)
-            if max_output_tokens is not None:
-                o = min(o, max_output_tokens)
-            out.append(RequestSpec(float(row["arrived_at"]) * time_scale, p, o))
-    out.sort(key=lambda r: r.arrival_s)
+    rows = _mooncake_rows(path) if str(path).endswith((".jsonl", ".json")) else _csv_rows(path)
+    out = [RequestSpec(float(t or 0.0) * time_scale, *_scaled(p, o, length_scale, max_prompt_tokens,
+                                                              max_output_tokens), h)
+           for t, p, o, h in rows]
+    if all(t is not None for t, *_ in rows):
+        out.sort(key=lambda r: r.arrival_s)
     if out:
         t0 = out[0].arrival_s
-        out = [RequestSpec(r.arrival_s - t0, r.prompt_tokens, r.output_tokens) for r in out]
+        out = [RequestSpec(r.arrival_s - t0, r.prompt_tokens, r.output_tokens, r.hash_ids) for r in out]
     return out
+
+
+def has_times(path: str | Path) -> bool:
+    """Whether a trace file records arrival times (CSV arrived_at, or Mooncake timestamps)."""
+    rows = _mooncake_rows(path) if str(path).endswith((".jsonl", ".json")) else _csv_rows(path)
+    return bool(rows) and all(t is not None for t, *_ in rows)
 
 
 def arrival_times(
@@ -185,9 +235,12 @@ def generate(
         if num_requests > 0:
             rows = rows[:num_requests]
         if arrival == "trace":
+            if not has_times(trace):
+                raise ValueError(f"{trace} has no arrival times: choose an arrival process (poisson or gamma)")
             return rows
         times = arrival_times(len(rows), rate, arrival, burstiness, seed)
-        return [RequestSpec(t, r.prompt_tokens, r.output_tokens) for t, r in zip(times, rows, strict=True)]
+        return [RequestSpec(t, r.prompt_tokens, r.output_tokens, r.hash_ids)
+                for t, r in zip(times, rows, strict=True)]
     if arrival == "trace":
         raise ValueError("arrival='trace' needs a trace file")
     if isinstance(workload, str) and workload not in PRESETS:
@@ -197,11 +250,7 @@ def generate(
     times = arrival_times(num_requests, rate, arrival, burstiness, seed)
     out = []
     for t in times:
-        p = max(1, round(spec.prompt.sample(rng) * length_scale))
-        o = max(1, round(spec.output.sample(rng) * length_scale))
-        if max_prompt_tokens is not None:
-            p = min(p, max_prompt_tokens)
-        if max_output_tokens is not None:
-            o = min(o, max_output_tokens)
+        p, o = _scaled(spec.prompt.sample(rng), spec.output.sample(rng), length_scale, max_prompt_tokens,
+                       max_output_tokens)
         out.append(RequestSpec(t * time_scale, p, o))
     return out

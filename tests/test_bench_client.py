@@ -85,6 +85,29 @@ def test_bench_run_against_real_server(tmp_path: Path) -> None:
     reqs = data["requests"]
     assert all(r["generated_tokens"] == r["output_tokens"] for r in reqs)  # ignore_eos: exact lengths
     assert all(len(r["itl_s"]) == r["output_tokens"] - 1 for r in reqs)
+    assert all(r["timed_by"] == "tokens" for r in reqs)  # the server says which tokens each chunk carries
+    assert s["prefix_cache_hit_rate"] == 0.0 and s["p99_max_itl_ms"] > 0
     assert all({"queue", "prefill", "decode"} <= set(r["timings"]) for r in reqs)
     assert s["total_input_tokens"] == sum(r["prompt_tokens"] for r in reqs)
     assert data["machine"]["cpu_count"] and data["command"].startswith("pdserve")
+
+
+def _ids_handler(request: httpx.Request) -> httpx.Response:
+    """Token ids per chunk; tokens 1 and 2 decode to nothing visible (a character held back)."""
+    body = json.loads(request.content)
+    assert body["return_token_ids"]
+    texts = ["", "", "ab", " c"]
+    parts = [_chunk(choices=[{"index": 0, "text": t, "token_ids": [10 + i], "finish_reason": None}])
+             for i, t in enumerate(texts)]
+    parts.append(_chunk(choices=[], usage={"prompt_tokens": 3, "completion_tokens": 4}))
+    parts.append(b"data: [DONE]\n\n")
+    return httpx.Response(200, content=b"".join(parts), headers={"content-type": "text/event-stream"})
+
+
+def test_client_times_token_events_not_text() -> None:
+    async def go() -> RequestRecord:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(_ids_handler)) as client:
+            return await send_one(client, "http://fake", "demo", [7, 8, 9], RequestRecord(0, 0.0, 3, 4), t0=0.0)
+
+    rec = asyncio.run(go())
+    assert rec.success and rec.timed_by == "tokens" and len(rec.itl_s) == 3 and rec.generated_tokens == 4

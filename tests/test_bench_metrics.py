@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from pdserve.bench.cluster import busy_during, parse_busy
 from pdserve.bench.report import summarize_run
 from pdserve.bench.table import slo_rate, winner
 from pdserve.cli import build_parser
-from pdserve.metrics_summary import SLO, summarize
+from pdserve.metrics_summary import SLO, attainment, summarize
 
 NAN = float("nan")
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"  # shared/ lies beside the repo
@@ -105,3 +106,36 @@ def test_bench_trace_flags_fit_demo_context(name: str) -> None:
     assert len(specs) == 200 and specs[0].arrival_s == 0.0
     assert all(s.prompt_tokens + s.output_tokens <= 2048 for s in specs)
     assert [s.arrival_s for s in specs] == sorted(s.arrival_s for s in specs)
+
+
+def test_worst_gap_slo() -> None:
+    """An ITL SLO judges each request by its worst gap; a 1-token output has none and passes it."""
+    ms = np.array
+    good = attainment(ms([10.0, 10.0, 10.0]), ms([5.0, 5.0, np.nan]), ms([50.0, 50.0, 10.0]), SLO(itl_ms=40),
+                      max_itl=ms([30.0, 45.0, np.nan]))
+    assert good.tolist() == [True, False, True]
+    with pytest.raises(ValueError, match="itl"):
+        attainment(ms([1.0]), ms([1.0]), ms([1.0]), SLO(itl_ms=40))
+
+
+def test_rescore_recomputes_attainment_from_the_records(tmp_path: Path) -> None:
+    from pdserve.bench.compare import rescore
+
+    def run(worst_gap_s: float) -> dict:  # type: ignore[type-arg]
+        rec = RequestRecord(0, 0.0, 8, 3, generated_tokens=3, ttft_s=0.1, e2el_s=0.1 + 2 * worst_gap_s,
+                            itl_s=[worst_gap_s, worst_gap_s], success=True)
+        return {"rate": 1.0, "summary": {"duration": 1.0, "worker_busy_fraction": {"w": 0.5}},
+                "requests": [rec.as_dict()]}
+
+    payload = {"command": "pdserve bench compare", "config": {},
+               "modes": {"colocated": {"label": "c", "runs": [run(0.5)]},
+                         "disaggregated": {"label": "d", "runs": [run(0.02)]}}}
+    src = tmp_path / "cmp.json"
+    src.write_text(json.dumps(payload))
+    args = build_parser().parse_args(["bench", "rescore", str(src), "--name", "re", "--out-dir", str(tmp_path),
+                                      "--slo-itl-ms", "100"])
+    assert rescore(args) == 0
+    out = json.loads((tmp_path / "re.json").read_text())
+    att = {m: v["runs"][0]["summary"]["slo_attainment"] for m, v in out["modes"].items()}
+    assert att == {"colocated": 0.0, "disaggregated": 1.0}
+    assert out["modes"]["colocated"]["runs"][0]["summary"]["worker_busy_fraction"] == {"w": 0.5}

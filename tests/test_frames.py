@@ -18,6 +18,7 @@ from pdserve.transfer.frames import (
     FrameError,
     encode_frame,
     read_frame,
+    read_frame_split,
     read_frame_sync,
     write_frame,
     write_frame_sync,
@@ -154,3 +155,41 @@ def test_fuzz_read_frame_only_raises_frame_errors(data: bytes, with_secret: bool
         asyncio.run(_read(data, max_bytes=1024, secret=SECRET if with_secret else None))
     except (FrameError, asyncio.IncompleteReadError):
         pass
+
+
+def _split_read(data: bytes, secret: bytes | None) -> tuple[bytes, bytes, bool]:
+    a, b = socket.socketpair()
+    try:
+        a.sendall(data)
+        buf = bytearray(len(data))
+        header, payload, covered = read_frame_split(b, lambda _h, n: memoryview(buf)[:n], secret=secret)
+        return header, bytes(payload), covered
+    finally:
+        a.close()
+        b.close()
+
+
+def test_split_frames_tag_the_header_only_and_only_the_kv_reader_takes_them() -> None:
+    """A PDS2 frame's payload is not under its tag: generic readers refuse it, the KV reader says so."""
+    split = _frame_bytes_split(b"hdr", b"x" * 100)
+    assert _split_read(split, SECRET) == (b"hdr", b"x" * 100, False)
+    tampered = split[:-1] + b"y"  # the payload is not covered: the caller's digest must catch this
+    assert _split_read(tampered, SECRET)[2] is False
+    with pytest.raises(FrameError, match="magic"):
+        a, b = socket.socketpair()
+        try:
+            a.sendall(split)
+            read_frame_sync(b, secret=SECRET)
+        finally:
+            a.close()
+            b.close()
+    whole = _frame_bytes(b"hdr", b"x" * 100, SECRET)
+    assert _split_read(whole, SECRET) == (b"hdr", b"x" * 100, True)
+    with pytest.raises(FrameError, match="authentication"):
+        _split_read(whole[:-1] + b"y", SECRET)
+    with pytest.raises(FrameError, match="authentication"):
+        _split_read(split[:HEAD_LEN] + b"hdX" + split[HEAD_LEN + 3:], SECRET)  # the header is covered
+
+
+def _frame_bytes_split(header: bytes, payload: bytes) -> bytes:
+    return b"".join(bytes(p) for p in encode_frame(header, payload, SECRET, split=True))

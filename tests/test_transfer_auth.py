@@ -163,7 +163,7 @@ def test_intact_transfers_pass_with_and_without_a_secret(kind: str, secret: byte
 
 @pytest.mark.parametrize(("kind", "secret", "why"), [
     ("tcp", None, "checksum mismatch"), ("shm", None, "checksum mismatch"),
-    ("tcp", SECRET, "checksum mismatch"), ("shm", SECRET, "payload authentication failed")])
+    ("tcp", SECRET, "payload authentication failed"), ("shm", SECRET, "payload authentication failed")])
 def test_injected_corruption_is_refused(kind: str, secret: bytes | None, why: str) -> None:
     sink = CacheSink(1)
     sender, receiver = make_transfer_pair(kind, sink, secret=secret, timeout_s=5.0)

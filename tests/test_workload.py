@@ -98,3 +98,28 @@ def test_generate_from_trace() -> None:
     retimed = generate("search", 50, rate=100.0, arrival="poisson", trace=path, seed=1)
     assert [r.prompt_tokens for r in retimed] == [r.prompt_tokens for r in replay]
     assert retimed[-1].arrival_s < replay[-1].arrival_s
+
+
+def test_length_only_csv_takes_arrivals_from_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "arxiv.csv"
+    path.write_text("num_prefill_tokens,num_decode_tokens\n900,40\n1200,80\n700,60\n")
+    assert [(r.prompt_tokens, r.output_tokens) for r in load_trace(path)] == [(900, 40), (1200, 80), (700, 60)]
+    specs = generate("search", 0, rate=2.0, arrival="poisson", trace=path, seed=3)
+    assert [r.prompt_tokens for r in specs] == [900, 1200, 700]  # file order kept
+    assert specs[0].arrival_s == 0.0 and specs[1].arrival_s < specs[2].arrival_s
+    with pytest.raises(ValueError, match="no arrival times"):
+        generate("search", 0, rate=1.0, arrival="trace", trace=path)
+
+
+def test_mooncake_jsonl_keeps_hash_ids_and_times(tmp_path: Path) -> None:
+    path = tmp_path / "mooncake.jsonl"
+    path.write_text('{"timestamp": 27482, "input_length": 6955, "output_length": 52, "hash_ids": [46, 47, 48]}\n'
+                    '{"timestamp": 30535, "input_length": 1000, "output_length": 5, "hash_ids": [46, 99]}\n')
+    replay = generate("search", 0, rate=1.0, arrival="trace", trace=path, length_scale=0.5)
+    assert replay[0] == RequestSpec(0.0, 3478, 26, (46, 47, 48))
+    assert replay[1].arrival_s == pytest.approx(3.053) and replay[1].hash_ids == (46, 99)
+    retimed = generate("search", 0, rate=5.0, arrival="poisson", trace=path)
+    assert [r.hash_ids for r in retimed] == [(46, 47, 48), (46, 99)]
+    path.write_text('{"timestamp": 1, "input_length": "x"}\n')
+    with pytest.raises(ValueError, match="mooncake.jsonl:1"):
+        load_trace(path)

@@ -2,9 +2,11 @@
 
 Each request is a streamed `/v1/completions` call with a token-id prompt of exactly the spec's length
 and `max_tokens` = the spec's output length with `ignore_eos`, so lengths are exact. The client
-records, per request, the send time, TTFT, every inter-chunk gap (one token per chunk unless the
-detokenizer held a partial character back), E2E latency, the server's phase timings (the final
-chunk's `timings` object) and success or the error. Times are measured from the moment the request
+asks for `return_token_ids` (a vLLM extension pdserve serves): then each chunk says which tokens it
+carries, and TTFT and the gaps are taken per token event, so tokens that decode to no visible text
+(a partial character held back, whitespace-only pieces) still count. Servers that do not send ids
+are timed per non-empty text chunk. Per request it records the send time, TTFT, every gap, E2E
+latency, the server's phase timings (the final chunk's `timings` object) and success or the error. Times are measured from the moment the request
 is sent, as `vllm bench serve` does; `lag_s` says how late the client sent it (event-loop delay or
 `max_concurrency`).
 """
@@ -34,6 +36,8 @@ class RequestRecord:
     ttft_s: float = float("nan")
     e2el_s: float = float("nan")
     itl_s: list[float] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (usage details)
+    timed_by: str = ""  # "tokens" (the server sent token ids per chunk) or "text" (non-empty chunks)
     timings: dict[str, float] = field(default_factory=dict)
     success: bool = False
     error: str = ""
@@ -65,7 +69,8 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list
                    rec: RequestRecord, t0: float) -> RequestRecord:
     """Stream one completion into `rec` (times relative to the send)."""
     body = {"model": model, "prompt": prompt, "max_tokens": rec.output_tokens, "stream": True,
-            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "temperature": 0.0, "stream_options": {"include_usage": True},
+            "return_token_ids": True}
     start = time.perf_counter()
     rec.lag_s = max(0.0, start - t0 - rec.arrival_s)
     last = start
@@ -87,8 +92,16 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list
                     return rec
                 if ev.get("usage"):
                     usage = int(ev["usage"]["completion_tokens"])
+                    details = ev["usage"].get("prompt_tokens_details") or {}
+                    rec.cached_tokens = int(details.get("cached_tokens") or 0)
                 for ch in ev.get("choices", []):
-                    if ch.get("text"):
+                    if "token_ids" in ch:
+                        rec.timed_by = "tokens"
+                        event = bool(ch["token_ids"])
+                    else:
+                        event = bool(ch.get("text"))
+                        rec.timed_by = rec.timed_by or ("text" if event else "")
+                    if event:
                         if chunks == 0:
                             rec.ttft_s = now - start
                         else:
@@ -101,7 +114,7 @@ async def send_one(client: httpx.AsyncClient, url: str, model: str, prompt: list
         rec.generated_tokens = usage if usage is not None else chunks
         rec.success = chunks > 0
         if not rec.success:
-            rec.error = "no tokens streamed"
+            rec.error = "no tokens streamed" if not usage else f"{usage} tokens generated but none streamed"
     except (httpx.HTTPError, json.JSONDecodeError, KeyError, ValueError) as e:
         rec.error = f"{type(e).__name__}: {e}"[:300]
     if not rec.success:

@@ -26,6 +26,12 @@ def _compare_cmd(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _rescore_cmd(args: argparse.Namespace) -> int:
+    from pdserve.bench.compare import rescore
+
+    return rescore(args)
+
+
 def _calibrate_cmd(args: argparse.Namespace) -> int:
     from pdserve.bench.calibrate import main
 
@@ -78,5 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_workload_flags(cmp_)
     # Defaults sized for `demo` on 2 shared CPU cores (about 6 minutes): chatbot-small at a quarter of
     # its lengths (prompts 64-192, outputs 16-48 tokens).
+    rs = bsub.add_parser("rescore", help="a compare run's table and plots again under other SLOs, from its "
+                                         "recorded requests (no rerun)")
+    rs.add_argument("json", help="the compare JSON")
+    rs.add_argument("--name", required=True, help="file name stem of the rescored JSON and PNGs")
+    rs.add_argument("--out-dir", default="bench/results", help="where the JSON and PNGs go")
+    rs.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO")
+    rs.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO")
+    rs.add_argument("--slo-itl-ms", type=float, default=None, help="SLO on each request's worst inter-token gap")
+    rs.set_defaults(func=_rescore_cmd)
     cmp_.set_defaults(func=_compare_cmd, num_requests=32, workload="chatbot-small", length_scale=0.25,
                       slo_ttft_ms=1000.0, slo_tpot_ms=100.0)

@@ -44,8 +44,9 @@ def plot_cdfs(payload: dict[str, Any], path: Path) -> None:
 
 def plot_vs_rate(payload: dict[str, Any], path: Path) -> None:
     panels = (("request_goodput", "goodput (req/s)"), ("slo_attainment", "SLO attainment"),
-              ("p99_tpot_ms", "p99 TPOT (ms)"), ("p99_ttft_ms", "p99 TTFT (ms)"))
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+              ("p99_tpot_ms", "p99 TPOT (ms)"), ("p99_ttft_ms", "p99 TTFT (ms)"),
+              ("p99_max_itl_ms", "p99 worst inter-token gap (ms)"))
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.6))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for mode, m in payload["modes"].items():
             rates = [r["rate"] for r in m["runs"]]
@@ -57,6 +58,7 @@ def plot_vs_rate(payload: dict[str, Any], path: Path) -> None:
     slo = payload["config"]
     axes[2].axhline(slo["slo_tpot_ms"] or np.nan, color="gray", ls=":", label="SLO")
     axes[3].axhline(slo["slo_ttft_ms"] or np.nan, color="gray", ls=":", label="SLO")
+    axes[4].axhline(slo.get("slo_itl_ms") or np.nan, color="gray", ls=":", label="SLO")
     axes[0].plot(axes[0].get_xlim(), axes[0].get_xlim(), color="gray", ls=":", lw=0.8, label="offered")
     axes[0].legend(fontsize=8)
     fig.tight_layout()

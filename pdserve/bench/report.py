@@ -31,7 +31,11 @@ def summarize_run(run: RunResult, slo: SLO | None = None) -> dict[str, Any]:
     itl = np.array([g * 1e3 for r in recs if r.success for g in r.itl_s])
     prompt = np.array([r.prompt_tokens for r in recs])
     out = np.array([r.generated_tokens if s else r.output_tokens for r, s in zip(recs, ok, strict=True)])
-    res = summarize(ttft, e2el, itl, prompt, out, run.duration_s, slo, backend="pdserve")
+    worst = np.array([max(r.itl_s) * 1e3 if r.success and r.itl_s else np.nan for r in recs])
+    res = summarize(ttft, e2el, itl, prompt, out, run.duration_s, slo, backend="pdserve", max_itl_ms=worst)
+    res["timed_by"] = sorted({r.timed_by for r in recs if r.timed_by})
+    done_prompt = sum(r.prompt_tokens for r in recs if r.success)
+    res["prefix_cache_hit_rate"] = sum(r.cached_tokens for r in recs if r.success) / max(1, done_prompt)
     res["phases_mean_ms"] = phase_means_ms(recs)
     res["max_send_lag_ms"] = max((r.lag_s for r in recs), default=0.0) * 1e3
     res["errors"] = sorted({r.error for r in recs if r.error})[:10]
@@ -50,6 +54,8 @@ def phase_means_ms(recs: list[RequestRecord]) -> dict[str, float]:
 
 def format_run(res: dict[str, Any]) -> str:
     lines = format_summary(res)
+    if "prefix_cache_hit_rate" in res:
+        lines.append(f"prefix cache hit rate: {res['prefix_cache_hit_rate']:.1%} of prompt tokens")
     if res.get("phases_mean_ms"):
         lines.append("server phases (mean ms): " + ", ".join(f"{k} {v:.1f}" for k, v in res["phases_mean_ms"].items()))
     if res.get("max_send_lag_ms", 0) > 50:

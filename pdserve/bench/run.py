@@ -37,11 +37,13 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for goodput and attainment")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for goodput and attainment")
+    p.add_argument("--slo-itl-ms", type=float, default=None,
+                   help="SLO on each request's worst inter-token gap (streaming smoothness)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def slo_from(args: argparse.Namespace) -> SLO:
-    return SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
+    return SLO(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms, itl_ms=args.slo_itl_ms)
 
 
 def specs_for(args: argparse.Namespace, rate: float) -> list[RequestSpec]:
@@ -54,7 +56,7 @@ def specs_for(args: argparse.Namespace, rate: float) -> list[RequestSpec]:
 def workload_config(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("model", "workload", "num_requests", "arrival", "burstiness", "seed", "trace", "time_scale",
             "length_scale", "max_prompt_tokens", "max_output_tokens", "max_concurrency", "slo_ttft_ms",
-            "slo_tpot_ms")
+            "slo_tpot_ms", "slo_itl_ms")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -67,10 +69,23 @@ class Prepared:
     prompts: list[list[int]]
 
 
-def prepare(args: argparse.Namespace, rate: float, ids: list[int] | None = None) -> Prepared:
+def prepare(args: argparse.Namespace, rate: float, ids: list[int] | None = None, fresh: int = 0) -> Prepared:
+    """Requests and prompts for one rate; `fresh` picks a different prompt set (same lengths), so
+    a sweep's rates never re-send a prompt another rate's run left in a prefix cache.
+
+    Requests with trace `hash_ids` get prompts that share exactly the prefixes those ids say
+    (`pdserve.bench.prefix_prompts`); others share nothing.
+    """
     specs = specs_for(args, rate)
     ids = ids if ids is not None else vocab_ids(args.tokenizer or args.model)
-    return Prepared(rate, specs, synth_prompts(specs, ids, args.seed))
+    seed = args.seed + 1_000 * fresh
+    if any(s.hash_ids for s in specs):
+        try:
+            from pdserve.bench.prefix_prompts import prompts_from_hash_ids
+        except ImportError as e:
+            raise SystemExit(f"this trace has hash_ids, but prefix-sharing prompts are unavailable: {e}") from None
+        return Prepared(rate, specs, prompts_from_hash_ids(specs, ids, seed))
+    return Prepared(rate, specs, synth_prompts(specs, ids, seed))
 
 
 def run_once(url: str, args: argparse.Namespace, prep: Prepared) -> tuple[dict[str, Any], RunResult]:

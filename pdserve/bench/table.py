@@ -14,6 +14,7 @@ ROWS: tuple[tuple[str, str, bool], ...] = (
     ("median_tpot_ms", "median TPOT (ms)", False),
     ("p99_tpot_ms", "p99 TPOT (ms)", False),
     ("p99_itl_ms", "p99 ITL (ms)", False),
+    ("p99_max_itl_ms", "p99 worst gap (ms)", False),
     ("mean_e2el_ms", "mean E2EL (ms)", False),
 )
 TIE = 0.05  # within 5% either way: no winner
@@ -43,7 +44,7 @@ def format_table(payload: dict[str, Any]) -> str:
     col, dis = payload["modes"]["colocated"], payload["modes"]["disaggregated"]
     slo = payload["config"]
     lines = [f"colocated = {col['label']}, disagg = {dis['label']}; SLO TTFT {slo['slo_ttft_ms']} ms, "
-             f"TPOT {slo['slo_tpot_ms']} ms; ratio = disagg / colocated",
+             f"TPOT {slo['slo_tpot_ms']} ms, worst gap {slo.get('slo_itl_ms')} ms; ratio = disagg / colocated",
              f"{'rate':>5}  {'metric':<20}{'colocated':>11}{'disagg':>11}{'ratio':>8}  better"]
     for rc, rd in zip(col["runs"], dis["runs"], strict=True):
         sc, sd = rc["summary"], rd["summary"]
@@ -54,7 +55,11 @@ def format_table(payload: dict[str, Any]) -> str:
             ratio = f"{b / a:.2f}x" if a else "-"
             lines.append(f"{rc['rate']:>5g}  {label:<20}{a:>11.2f}{b:>11.2f}{ratio:>8}  {winner(a, b, hib)}")
         lines.append(f"{rc['rate']:>5g}  {'mean worker busy':<20}{mean_busy(sc):>11.0%}{mean_busy(sd):>11.0%}")
+        lines.append(f"{rc['rate']:>5g}  {'prefix cache hits':<20}{sc.get('prefix_cache_hit_rate', 0):>11.0%}"
+                     f"{sd.get('prefix_cache_hit_rate', 0):>11.0%}")
         lines.append("")
-    lines.append(f"highest swept rate with >= 90% SLO attainment: colocated {slo_rate(col['runs']):g} req/s, "
-                 f"disagg {slo_rate(dis['runs']):g} req/s")
+    gc, gd = slo_rate(col["runs"]), slo_rate(dis["runs"])
+    ratio = f"{gd / gc:.2f}x" if gc else ("inf" if gd else "-")
+    lines.append(f"goodput (highest swept rate with >= 90% SLO attainment): colocated {gc:g} req/s, "
+                 f"disagg {gd:g} req/s, ratio {ratio}")
     return "\n".join(lines)

@@ -51,6 +51,7 @@ class Choice:
     finish_reason: str | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: int = 0
+    streamed_ids: int = 0  # token ids already sent in stream chunks (return_token_ids)
 
 
 class OpenAIFront:
@@ -267,7 +268,7 @@ class OpenAIFront:
                         choice.finish_reason = "stop"
                         await out.put((choice, delta))
                         break
-                    if delta:
+                    if delta or req.return_token_ids:  # ids asked for: a chunk per token event
                         await out.put((choice, delta))
                 if ev.finish_reason is not None:
                     choice.finish_reason = "stop" if ev.finish_reason == "stop" else ev.finish_reason
@@ -320,7 +321,8 @@ class OpenAIFront:
     def _usage(self, choices: list[Choice]) -> dict[str, int]:
         p = sum(len(c.prompt_ids) for c in choices)
         g = sum(len(c.stream.token_ids) for c in choices)
-        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
+        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g,
+                "prompt_tokens_details": {"cached_tokens": sum(c.cached for c in choices)}}  # as OpenAI
 
     async def _complete(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool) -> dict[str, Any]:
         texts = {c.index: "" for c in choices}
@@ -359,7 +361,8 @@ class OpenAIFront:
                           "finish_reason": None} for c in choices])
         try:
             async for choice, delta, done in _prepend(first, events):
-                if not delta and not done:
+                new_ids = choice.stream.token_ids[choice.streamed_ids:] if req.return_token_ids else []
+                if not delta and not done and not new_ids:
                     continue
                 finish = choice.finish_reason if done else None
                 if chat:
@@ -367,6 +370,9 @@ class OpenAIFront:
                                "finish_reason": finish}
                 else:
                     payload = {"index": choice.index, "text": delta, "logprobs": None, "finish_reason": finish}
+                if req.return_token_ids:  # as vLLM: the ids this chunk carries, so clients time tokens, not text
+                    payload["token_ids"] = list(new_ids)
+                    choice.streamed_ids += len(new_ids)
                 extra = {"timings": choice.timings} if done else {}
                 yield chunk([payload], **extra)
         except APIError as e:

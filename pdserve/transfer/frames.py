@@ -2,10 +2,17 @@
 
 Layout of one frame::
 
-    prefix  struct "!4sII": magic b"PDS1", header length, payload length   (12 bytes)
-    tag     HMAC-SHA256(secret, prefix + header + payload), or 32 zero bytes without a secret
+    prefix  struct "!4sII": magic, header length, payload length   (12 bytes)
+    tag     keyed BLAKE3 (key derived from the cluster secret) of what the magic says, or 32 zero
+            bytes without a secret
     header  `header length` bytes (msgspec-encoded by the caller)
     payload `payload length` raw bytes (tensor data; may be empty)
+
+Magic b"PDS1": the tag covers prefix + header + payload. Magic b"PDS2" (KV chunks only): the tag
+covers prefix + header, and the header carries its own keyed digest of the payload, so the KV
+path hashes each byte once per side instead of twice; only `read_frame_split` accepts such a
+frame, and its caller must check that digest. BLAKE3 rather than HMAC-SHA256: one keyed hash that
+is both the integrity check and the authenticator, at 4+ GB/s a core (AVX2/AVX-512) instead of ~1.2.
 
 Readers check both lengths against `max_bytes` before reading the body, so a hostile or broken
 peer cannot make them allocate more than that. A reader with a secret rejects a frame whose tag
@@ -17,13 +24,16 @@ should fail loudly, not half-work). End of stream raises `asyncio.IncompleteRead
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import socket
 import struct
+from collections.abc import Callable
+
+import blake3
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAGIC = b"PDS1"
+MAGIC_SPLIT = b"PDS2"  # the payload is covered by a digest inside the header, not by the tag
 _PREFIX = struct.Struct("!4sII")
 _TAG_LEN = 32
 _NO_TAG = bytes(_TAG_LEN)
@@ -36,19 +46,36 @@ class FrameError(Exception):
     """A frame that is malformed, too big, truncated or fails authentication."""
 
 
+def frame_key(secret: bytes) -> bytes:
+    """The frames' BLAKE3 key, derived from the cluster secret (never used for anything else)."""
+    return blake3.blake3(secret, derive_key_context="pdserve frame tag v2").digest()
+
+
 def _tag(secret: bytes, prefix: bytes, header: bytes, payload: bytes | memoryview) -> bytes:
-    mac = hmac.new(secret, prefix, hashlib.sha256)
+    mac = blake3.blake3(key=frame_key(secret))
+    mac.update(prefix)
     mac.update(header)
-    mac.update(payload)
+    if prefix[:4] == MAGIC:
+        mac.update(as_bytes(payload))
     return mac.digest()
 
 
+def as_bytes(data: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """`data` as a flat byte view (BLAKE3 hashes only byte-formatted buffers); no copy."""
+    if isinstance(data, memoryview) and (data.ndim != 1 or data.format != "B"):
+        return data.cast("B")
+    return data
+
+
 def encode_frame(
-    header: bytes, payload: bytes | memoryview = b"", secret: bytes | None = None
+    header: bytes, payload: bytes | memoryview = b"", secret: bytes | None = None, split: bool = False
 ) -> list[bytes | memoryview]:
-    """The buffers of one frame, in order; the payload is not copied when it is large."""
+    """The buffers of one frame, in order; the payload is not copied when it is large.
+
+    `split`: the header holds a keyed digest of the payload (KV chunks), so the tag skips it.
+    """
     payload_len = memoryview(payload).nbytes
-    prefix = _PREFIX.pack(MAGIC, len(header), payload_len)
+    prefix = _PREFIX.pack(MAGIC_SPLIT if split else MAGIC, len(header), payload_len)
     tag = _tag(secret, prefix, header, payload) if secret else _NO_TAG
     if payload_len < _JOIN_BELOW:
         return [b"".join((prefix, tag, header, payload))]
@@ -58,18 +85,19 @@ def encode_frame(
     return [prefix + tag + header, flat]
 
 
-def _parse_head(head: bytes, max_bytes: int) -> tuple[int, int, bytes]:
+def _parse_head(head: bytes, max_bytes: int, split_ok: bool = False) -> tuple[int, int, bytes]:
     magic, header_len, payload_len = _PREFIX.unpack_from(head)
-    if magic != MAGIC:
+    if magic != MAGIC and not (split_ok and magic == MAGIC_SPLIT):
         raise FrameError(f"bad magic {magic!r}: not a pdserve frame")
     if header_len + payload_len > max_bytes:
         raise FrameError(f"frame of {header_len + payload_len} bytes exceeds the limit of {max_bytes}")
     return header_len, payload_len, head[_PREFIX.size:]
 
 
-def _check_tag(secret: bytes | None, head: bytes, tag: bytes, body: memoryview, header_len: int) -> None:
+def _check_tag(secret: bytes | None, head: bytes, tag: bytes, header: memoryview | bytes,
+               payload: memoryview | bytes) -> None:
     if secret:
-        want = _tag(secret, head[: _PREFIX.size], body[:header_len], body[header_len:])
+        want = _tag(secret, head[: _PREFIX.size], header, payload)
         if not hmac.compare_digest(want, tag):
             raise FrameError("frame authentication failed (wrong or missing cluster secret)")
     elif tag != _NO_TAG:
@@ -91,7 +119,7 @@ async def read_frame(
     head = await reader.readexactly(HEAD_LEN)
     header_len, payload_len, tag = _parse_head(head, max_bytes)
     body = memoryview(await reader.readexactly(header_len + payload_len))
-    _check_tag(secret, head, tag, body, header_len)
+    _check_tag(secret, head, tag, body[:header_len], body[header_len:])
     return bytes(body[:header_len]), body[header_len:]
 
 
@@ -99,7 +127,12 @@ def write_frame_sync(
     sock: socket.socket, header: bytes, payload: bytes | memoryview = b"", secret: bytes | None = None
 ) -> None:
     """Blocking `write_frame` for threads that own a plain socket."""
-    for part in encode_frame(header, payload, secret):
+    write_frame_parts(sock, encode_frame(header, payload, secret))
+
+
+def write_frame_parts(sock: socket.socket, parts: list[bytes | memoryview]) -> None:
+    """Send an encoded frame; large payloads go from the caller's buffer, never copied."""
+    for part in parts:
         sock.sendall(part)
 
 
@@ -124,5 +157,34 @@ def read_frame_sync(
     body = bytearray(header_len + payload_len)
     _recv_exactly(sock, body, len(body), HEAD_LEN)
     view = memoryview(body)
-    _check_tag(secret, head_b, tag, view, header_len)
+    _check_tag(secret, head_b, tag, view[:header_len], view[header_len:])
     return bytes(view[:header_len]), view[header_len:]
+
+
+PayloadBuffer = Callable[[bytes, int], memoryview]
+
+
+def read_frame_split(
+    sock: socket.socket, buffer: PayloadBuffer, max_bytes: int = MAX_FRAME_BYTES, secret: bytes | None = None
+) -> tuple[bytes, memoryview, bool]:
+    """Blocking read of a PDS1 or PDS2 frame -> (header, payload, payload authenticated by the tag).
+
+    The payload is received into `buffer(header, length)` (a writable view of exactly `length`
+    bytes the caller owns, e.g. a reused scratch buffer), so no buffer is allocated per frame.
+    The header is returned before its tag is checked only to `buffer`, which must not act on it.
+    When the third item is False (a PDS2 frame, or no secret) the caller checks the payload.
+    """
+    head = bytearray(HEAD_LEN)
+    _recv_exactly(sock, head, HEAD_LEN)
+    head_b = bytes(head)
+    header_len, payload_len, tag = _parse_head(head_b, max_bytes, split_ok=True)
+    header = bytearray(header_len)
+    _recv_exactly(sock, header, header_len, HEAD_LEN)
+    payload = memoryview(b"")
+    if payload_len:
+        payload = buffer(bytes(header), payload_len)
+        if payload.nbytes != payload_len or payload.readonly:
+            raise FrameError("payload buffer of the wrong size")
+        _recv_exactly(sock, payload, payload_len, HEAD_LEN + header_len)
+    _check_tag(secret, head_b, tag, header, payload)
+    return bytes(header), payload, bool(secret) and head_b[:4] == MAGIC

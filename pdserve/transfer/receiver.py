@@ -12,9 +12,10 @@ Lifecycle of one request on a decode worker::
 A chunk is written only if its request was expected, it is not terminal, its blocks are among the
 reserved ones and its bytes check out; so a SUCCESS request's KV is complete and intact, and
 blocks of a FAILED (or dropped) request are never touched again once `drop()` returns. The bytes
-check is the CRC without a cluster secret; with one, bytes in the frame are under the frame's HMAC
-and bytes in shared memory are copied out of the segment, then checked against the keyed digest
-the (authenticated) header carries: another process writing the segment cannot inject KV.
+check is the CRC without a cluster secret; with one, it is the keyed BLAKE3 digest the
+(authenticated) header carries, for frame payloads and shm alike; bytes in shared memory are
+copied out of the segment first, so another process writing the segment cannot inject KV.
+Frame payloads are received into one reused buffer per connection (no allocation per chunk).
 One thread accepts connections and one thread serves each connection (one per prefill worker).
 """
 
@@ -29,7 +30,7 @@ import msgspec
 
 from pdserve.config import TransferConfig
 from pdserve.transfer import fake
-from pdserve.transfer.frames import FrameError, read_frame_sync, write_frame_sync
+from pdserve.transfer.frames import FrameError, read_frame_split, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
     KVAbort,
@@ -154,10 +155,14 @@ class KVReceiver:
             self._listener.close()
 
     # ---- chunk handling (connection threads, and the fake sender's thread) ---------------------
-    def handle_chunk(self, chunk: KVChunk, data: memoryview, seen: set[str] | None = None) -> KVAck:
-        """Verify one chunk, write it through the sink, and say how it went."""
+    def handle_chunk(self, chunk: KVChunk, data: memoryview, seen: set[str] | None = None,
+                     tag_covered: bool = False) -> KVAck:
+        """Verify one chunk, write it through the sink, and say how it went.
+
+        `tag_covered`: `data` was the payload of a frame whose tag (under the secret) covered it.
+        """
         rid = chunk.request_id
-        err = chunk_error(chunk, data.nbytes) or self._bytes_error(chunk, data)
+        err = chunk_error(chunk, data.nbytes) or self._bytes_error(chunk, data, tag_covered)
         with self._cond:
             st = self._reqs.get(rid)
             if st is None or self._closed:
@@ -203,7 +208,7 @@ class KVReceiver:
                 st.state, st.error = KVPoll.FAILED, reason
 
     # ---- internals ----------------------------------------------------------------------------
-    def _bytes_error(self, chunk: KVChunk, data: memoryview) -> str:
+    def _bytes_error(self, chunk: KVChunk, data: memoryview, tag_covered: bool) -> str:
         """Why the chunk's bytes are not the ones its sender sent, or ""."""
         key = self._payload_key
         if chunk.digest:
@@ -214,6 +219,8 @@ class KVReceiver:
             return ""
         if key is not None and chunk.shm_name:
             return "shared-memory payload without a digest while a cluster secret is set"
+        if key is not None and not tag_covered and chunk.nbytes:
+            return "payload without a digest or a frame tag over it while a cluster secret is set"
         return "checksum mismatch" if checksum(data) != chunk.checksum else ""
 
     def _spawn(self, target, name: str, *args) -> None:
@@ -249,10 +256,12 @@ class KVReceiver:
     def _serve_conn(self, conn: socket.socket) -> None:
         seen: set[str] = set()  # requests that moved over this connection die with it
         segments = Segments()
+        scratch = _Scratch()
         reason = "connection closed by the sender"
         try:
             while True:
-                header, payload = read_frame_sync(conn, self.config.max_frame_bytes, self.secret)
+                header, payload, covered = read_frame_split(conn, scratch.take, self.config.max_frame_bytes,
+                                                            self.secret)
                 msg = decode_to_receiver(header)
                 if isinstance(msg, KVAbort):
                     self.fail(msg.request_id, f"aborted by the sender: {msg.reason}")
@@ -269,7 +278,7 @@ class KVReceiver:
                     finally:
                         view.release()  # a segment cannot close while a view of it lives
                 else:
-                    ack = self.handle_chunk(msg, payload, seen)
+                    ack = self.handle_chunk(msg, payload, seen, tag_covered=covered)
                 write_frame_sync(conn, encode(ack), secret=self.secret)
         except (EOFError, OSError) as e:
             reason = f"connection lost: {e!r}" if not isinstance(e, EOFError) else reason
@@ -282,6 +291,19 @@ class KVReceiver:
             with self._cond:
                 self._conns.discard(conn)
             conn.close()
+
+
+class _Scratch:
+    """One connection's receive buffer, grown on demand and reused: a fresh bytearray per chunk
+    costs a zero-fill and page faults over every byte, about as much as the receive itself."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def take(self, header: bytes, n: int) -> memoryview:
+        if len(self._buf) < n:
+            self._buf = bytearray(n)
+        return memoryview(self._buf)[:n]
 
 
 def _shutdown(sock: socket.socket) -> None:

@@ -14,9 +14,10 @@ Link emulation (`TransferConfig.bandwidth_gbps`, `latency_ms`) sleeps before eac
 latency + bytes * 8 / bandwidth, on the link thread, so the caller never waits for it.
 
 Each chunk leaves through `KVSender.transmit` (an `Outgoing` in, frame out): tests wrap it to
-inject faults (`transfer.faults`), so the send path itself has none. Bytes sent in the frame are
-checksummed (and HMAC'd with the frame under a cluster secret); bytes staged in shared memory get a
-keyed digest instead when a secret is set, since the frame's HMAC does not cover them.
+inject faults (`transfer.faults`), so the send path itself has none. Without a cluster secret the
+bytes are CRC32-checked; with one they get a keyed BLAKE3 digest in the header (frame payload or
+shm alike), and the frame's tag covers the header only, so each byte is hashed once here. tcp
+sends straight from the caller's gathered array; shm copies it once into the ring.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 
 from pdserve.config import TransferConfig
 from pdserve.transfer import fake
-from pdserve.transfer.frames import read_frame_sync, write_frame_sync
+from pdserve.transfer.frames import encode_frame, read_frame_sync, write_frame_parts, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
     KVAbort,
@@ -71,7 +72,8 @@ Transmit = Callable[[Outgoing], None]
 
 def send_chunk(out: Outgoing) -> None:
     """The plain transmit step: one frame with the chunk header (and, for tcp, its bytes)."""
-    write_frame_sync(out.sock, encode(out.chunk), out.payload, out.secret)
+    write_frame_parts(out.sock, encode_frame(encode(out.chunk), out.payload, out.secret,
+                                             split=bool(out.chunk.digest)))
 
 
 class _Req:
@@ -275,10 +277,10 @@ class _Link(threading.Thread):
             bw = arr.nbytes * 8 / (cfg.bandwidth_gbps * 1e9) if cfg.bandwidth_gbps else 0.0
             time.sleep(cfg.latency_ms / 1e3 + bw)
         data = memoryview(arr).cast("B") if arr.nbytes else memoryview(b"")
-        key = s._payload_key if self.scheme == "shm" else None
+        key = s._payload_key
         digest = payload_digest(key, data) if key is not None else b""
         chunk = KVChunk(rid, layer, num_layers, list(block_ids), dtype, list(arr.shape), arr.nbytes,
-                        0 if digest else checksum(data))
+                        0 if digest else checksum(data), digest=digest)
         if self.scheme == "fake":
             receiver = fake.lookup(self.where)
             if receiver is None:
