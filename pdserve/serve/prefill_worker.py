@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import time
 
+from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.prefill import PrefillBatcher
 from pdserve.sched.request import Request
 from pdserve.serve import messages as m
@@ -41,9 +42,17 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         if isinstance(msg, m.Prefill):
             if self._admit(msg, peer):
                 self.kv_dest[msg.request_id] = msg
-                self.policy.set_decode_pressure(msg.decode_free_fraction)
+                self._decode_signal(msg.decode)
         else:
             await super()._handle_work(msg, peer)
+
+    async def _handle(self, msg: m.ToWorker, peer: Peer) -> None:
+        if isinstance(msg, m.StatsQuery) and msg.decode is not None:
+            self._decode_signal(msg.decode)  # the heartbeat carries it even when no Prefill comes
+        await super()._handle(msg, peer)
+
+    def _decode_signal(self, signal: DecodeSignal | None) -> None:
+        self.thread.submit(lambda: self.policy.set_decode_signal(signal, self.core.clock()))
 
     def _forget(self, rid: str, req: Request | None) -> None:
         super()._forget(rid, req)

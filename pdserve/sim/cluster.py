@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config.model import ModelShape
+from pdserve.sched.backpressure import cluster_signal
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
 from pdserve.sched.routing import RoutingPolicy, WorkerLoad
@@ -57,14 +58,19 @@ class Simulator:
 
     def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
                  layerwise: bool = True, runs: bool = True, request_overhead_s: float = 0.0,
-                 routing: RoutingPolicy | None = None) -> None:
+                 routing: RoutingPolicy | None = None, reserve_wait_s: float = 0.0,
+                 stats_interval_s: float = 0.1) -> None:
         """runs=False: one event per step everywhere (slower; the same results, see instance.py).
 
         request_overhead_s: serving time outside the steps (HTTP, router, RPC), added to each
         request's way in; its arrival time, and so its TTFT and E2E, still count from the client.
         routing: the router's policy (default: the real router's; a simulated decode instance
         cannot serve a whole request, so `decode_serves_whole` is off).
+        reserve_wait_s, stats_interval_s: as the router's: a request every decode instance refuses
+        waits, re-trying once per load report, this long before it is rejected.
         """
+        self.reserve_wait_s = reserve_wait_s
+        self.stats_interval_s = stats_interval_s
         self.instances = instances
         self.prefill = [i for i in instances if i.role == "prefill"]
         self.decode = [i for i in instances if i.role == "decode"]
@@ -101,10 +107,19 @@ class Simulator:
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
             return
-        if route.path == "disagg" and not self._disagg(i, route.decode, now):
-            route = self.routing.refused()  # every decode instance refused: what the router answers
-        if route.path == "reject":
+        if route.path == "disagg":
+            self._try_disagg(now, i, route.decode, now + self.reserve_wait_s)
+        elif route.path == "reject":
             self.num_rejected += 1
+
+    def _try_disagg(self, now: float, i: int, order: tuple[str, ...], give_up: float) -> None:
+        if self._disagg(i, order, now):
+            return
+        if now + self.stats_interval_s <= give_up:  # the router waits for room, as `_reserve` does
+            self.loop.at(now + self.stats_interval_s, self._try_disagg, i, order, give_up)
+            return
+        self.routing.refused()  # every decode instance refused: what the router answers
+        self.num_rejected += 1
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
         """The loads the router sees (as `Stats` would report them), without touching a run."""
@@ -116,6 +131,7 @@ class Simulator:
             elif inst.role == "decode":
                 w.free_blocks, w.total_blocks = inst.free_blocks(now), inst.policy.block_manager.num_blocks
                 w.running = inst.policy.num_running
+                w.reserved, w.waiting = inst.policy.num_reserved, inst.policy.num_waiting
             else:
                 w.running = inst.policy.num_waiting + inst.policy.num_running
             out.append(w)
@@ -149,8 +165,15 @@ class Simulator:
         self._pairs[i] = (pre, dec, dreq)
         pre.outstanding_tokens += preq.num_prompt_tokens
         pre.policy.add_request(preq, now)
-        pre.kick(now)
+        self._signal_prefill(now)
         return True
+
+    def _signal_prefill(self, now: float) -> None:
+        """What the router's heartbeat does: the decode pool's load to every prefill instance."""
+        signal = cluster_signal(self._view(self.decode, now))
+        for pre in self.prefill:
+            pre.policy.set_decode_signal(signal, now)
+            pre.kick(now)
 
     # ---- step results ------------------------------------------------------------------------
     def _token(self, i: int, n: int, now: float) -> None:
@@ -205,6 +228,8 @@ class Simulator:
         self.finish[i] = now
         self.num_finished += 1
         req.prompt_token_ids = []  # the policy is done with it; keep memory flat on long traces
+        if self.prefill and any(p.policy.has_work() for p in self.prefill):
+            self._signal_prefill(now)  # blocks came back: a held prefill may go on
 
     def _prefilled(self, pre: SimInstance, req: Request, out: SchedulerOutput, now: float) -> None:
         i = req.payload
@@ -232,7 +257,7 @@ class Simulator:
             self.finish[i] = self.first_token[i]
             self.num_finished += 1
         dec.kick(now)
-        pre.kick(now)
+        self._signal_prefill(now)
 
     # ---- run ---------------------------------------------------------------------------------
     def run(self, specs: list[RequestSpec], progress: bool = False) -> SimResult:
