@@ -104,8 +104,8 @@ class PrefillConfig(Section):
     length_buckets: H(list[int], "prompt length bounds of separate queues, e.g. 512,1024 (empty: one queue)"
                       ) = field(default_factory=list)
     min_batch_scale: H(float, "lowest share of the budget used under decode back-pressure", gt=0, le=1) = 0.25
-    decode_hold_ms: H(float, "decode saturated: start no prefill batch for up to this long after the last one "
-                      "(0: never hold)", ge=0) = 500.0
+    decode_hold_ms: H(float, "decode behind (a queue on it): start no prefill batch for up to this long after "
+                      "the last one (0: never hold)", ge=0) = 0.0
 
     def check(self) -> None:
         _check(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",

@@ -4,16 +4,23 @@ The router sums every decode worker's last load report into one `DecodeSignal` a
 every prefill worker (with each Prefill and each heartbeat); the simulator builds the same signal
 from its instances. `BackPressure.pace` turns the latest signal into what the batcher may do:
 
-  saturated  (free KV share <= HOLD_FREE, or more ready sequences queued on decode than it has
-             workers): hold, start no batch; a hold lasts at most `max_hold_s` from the last batch
-             start, so prefill runs at most one smallest-budget batch per `max_hold_s` while decode
-             stays full, and a request's reservation never waits longer than that on it.
-  between    the budget grows linearly with the free share, from `min_scale` just above
-             HOLD_FREE to the full budget at FULL_FREE.
-  starving   (free share >= FULL_FREE): the full budget, batches as large as prefill takes.
+  saturated  (more sequences whose KV is in place wait on decode than it has workers, on every
+             report for SETTLE_S: decode cannot run what it already has; a queue seen once is a
+             prefill batch's KV that just arrived): hold, start no batch; a hold lasts at most
+             `max_hold_s` from the last batch start, so prefill runs at most one smallest-budget
+             batch per `max_hold_s` while decode stays behind, and a request's reservation never
+             waits longer than that on it.
+  behind     (some sequences wait on decode, no more than its workers): the budget grows linearly
+             with the free KV share, from `min_scale` at HOLD_FREE or below to the full budget at
+             FULL_FREE: smaller batches, so KV arrives in smaller steps while decode catches up.
+  keeping up (nothing waits on decode): the full budget, batches as large as prefill takes.
 
-Free blocks already exclude the reserved ones: `reserved` is reported for the operator and the
-simulator's statistics, not counted twice.
+Low free KV alone neither holds nor shrinks: decode reserves a request's blocks before its
+prefill starts (serve/router.py), so blocks held for prefill's own queue count as used, and
+pacing that queue would only keep them used longer (tried in the simulator's seed scenario:
+smallest batches while every block was reserved cut the 1P+1D cluster's throughput 9%). A full
+decode pool throttles the router instead: it refuses reservations and the request waits there
+(`router.reserve_wait_s`).
 
 The batch-start threshold is the full budget's: a smaller budget makes smaller batches, never
 earlier ones. A signal older than STALE_S is ignored (full budget, no hold): a router gone quiet
@@ -27,9 +34,10 @@ from dataclasses import dataclass
 
 from pdserve.sched.routing import WorkerLoad
 
-HOLD_FREE = 0.05  # free KV share at or below which decode counts as saturated
+HOLD_FREE = 0.05  # free KV share at or below which batches are the smallest
 FULL_FREE = 0.5  # free KV share from which prefill batches at its full budget
 STALE_S = 2.0  # a signal older than this (the router's heartbeat is 0.1 s) is not acted on
+SETTLE_S = 0.25  # a queue on decode seen this long is saturation; shorter: a batch's KV just arrived
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,7 @@ class DecodeSignal:
 
     free_blocks: int
     total_blocks: int
-    reserved: int = 0  # reservations whose KV has not arrived yet (their blocks are not free)
+    reserved: int = 0  # reservations whose KV has not arrived yet (their blocks count as not free)
     waiting: int = 0  # sequences ready on decode but not running: decode's own queue
     workers: int = 1
 
@@ -48,7 +56,7 @@ class DecodeSignal:
 
     @property
     def saturated(self) -> bool:
-        return self.free_fraction <= HOLD_FREE or self.waiting > self.workers
+        return self.waiting > self.workers
 
 
 def cluster_signal(decode: Sequence[WorkerLoad]) -> DecodeSignal | None:
@@ -79,13 +87,17 @@ class BackPressure:
         self.max_hold_s = max_hold_s
         self.signal: DecodeSignal | None = None
         self.seen_at = float("-inf")
+        self.queued_since: float | None = None  # every report since then has shown a queue on decode
         self.hold_since: float | None = None  # saturated since (or since the last batch start)
 
     def observe(self, signal: DecodeSignal | None, now: float) -> None:
         self.signal, self.seen_at = signal, now
         if signal is None or not signal.saturated:
-            self.hold_since = None
-        elif self.hold_since is None:
+            self.queued_since = self.hold_since = None
+            return
+        if self.queued_since is None:
+            self.queued_since = now
+        if self.hold_since is None and now - self.queued_since >= SETTLE_S:
             self.hold_since = now
 
     def batch_started(self, now: float) -> None:
@@ -97,8 +109,9 @@ class BackPressure:
         s = self.signal
         if s is None or now - self.seen_at > STALE_S:
             return Pace(1.0)
-        if s.saturated:
-            until = self.hold_since + self.max_hold_s if self.hold_since is not None else None
-            return Pace(self.min_scale, until if self.max_hold_s > 0 else None)
+        if s.saturated and self.hold_since is not None:
+            return Pace(self.min_scale, self.hold_since + self.max_hold_s if self.max_hold_s > 0 else None)
+        if s.waiting == 0:
+            return Pace(1.0)
         share = min(1.0, max(0.0, (s.free_fraction - HOLD_FREE) / (FULL_FREE - HOLD_FREE)))
         return Pace(self.min_scale + (1 - self.min_scale) * share)

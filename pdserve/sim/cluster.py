@@ -92,6 +92,7 @@ class Simulator:
         self._by_name = {inst.name: inst for inst in instances}
         self._loads = {inst.name: WorkerLoad(inst.name) for inst in instances}  # the router's view
         self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
+        self._beating = False  # the heartbeat to prefill instances is scheduled
 
     # ---- arrivals and routing ----------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
@@ -165,15 +166,26 @@ class Simulator:
         self._pairs[i] = (pre, dec, dreq)
         pre.outstanding_tokens += preq.num_prompt_tokens
         pre.policy.add_request(preq, now)
-        self._signal_prefill(now)
+        self._signal_prefill(now)  # the Prefill message carries the signal
+        if not self._beating:
+            self._beating = True
+            self.loop.at(now + self.stats_interval_s, self._heartbeat)
         return True
 
     def _signal_prefill(self, now: float) -> None:
-        """What the router's heartbeat does: the decode pool's load to every prefill instance."""
+        """The decode pool's load, as the router sums it, to every prefill instance."""
         signal = cluster_signal(self._view(self.decode, now))
         for pre in self.prefill:
             pre.policy.set_decode_signal(signal, now)
             pre.kick(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """The router's heartbeat, every `stats_interval_s` while prefill has work queued."""
+        self._signal_prefill(now)
+        if any(p.policy.has_work() for p in self.prefill):
+            self.loop.at(now + self.stats_interval_s, self._heartbeat)
+        else:
+            self._beating = False
 
     # ---- step results ------------------------------------------------------------------------
     def _token(self, i: int, n: int, now: float) -> None:
@@ -228,8 +240,6 @@ class Simulator:
         self.finish[i] = now
         self.num_finished += 1
         req.prompt_token_ids = []  # the policy is done with it; keep memory flat on long traces
-        if self.prefill and any(p.policy.has_work() for p in self.prefill):
-            self._signal_prefill(now)  # blocks came back: a held prefill may go on
 
     def _prefilled(self, pre: SimInstance, req: Request, out: SchedulerOutput, now: float) -> None:
         i = req.payload
@@ -257,7 +267,7 @@ class Simulator:
             self.finish[i] = self.first_token[i]
             self.num_finished += 1
         dec.kick(now)
-        self._signal_prefill(now)
+        pre.kick(now)
 
     # ---- run ---------------------------------------------------------------------------------
     def run(self, specs: list[RequestSpec], progress: bool = False) -> SimResult:
