@@ -48,8 +48,12 @@ def test_pace_stepped_through_idle_filling_saturated_and_stale() -> None:
     assert bp.pace(0.0).scale == 1.0 and not bp.pace(0.0).holds(0.0)  # nothing heard yet
     bp.observe(IDLE, 1.0)
     assert bp.pace(1.0).scale == 1.0 and bp.pace(1.0).hold_until is None
-    bp.observe(DecodeSignal(275, 1000, waiting=1), 1.1)  # behind; halfway between HOLD_FREE and FULL_FREE
-    assert bp.pace(1.1).scale == pytest.approx(0.625) and bp.pace(1.1).hold_until is None
+    behind = DecodeSignal(275, 1000, waiting=1)  # free share halfway between HOLD_FREE and FULL_FREE
+    bp.observe(behind, 1.1)
+    assert bp.pace(1.1).scale == 1.0  # a queue seen once: a batch's KV just arrived
+    bp.observe(behind, 1.1 + SETTLE_S)  # it stayed: smaller batches, no hold (only one waits)
+    assert bp.pace(1.4).scale == pytest.approx(0.625) and bp.pace(1.4).hold_until is None
+    bp.observe(IDLE, 1.5)
     bp.observe(FULL, 1.8)  # a queue seen once: a batch's KV just arrived, not saturation yet
     assert not bp.pace(1.8).holds(1.8)
     bp.observe(IDLE, 1.9)  # ...and it cleared on the next step
@@ -77,6 +81,7 @@ def test_a_smaller_budget_does_not_start_batches_sooner() -> None:
     p = batcher()
     for i in range(3):
         p.add_request(req(f"r{i}", 100), 0.0)
+    p.set_decode_signal(DecodeSignal(100, 1000, waiting=1), -SETTLE_S)
     p.set_decode_signal(DecodeSignal(100, 1000, waiting=1), 0.0)  # behind: budget 1000 * (0.25 + 0.75 * 0.11)
     assert not p.schedule(0.0)  # 300 queued < 0.85 x the full 1000: not ready, whatever the budget
     for i in range(3, 9):

@@ -10,7 +10,9 @@ from its instances. `BackPressure.pace` turns the latest signal into what the ba
              `max_hold_s` from the last batch start, so prefill runs at most one smallest-budget
              batch per `max_hold_s` while decode stays behind, and a request's reservation never
              waits longer than that on it.
-  behind     (some sequences wait on decode, no more than its workers): the budget grows linearly
+  behind     (some sequences wait on decode, no more than its workers, on every report for
+             SETTLE_S; a queue seen for less is a batch's KV that just arrived: the full budget):
+             the budget grows linearly
              with the free KV share, from `min_scale` at HOLD_FREE or below to the full budget at
              FULL_FREE: smaller batches, so KV arrives in smaller steps while decode catches up.
   keeping up (nothing waits on decode): the full budget, batches as large as prefill takes.
@@ -87,18 +89,25 @@ class BackPressure:
         self.max_hold_s = max_hold_s
         self.signal: DecodeSignal | None = None
         self.seen_at = float("-inf")
-        self.queued_since: float | None = None  # every report since then has shown a queue on decode
+        self.queued_since: float | None = None  # every report since has shown sequences waiting on decode
         self.hold_since: float | None = None  # saturated since (or since the last batch start)
 
     def observe(self, signal: DecodeSignal | None, now: float) -> None:
         self.signal, self.seen_at = signal, now
-        if signal is None or not signal.saturated:
+        if signal is None or signal.waiting == 0:
             self.queued_since = self.hold_since = None
             return
         if self.queued_since is None:
             self.queued_since = now
-        if self.hold_since is None and now - self.queued_since >= SETTLE_S:
+        if not signal.saturated:
+            self.hold_since = None
+        elif self.hold_since is None and self.behind:
             self.hold_since = now
+
+    @property
+    def behind(self) -> bool:
+        """Every report for SETTLE_S has shown sequences waiting on decode."""
+        return self.queued_since is not None and self.seen_at - self.queued_since >= SETTLE_S
 
     def batch_started(self, now: float) -> None:
         """A batch started (a hold ran out, or no hold): a saturated decode holds the next one anew."""
@@ -109,9 +118,9 @@ class BackPressure:
         s = self.signal
         if s is None or now - self.seen_at > STALE_S:
             return Pace(1.0)
+        if not self.behind:
+            return Pace(1.0)
         if s.saturated and self.hold_since is not None:
             return Pace(self.min_scale, self.hold_since + self.max_hold_s if self.max_hold_s > 0 else None)
-        if s.waiting == 0:
-            return Pace(1.0)
         share = min(1.0, max(0.0, (s.free_fraction - HOLD_FREE) / (FULL_FREE - HOLD_FREE)))
         return Pace(self.min_scale + (1 - self.min_scale) * share)
