@@ -59,6 +59,7 @@ class Best:
     goodput: float  # req/s
     per_gpu: float  # req/s per GPU
     per_dollar: float  # requests per USD
+    capped: bool = False  # the goodput reached the simulation cap (rate_cap): a lower bound
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -68,12 +69,21 @@ def _specs(prompt: int, output: int, n: int, rate: float, seed: int) -> list[Req
     return [RequestSpec(t, prompt, output) for t in arrival_times(n, rate, seed=seed)]
 
 
+def window_s(inp: MapInput, output: int) -> float:
+    """How long arrivals must last for an overload to show: two TTFT SLOs, and one request's life at
+    the TPOT SLO (decode's batch fills only then); a short burst at any rate fits in the queues."""
+    return max(2 * (inp.slo.ttft_ms or 1000.0), output * (inp.slo.tpot_ms or 50.0)) / 1000.0
+
+
+def rate_cap(inp: MapInput, output: int) -> float:
+    """The highest rate a full window can be simulated at within MAX_REQUESTS."""
+    return MAX_REQUESTS / window_s(inp, output)
+
+
 def _meets(cfg: SimConfig, inp: MapInput, prompt: int, output: int, rate: float) -> bool:
-    # Arrivals must last long enough for an overload to show: a few TTFT SLOs, and longer than a
-    # request's life at the TPOT SLO (decode's batch fills only then); a short burst at any rate
-    # fits in the queues. Capped (simulation time); the cap is the search's resolution limit.
-    window = max(2 * (inp.slo.ttft_ms or 1000.0), output * (inp.slo.tpot_ms or 50.0)) / 1000.0
-    n = int(min(MAX_REQUESTS, max(inp.num_requests, rate * window)))
+    if rate > rate_cap(inp, output):
+        return False  # not testable in a full window: counted as missed (goodput capped, flagged)
+    n = int(max(inp.num_requests, rate * window_s(inp, output)))
     r = build(cfg).run(_specs(prompt, output, n, rate, inp.seed))
     return float(attainment(r, inp.slo).mean()) >= inp.target
 
@@ -100,10 +110,10 @@ def goodput(cfg: SimConfig, inp: MapInput, prompt: int, output: int, guess: floa
     return lo
 
 
-def _best(found: list[tuple[SimConfig, float]]) -> tuple[Best | None, Best | None]:
+def _best(found: list[tuple[SimConfig, float]], cap: float) -> tuple[Best | None, Best | None]:
     """(best per GPU, best per dollar) among (config, goodput)."""
-    rows = [Best(c.label(), c.num_gpus, c.cost_per_hour(), g, g / c.num_gpus, g * 3600 / c.cost_per_hour())
-            for c, g in found if g > 0]
+    rows = [Best(c.label(), c.num_gpus, c.cost_per_hour(), g, g / c.num_gpus, g * 3600 / c.cost_per_hour(),
+                 g * 2 ** (1 / 2 ** SEARCH_STEPS) * 1.01 >= cap) for c, g in found if g > 0]
     if not rows:
         return None, None
     return max(rows, key=lambda b: b.per_gpu), max(rows, key=lambda b: b.per_dollar)
@@ -145,13 +155,14 @@ def map_point(inp: MapInput, prompt: int, output: int) -> dict[str, Any]:
         n = max(1, min(MAX_SIDE, round(gpus / tp)))
         cfg = _plan_base(inp, mode="colocated", num_colocated=n, prefill_gpu=g, tp_prefill=tp)
         col.append((cfg, goodput(cfg, inp, prompt, output, n * cap * tp)))
-    (dg, dd), (cg, cd) = _best(dis), _best(col)
+    cap = rate_cap(inp, output)
+    (dg, dd), (cg, cd) = _best(dis, cap), _best(col, cap)
     return {"prompt": prompt, "output": output,
             "disagg": dg and dg.as_dict(), "colocated": cg and cg.as_dict(),
             "disagg_per_dollar": dd and dd.as_dict(), "colocated_per_dollar": cd and cd.as_dict(),
             "ratio_per_gpu": _ratio(dg and dg.per_gpu, cg and cg.per_gpu),
             "ratio_per_dollar": _ratio(dd and dd.per_dollar, cd and cd.per_dollar),
-            "simulated": len(dis) + len(col)}
+            "capped": bool((dg and dg.capped) or (cg and cg.capped)), "simulated": len(dis) + len(col)}
 
 
 def _plan_base(inp: MapInput, **kw: Any) -> SimConfig:
@@ -176,7 +187,8 @@ def run_map(inp: MapInput, progress: bool = True) -> dict[str, Any]:
     t0 = time.process_time()
     points = [map_point(inp, p, o) for p, o in tqdm(grid, desc="plan --map", unit="point", disable=not progress)]
     return {"model": inp.model, "gpus": inp.gpus, "link": inp.link, "slo": inp.slo.as_dict(), "target": inp.target,
-            "num_requests": inp.num_requests, "prompts": inp.prompts, "outputs": inp.outputs,
+            "num_requests": inp.num_requests, "max_requests": MAX_REQUESTS,
+            "rate_cap": {o: rate_cap(inp, o) for o in inp.outputs}, "prompts": inp.prompts, "outputs": inp.outputs,
             "seed_scenarios": [{"name": n, "prompt": list(p), "output": list(o)} for n, p, o in SEED_SCENARIOS],
             "points": points, "cpu_s": time.process_time() - t0}
 
@@ -184,11 +196,13 @@ def run_map(inp: MapInput, progress: bool = True) -> dict[str, Any]:
 def format_map(res: dict[str, Any], key: str = "ratio_per_gpu") -> str:
     """The ratio as a table: rows are output lengths, columns prompt lengths."""
     cells = {(pt["prompt"], pt["output"]): pt[key] for pt in res["points"]}
+    capped = {(pt["prompt"], pt["output"]): pt["capped"] for pt in res["points"]}
     lines = [f"{res['model']} on {','.join(res['gpus'])}, link {res['link']}, SLO {res['slo']} for "
              f"{res['target']:.0%}: disaggregated / colocated goodput {key.removeprefix('ratio_').replace('_', ' ')}",
              "output\\prompt " + "".join(f"{p:>8}" for p in res["prompts"])]
+    lines[0] += " (*: a side reached the simulation cap; the ratio is uncertain)"
     for o in res["outputs"]:
-        row = "".join(f"{_fmt(cells[(p, o)]):>8}" for p in res["prompts"])
+        row = "".join(f"{_fmt(cells[(p, o)]) + ('*' if capped[(p, o)] else ''):>8}" for p in res["prompts"])
         lines.append(f"{o:>14}{row}")
     return "\n".join(lines)
 
@@ -219,8 +233,9 @@ def plot_map(res: dict[str, Any], path: str) -> None:
         for pt in res["points"]:
             v = pt[key]
             x, y = ps.index(pt["prompt"]), os_.index(pt["output"])
-            ax.text(math.sqrt(xe[x] * xe[x + 1]), math.sqrt(ye[y] * ye[y + 1]), _fmt(v), ha="center",
-                    va="center", fontsize=7)
+            label = _fmt(v) + ("*" if pt["capped"] else "")
+            ax.text(math.sqrt(xe[x] * xe[x + 1]), math.sqrt(ye[y] * ye[y + 1]), label, ha="center",
+                    va="center", fontsize=7, color="dimgray" if pt["capped"] else "black")
         for name, (p0, p1), (o0, o1) in SEED_SCENARIOS:
             if p0 == p1:
                 ax.plot([p0], [o0], marker="*", color="gold", markersize=14, markeredgecolor="black")
@@ -235,7 +250,8 @@ def plot_map(res: dict[str, Any], path: str) -> None:
         ax.set_title(f"goodput {key.removeprefix('ratio_').replace('_', ' ')}: disagg / colocated")
         fig.colorbar(mesh, ax=ax, label="log2 ratio (blue: disaggregation pays)")
     fig.suptitle(f"{res['model']} on {','.join(res['gpus'])}, {res['link']}, SLO {res['slo']} "
-                 f"for {res['target']:.0%} (best P:D and TP per point vs best colocated)", fontsize=10)
+                 f"for {res['target']:.0%} (best P:D and TP per point vs best colocated; "
+                 f"*: a side hit the simulation cap, ratio uncertain)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
