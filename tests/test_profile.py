@@ -95,3 +95,18 @@ def test_sim_package_does_not_pull_torch() -> None:
     code = ("import sys, pdserve.sim.commands, pdserve.sim.build, pdserve.sim.cluster, pdserve.sim.planner, "
             "pdserve.sim.scenario, pdserve.sim.profile; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_attention_costs_follow_the_engine_padded_decode_and_dense_chunks() -> None:
+    """This engine pads a decode batch to its longest context and scores a chunk's queries against
+    every cached key (model/attention.py): the fit charges that; a "varlen" profile does not."""
+    points = {"prefill": [[n, 0.01 + 1e-5 * n + 1e-8 * n * n] for n in (16, 64, 256, 1024)],
+              "decode": [[b, c, 0.02 + 1e-4 * b + 1e-7 * b * c] for b in (1, 4, 16) for c in (64, 256, 1024)]}
+    padded, varlen = ProfiledModel.fit(points), ProfiledModel.fit({**points, "attention": "varlen"})
+    assert padded.decode_time([100, 1000]) == pytest.approx(padded.decode_time([1000, 1000]))
+    assert varlen.decode_time([100, 1000]) < varlen.decode_time([1000, 1000])
+    assert padded.decode_time([500]) == pytest.approx(varlen.decode_time([500]))  # uniform batches agree
+    cp = padded.prefill_coef[2]
+    assert varlen.mixed_time([(100, 900)], []) - padded.mixed_time([(100, 900)], []) == pytest.approx(cp * 100 * 900)
+    assert padded.decode_run_times([100, 300], 3) == pytest.approx([padded.decode_time([100 + j, 300 + j])
+                                                                    for j in range(3)])

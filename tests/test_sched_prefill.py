@@ -123,24 +123,6 @@ def test_batch_respects_budget_but_always_takes_the_head() -> None:
     assert ids(p.schedule(1.0)) == ["b", "c"]
 
 
-def test_decode_back_pressure_shrinks_the_budget() -> None:
-    p = make(max_batch_tokens=1000, min_batch_scale=0.25, target_utilization=0.85, max_wait_ms=1e6)
-    for i in range(3):
-        p.add_request(new_req(f"r{i}", 100, base=i * 10), 0.0)
-    assert p.budget == 1000
-    assert not p.schedule(0.0)  # 300 < 850
-    p.set_decode_pressure(0.0)
-    assert p.budget == 250
-    out = p.schedule(0.0)  # 300 >= 0.85 * 250, and the batch holds at most 250 tokens
-    assert ids(out) == ["r0", "r1"]
-    p.set_decode_pressure(0.25)
-    assert p.budget == 625
-    p.set_decode_pressure(1.0)
-    assert p.budget == 1000
-    p.set_decode_pressure(-3.0)
-    assert p.budget == 250
-
-
 def test_update_records_first_token_and_release_frees_blocks() -> None:
     p = make(num_blocks=64, max_wait_ms=0)
     bm = p.block_manager

@@ -114,6 +114,8 @@ class PrefillConfig(Section):
                       ) = field(default_factory=list)
     min_batch_scale: H(float, "lowest share of the budget used under decode back-pressure", gt=0, le=1) = 0.25
     chunk_tokens: H(int, "chunked prefill: prompt tokens per step per request (0: whole prompt)", ge=0) = 0
+    decode_hold_ms: H(float, "decode behind (a queue on it): start no prefill batch for up to this long after "
+                      "the last one (0: never hold)", ge=0) = 0.0
 
     def check(self) -> None:
         _check(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",
@@ -180,6 +182,8 @@ class RouterConfig(ListenConfig):
     max_inflight: H(int, "requests in the router at once; beyond them: 503 with Retry-After", ge=1) = 512
     max_attempts: H(int, "tries per request across worker failures", ge=1) = 4
     reserve_timeout_s: H(float, "a decode worker silent this long on a reservation is skipped", gt=0) = 2.0
+    reserve_wait_s: H(float, "every decode worker full: wait this long for room before answering 503 "
+                      "(0: at once)", ge=0) = 5.0
     first_token_timeout_s: H(float, "prefill silent this long before the first token: try elsewhere", gt=0) = 60.0
     token_timeout_s: H(float, "decode silent this long mid-stream: try elsewhere", gt=0) = 30.0
     request_timeout_s: H(float, "overall deadline of one request", gt=0) = 600.0

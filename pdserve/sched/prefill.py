@@ -9,7 +9,8 @@ With `chunk_tokens` set, a prompt longer than that is computed `chunk_tokens` at
 several steps (its blocks all allocated at the start; partly computed prompts go first in every
 step); the first token is sampled, and the KV sent, with the last chunk.
 Batches are packed (no padding); what padding to the longest prompt would have cost is counted,
-so the saving can be reported. Decode back-pressure (`set_decode_pressure`) shrinks the budget.
+so the saving can be reported. Decode back-pressure (`set_decode_signal`, see sched/backpressure.py)
+holds batches while decode is saturated and shrinks them while it fills; it never starts them sooner.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import bisect
 from collections import deque
 
 from pdserve.config.engine import PrefillConfig
+from pdserve.sched.backpressure import BackPressure, DecodeSignal
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.output import ScheduledChunk, SchedulerOutput
 from pdserve.sched.request import Request, RequestStatus
@@ -34,6 +36,7 @@ class PrefillBatcher:
         self.transferring: dict[str, Request] = {}  # holding blocks: computing or sending
         self.computing: deque[Request] = deque()  # prompt partly computed (chunked)
         self.scale = 1.0
+        self.pressure = BackPressure(config.min_batch_scale, config.decode_hold_ms / 1000.0)
         self.packed_tokens = 0  # tokens computed
         self.padded_tokens = 0  # tokens a padded batch would have computed
 
@@ -65,10 +68,9 @@ class PrefillBatcher:
         self.enqueued_at[req.request_id] = now
         self.queues[bisect.bisect_left(self.config.length_buckets, req.num_prompt_tokens)].append(req)
 
-    def set_decode_pressure(self, free_fraction: float) -> None:
-        """Decode's free KV share (0 = saturated, 1 = idle) scales the batch budget."""
-        lo = self.config.min_batch_scale
-        self.scale = lo + (1 - lo) * min(1.0, max(0.0, free_fraction) / 0.5)
+    def set_decode_signal(self, signal: DecodeSignal | None, now: float) -> None:
+        """The decode pool's load (the router's sum over every decode worker) paces the batches."""
+        self.pressure.observe(signal, now)
 
     # ---- batching ---------------------------------------------------------------------------
     def _ready(self, q: deque[Request], now: float) -> bool:
@@ -78,7 +80,8 @@ class PrefillBatcher:
         deadline = self.enqueued_at[q[0].request_id] + self.config.max_wait_ms / 1000.0
         if now >= deadline or len(q) >= self.config.max_num_seqs:
             return True
-        return sum(r.num_uncomputed_tokens for r in q) >= self.config.target_utilization * self.budget
+        # The full budget's threshold: back-pressure makes batches smaller, never earlier.
+        return sum(r.num_uncomputed_tokens for r in q) >= self.config.target_utilization * self.config.max_batch_tokens
 
     def next_wakeup(self, now: float) -> float | None:
         """When the next queued request's max-wait timer fires (None: no timer ahead).
@@ -89,10 +92,15 @@ class PrefillBatcher:
         """
         wait = self.config.max_wait_ms / 1000.0
         ahead = [d for q in self.queues if q and (d := self.enqueued_at[q[0].request_id] + wait) > now]
+        pace = self.pressure.pace(now)
+        if pace.holds(now) and self.has_work():
+            ahead.append(pace.hold_until)  # type: ignore[arg-type]
         return min(ahead) if ahead else None
 
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
+        pace = self.pressure.pace(now)
+        self.scale = pace.scale
         budget = self.budget
         for req in self.computing:  # their blocks are held: finish them first
             n = self._chunk(req)
@@ -100,9 +108,12 @@ class PrefillBatcher:
                 break
             out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
             budget -= n
+        if pace.holds(now):  # decode is saturated: start nothing new, its blocks would only fill faster
+            self._count(out, now)
+            return out
         ready = [q for q in self.queues if self._ready(q, now)]
         if not ready:
-            self._count(out)
+            self._count(out, now)
             return out
         q = min(ready, key=lambda q: self.enqueued_at[q[0].request_id])
         while q and len(out.chunks) < self.config.max_num_seqs:
@@ -124,11 +135,12 @@ class PrefillBatcher:
                 self.computing.append(req)
             out.chunks.append(ScheduledChunk(req, n, sample=n == req.num_uncomputed_tokens))
             budget -= n
-        self._count(out)
+        self._count(out, now)
         return out
 
-    def _count(self, out: SchedulerOutput) -> None:
+    def _count(self, out: SchedulerOutput, now: float) -> None:
         if out.chunks:
+            self.pressure.batch_started(now)
             lens = [c.num_tokens for c in out.chunks]
             self.packed_tokens += sum(lens)
             self.padded_tokens += max(lens) * len(lens)

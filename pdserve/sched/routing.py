@@ -29,6 +29,8 @@ class WorkerLoad:
     free_blocks: int = 0  # decode: KV blocks free
     total_blocks: int = 1
     running: int = 0  # sequences running or reserved
+    reserved: int = 0  # decode: reservations whose KV has not arrived (back-pressure signal)
+    waiting: int = 0  # decode: sequences ready but not running (back-pressure signal)
     available: bool = True  # alive, not draining, circuit closed
 
     @property

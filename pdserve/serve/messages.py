@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from pdserve.engine.sampler import SamplingParams
+from pdserve.sched.backpressure import DecodeSignal
 
 
 class Params(msgspec.Struct, frozen=True):
@@ -61,7 +62,7 @@ class Prefill(msgspec.Struct, tag="prefill", frozen=True):
     kv_address: str
     block_ids: list[int]
     block_size: int
-    decode_free_fraction: float = 1.0  # back-pressure: how idle the chosen decode worker is
+    decode: DecodeSignal | None = None  # back-pressure: the decode pool's load, summed by the router
     kv_node: str = ""  # the decode worker's node: with transport auto, shm only when it is the prefill's
 
 
@@ -78,6 +79,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 
 class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
     nonce: str
+    decode: DecodeSignal | None = None  # to prefill workers: the decode pool's load (back-pressure)
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):

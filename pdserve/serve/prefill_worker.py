@@ -16,6 +16,7 @@ from collections import Counter
 
 import msgspec
 
+from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.prefill import PrefillBatcher
 from pdserve.sched.request import Request
 from pdserve.serve import messages as m
@@ -49,9 +50,17 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if self._admit(msg, peer):
                 kv = pair_address(msg.kv_address, self.transfer.transport, self.node_id, msg.kv_node)
                 self.kv_dest[msg.request_id] = msgspec.structs.replace(msg, kv_address=kv)
-                self.policy.set_decode_pressure(msg.decode_free_fraction)
+                self._decode_signal(msg.decode)
         else:
             await super()._handle_work(msg, peer)
+
+    async def _handle(self, msg: m.ToWorker, peer: Peer) -> None:
+        if isinstance(msg, m.StatsQuery) and msg.decode is not None:
+            self._decode_signal(msg.decode)  # the heartbeat carries it even when no Prefill comes
+        await super()._handle(msg, peer)
+
+    def _decode_signal(self, signal: DecodeSignal | None) -> None:
+        self.thread.submit(lambda: self.policy.set_decode_signal(signal, self.core.clock()))
 
     def _forget(self, rid: str, req: Request | None) -> None:
         super()._forget(rid, req)

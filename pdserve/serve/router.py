@@ -31,8 +31,9 @@ from contextlib import aclosing
 from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
+from pdserve.sched.backpressure import cluster_signal
 from pdserve.sched.breaker import CircuitBreaker, Outcome
-from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
+from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, rank_decode, retry_backoff_s
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
@@ -92,7 +93,9 @@ class ClusterBackend:
     async def _poll_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.stats_interval_s)
-            await asyncio.gather(*(w.heartbeat() for w in self.workers))
+            # Prefill workers hear the decode pool's load as of the last round (back-pressure).
+            signal = cluster_signal(self._loads("decode"))
+            await asyncio.gather(*(w.heartbeat(signal if w.role == "prefill" else None) for w in self.workers))
 
     def health(self) -> tuple[bool, dict[str, object]]:
         """For /health: can the cluster serve now, and if not, why (see serve/health.py)."""
@@ -223,8 +226,27 @@ class ClusterBackend:
     async def _reserve(self, rid: str, prompt: list[int], params: SamplingParams, route: Route
                        ) -> tuple[Call, m.Reserved]:
         """Reserve KV on the first decode worker in the route's order that can hold the request;
-        returns that worker's open Call (the caller closes it)."""
-        for name in route.decode:
+        returns that worker's open Call (the caller closes it). While every one is full the request
+        waits here, up to `reserve_wait_s`, re-trying after each load report: held back from
+        prefill, not answered 503 at once (the queue is bounded by `max_inflight`)."""
+        give_up = time.monotonic() + self.config.reserve_wait_s
+        order = route.decode
+        while True:
+            got = await self._reserve_once(rid, prompt, params, order)
+            if got is not None:
+                return got
+            if time.monotonic() + self.config.stats_interval_s > give_up:
+                break
+            await asyncio.sleep(self.config.stats_interval_s * (0.5 + self._rng.random()))
+            fresh = tuple(w.name for w in rank_decode(self._loads("decode")) if w.name in route.decode)
+            order = fresh or order
+        refused = self.policy.refused()
+        raise BackendError(refused.reason, refused.status, retry_after=1)
+
+    async def _reserve_once(self, rid: str, prompt: list[int], params: SamplingParams, order: tuple[str, ...]
+                            ) -> tuple[Call, m.Reserved] | None:
+        """One pass over `order`: the first worker's Call and reply that reserved, else None."""
+        for name in order:
             c = self._worker(name).call(rid)
             try:
                 await c.send(m.Reserve(rid, prompt, m.Params.of(params)))
@@ -242,8 +264,7 @@ class ClusterBackend:
             c.close()  # full is overload, not a fault: neutral
             if isinstance(reply, m.Reserved) and reply.reason.startswith("invalid:"):
                 raise BackendError(f"{c.worker.name}: {reply.reason.removeprefix('invalid:').strip()}", 400)
-        refused = self.policy.refused()
-        raise BackendError(refused.reason, refused.status, retry_after=1)
+        return None
 
     async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, route: Route,
                       avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
@@ -269,7 +290,7 @@ class ClusterBackend:
                                            transfer_failed):
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                        res.block_size, d.load.free_fraction, kv_node=res.node_id))
+                                        res.block_size, cluster_signal(self._loads("decode")), kv_node=res.node_id))
                 queued = time.monotonic() - t0
                 ev = await pc.next(self.config.first_token_timeout_s)
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.breaker import CircuitBreaker, Dispatch, Outcome
 from pdserve.sched.routing import WorkerLoad
 from pdserve.serve import messages as m
@@ -87,19 +88,21 @@ class Worker:
         self.load.available = self.healthy and self.breaker.allow(now)
         return self.load
 
-    async def heartbeat(self) -> None:
-        """Ask the worker for its load; an unreachable or silent one leaves the pool."""
+    async def heartbeat(self, decode: DecodeSignal | None = None) -> None:
+        """Ask the worker for its load (telling a prefill worker the decode pool's, `decode`);
+        an unreachable or silent one leaves the pool."""
         self._nonce += 1
         nonce = f"stats-{self._nonce}"
         q = self.client.open(nonce)
         try:
-            await self.client.send(m.StatsQuery(nonce))
+            await self.client.send(m.StatsQuery(nonce, decode))
             s = await asyncio.wait_for(q.get(), timeout=2.0)
             if not isinstance(s, m.Stats):
                 raise ConnectionError("connection lost")
             self.load.queued_prompt_tokens = s.queued_prompt_tokens
             self.load.free_blocks, self.load.total_blocks = s.free_blocks, s.total_blocks
             self.load.running = s.running + s.reserved + s.waiting
+            self.load.reserved, self.load.waiting = s.reserved, s.waiting
             self.busy_fraction = s.busy_fraction
             if not self.healthy and not s.draining:
                 log.info("%s joined the pool", self.name)

@@ -212,4 +212,6 @@ def build(cfg: SimConfig) -> Simulator:
     # The router's policy with the file's router settings: what `pdserve up` would route by.
     routing = RoutingPolicy(disagg_threshold=cfg.cluster.router.disagg_threshold, decode_serves_whole=False)
     return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
-                     request_overhead_s=request_overhead_s(cfg), routing=routing)
+                     request_overhead_s=request_overhead_s(cfg), routing=routing,
+                     reserve_wait_s=cfg.cluster.router.reserve_wait_s,
+                     stats_interval_s=cfg.cluster.router.stats_interval_s)

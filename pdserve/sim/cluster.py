@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pdserve.config.model import ModelShape
+from pdserve.sched.backpressure import cluster_signal
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
 from pdserve.sched.routing import RoutingPolicy, WorkerLoad
@@ -57,14 +58,19 @@ class Simulator:
 
     def __init__(self, instances: list[SimInstance], shape: ModelShape, link: Link,
                  layerwise: bool = True, runs: bool = True, request_overhead_s: float = 0.0,
-                 routing: RoutingPolicy | None = None) -> None:
+                 routing: RoutingPolicy | None = None, reserve_wait_s: float = 0.0,
+                 stats_interval_s: float = 0.1) -> None:
         """runs=False: one event per step everywhere (slower; the same results, see instance.py).
 
         request_overhead_s: serving time outside the steps (HTTP, router, RPC), added to each
         request's way in; its arrival time, and so its TTFT and E2E, still count from the client.
         routing: the router's policy (default: the real router's; a simulated decode instance
         cannot serve a whole request, so `decode_serves_whole` is off).
+        reserve_wait_s, stats_interval_s: as the router's: a request every decode instance refuses
+        waits, re-trying once per load report, this long before it is rejected.
         """
+        self.reserve_wait_s = reserve_wait_s
+        self.stats_interval_s = stats_interval_s
         self.instances = instances
         self.prefill = [i for i in instances if i.role == "prefill"]
         self.decode = [i for i in instances if i.role == "decode"]
@@ -86,6 +92,7 @@ class Simulator:
         self._by_name = {inst.name: inst for inst in instances}
         self._loads = {inst.name: WorkerLoad(inst.name) for inst in instances}  # the router's view
         self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
+        self._beating = False  # the heartbeat to prefill instances is scheduled
 
     # ---- arrivals and routing ----------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
@@ -101,10 +108,19 @@ class Simulator:
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
             return
-        if route.path == "disagg" and not self._disagg(i, route.decode, now):
-            route = self.routing.refused()  # every decode instance refused: what the router answers
-        if route.path == "reject":
+        if route.path == "disagg":
+            self._try_disagg(now, i, route.decode, now + self.reserve_wait_s)
+        elif route.path == "reject":
             self.num_rejected += 1
+
+    def _try_disagg(self, now: float, i: int, order: tuple[str, ...], give_up: float) -> None:
+        if self._disagg(i, order, now):
+            return
+        if now + self.stats_interval_s <= give_up:  # the router waits for room, as `_reserve` does
+            self.loop.at(now + self.stats_interval_s, self._try_disagg, i, order, give_up)
+            return
+        self.routing.refused()  # every decode instance refused: what the router answers
+        self.num_rejected += 1
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
         """The loads the router sees (as `Stats` would report them), without touching a run."""
@@ -116,6 +132,7 @@ class Simulator:
             elif inst.role == "decode":
                 w.free_blocks, w.total_blocks = inst.free_blocks(now), inst.policy.block_manager.num_blocks
                 w.running = inst.policy.num_running
+                w.reserved, w.waiting = inst.policy.num_reserved, inst.policy.num_waiting
             else:
                 w.running = inst.policy.num_waiting + inst.policy.num_running
             out.append(w)
@@ -149,8 +166,26 @@ class Simulator:
         self._pairs[i] = (pre, dec, dreq)
         pre.outstanding_tokens += preq.num_prompt_tokens
         pre.policy.add_request(preq, now)
-        pre.kick(now)
+        self._signal_prefill(now)  # the Prefill message carries the signal
+        if not self._beating:
+            self._beating = True
+            self.loop.at(now + self.stats_interval_s, self._heartbeat)
         return True
+
+    def _signal_prefill(self, now: float) -> None:
+        """The decode pool's load, as the router sums it, to every prefill instance."""
+        signal = cluster_signal(self._view(self.decode, now))
+        for pre in self.prefill:
+            pre.policy.set_decode_signal(signal, now)
+            pre.kick(now)
+
+    def _heartbeat(self, now: float) -> None:
+        """The router's heartbeat, every `stats_interval_s` while prefill has work queued."""
+        self._signal_prefill(now)
+        if any(p.policy.has_work() for p in self.prefill):
+            self.loop.at(now + self.stats_interval_s, self._heartbeat)
+        else:
+            self._beating = False
 
     # ---- step results ------------------------------------------------------------------------
     def _token(self, i: int, n: int, now: float) -> None:

@@ -107,6 +107,8 @@ def _sim(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from pdserve.sim.planner import PlanInput, format_plan, plan_colocated, plan_disagg, retime
 
+    if args.map:
+        return _plan_map(args)
     base = generate(args.workload, args.num_requests, 1.0, seed=args.seed, trace=args.trace)
     slo = SLO(args.ttft_slo, args.tpot_slo)
     prices = parse_prices(args.price)
@@ -135,6 +137,26 @@ def _plan(args: argparse.Namespace) -> int:
         from pdserve.sim.plots import plot_sweep
 
         plot_sweep(rows, args.plot, f"{args.model}, {args.trace or args.workload}, SLO {slo.as_dict()}")
+    return 0
+
+
+def _plan_map(args: argparse.Namespace) -> int:
+    from pdserve.sim.map import MapInput, format_map, plot_map, run_map
+
+    inp = MapInput(args.model, args.gpus.split(","), args.link, SLO(args.ttft_slo, args.tpot_slo),
+                   [int(x) for x in args.prompts.split(",")], [int(x) for x in args.outputs.split(",")],
+                   args.target, args.num_requests, parse_prices(args.price), args.seed)
+    res = run_map(inp, progress=sys.stderr.isatty() or args.progress)
+    from pdserve.bench.report import header
+
+    res = {**header({}), "command": "pdserve " + " ".join(sys.argv[1:]), **res}
+    print(format_map(res))
+    print(format_map(res, "ratio_per_dollar"))
+    print(f"{len(res['points'])} points in {res['cpu_s']:.0f} s CPU")
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=1))
+    if args.plot:
+        plot_map(res, args.plot)
     return 0
 
 
@@ -231,6 +253,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep-rate", help="comma-separated rates, e.g. 1,2,5,10,20")
     p.add_argument("--target", type=float, default=0.9, help="SLO attainment target")
     p.add_argument("--price", action="append", help="GPU=USD per GPU-hour (repeatable)")
+    g = p.add_argument_group("map (--map: disaggregated vs colocated goodput over prompt x output lengths)")
+    g.add_argument("--map", action="store_true", help="sweep --prompts x --outputs (each point: the best P:D "
+                   "and TP against the best colocated; rate searched to the goodput); --num-requests per run")
+    g.add_argument("--prompts", default="128,512,2048,8192", help="comma-separated prompt lengths")
+    g.add_argument("--outputs", default="8,32,128,512", help="comma-separated output lengths")
+    g.add_argument("--progress", action="store_true", help="show the progress bar even when stderr is no terminal")
     p.set_defaults(func=_plan, num_requests=200, ttft_slo=2000.0, tpot_slo=100.0)
 
 

@@ -11,8 +11,14 @@ Profile file (JSON), written by `pdserve profile` and read by `pdserve sim --pro
 Fitted forms (least squares on relative error, i.e. each point weighted by 1 / its time, so a
 1-sequence step weighs as much as a 32 x 1024 one; coefficients clipped at zero):
     prefill(n_1..n_k)   = a_p + b_p * sum n_i + c_p * sum n_i^2     (linear layers + causal attention)
-    decode(c_1..c_B)    = a_d + b_d * B + c_d * sum c_i              (per-sequence work + KV reads)
+    decode(c_1..c_B)    = a_d + b_d * B + c_d * B * max c_i          (per-sequence work + KV reads)
     mixed               = max(a_p, a_d) + the variable parts of both
+The attention terms follow what this engine computes (`pdserve/model/attention.py`, dense SDPA
+under a mask): a decode batch is padded to its longest context, so it reads B x max c_i, not
+sum c_i; a prefill chunk of n tokens after `prior` cached ones scores n x (prior + n) pairs, not
+the causal n^2/2 + n x prior (one-shot n^2 either way, which is what the profile measures). A
+profile whose "attention" is "varlen" (an engine whose kernels skip the padding and the masked
+half) uses sum c_i and n^2 + 2 n prior instead.
 Serving overheads (optional, written by `pdserve calibrate`): what a served step and a served
 request cost beyond the engine steps above (engine thread to event loop, a message per token, HTTP,
 router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
@@ -65,6 +71,7 @@ class ProfiledModel:
     # Measured decode grid: (batch sizes, contexts, seconds[i][j]); None: the fitted plane only.
     decode_grid: tuple[list[float], list[float], list[list[float]]] | None = None
     step_overhead_s: float = 0.0  # serving cost per step beyond the engine's (see module doc)
+    padded: bool = True  # attention as this engine computes it (module doc); False: "varlen"
 
     @classmethod
     def fit(cls, profile: dict[str, Any], mode: str | None = None) -> ProfiledModel:
@@ -79,7 +86,8 @@ class ProfiledModel:
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
         step = serving_overheads(profile, mode)[0] if mode else 0.0
-        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step)  # type: ignore[arg-type]
+        padded = profile.get("attention", "padded") != "varlen"
+        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, padded)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path, mode: str | None = None) -> ProfiledModel:
@@ -97,11 +105,16 @@ class ProfiledModel:
 
     def decode_run_times(self, context_lens: list[int], steps: int) -> list[float]:
         """decode_time for `steps` steps in a row (contexts + j), with the same arithmetic."""
-        b, total, ad = len(context_lens), sum(context_lens), self.decode_coef[0]
+        b, ad = len(context_lens), self.decode_coef[0]
         if b == 0:
             return [0.0] * steps
+        total = self._ctx_total(context_lens)
         so = self.step_overhead_s
         return [((0.0 + (self._decode_total(b, total + j * b) - ad)) + ad) + so for j in range(steps)]
+
+    def _ctx_total(self, contexts: list[int]) -> int:
+        """The context tokens a decode batch's attention reads (padded: B x the longest)."""
+        return len(contexts) * max(contexts) if self.padded else sum(contexts)
 
     def _decode_total(self, b: int, total: int) -> float:
         """Decode part of a step, fixed cost included: the measured grid where it reaches, else the plane."""
@@ -126,10 +139,11 @@ class ProfiledModel:
         ad, bd, cd = self.decode_coef
         t = 0.0
         if prefill_chunks:
-            # A chunk of n after `prior` cached tokens costs n^2 + 2 n prior in attention pairs.
-            t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + 2 * n * p for n, p in prefill_chunks)
+            # A chunk of n after `prior` cached tokens scores n^2 + k n prior attention pairs (module doc).
+            k = 1 if self.padded else 2  # scored pairs per (query, cached key): dense mask vs causal
+            t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + k * n * p for n, p in prefill_chunks)
         if decode_contexts:
-            t += self._decode_total(len(decode_contexts), sum(decode_contexts)) - ad
+            t += self._decode_total(len(decode_contexts), self._ctx_total(decode_contexts)) - ad
         return (t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)) + self.step_overhead_s
 
 
