@@ -154,6 +154,9 @@ class RouterConfig(ListenConfig):
     """The router: routing, retries, timeouts, circuit breakers."""
 
     disagg_threshold: H(int, "prompts shorter than this many tokens skip the prefill pool", ge=0) = 0
+    routing: H(Literal["least_loaded", "prefix_aware"],
+               "worker choice: least queued work, or also count the prompt's blocks a worker already caches"
+               ) = "least_loaded"
     max_inflight: H(int, "requests in the router at once; beyond them: 503 with Retry-After", ge=1) = 512
     max_attempts: H(int, "tries per request across worker failures", ge=1) = 4
     reserve_timeout_s: H(float, "a decode worker silent this long on a reservation is skipped", gt=0) = 2.0

@@ -77,6 +77,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 
 class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
     nonce: str
+    kv_events: bool = False  # the router's heartbeat: also hand over the block-hash events since the last one
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):
@@ -117,6 +118,12 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     reserved: int = 0
     block_size: int = 16
     draining: bool = False
+    # Block-hash events (asked for with kv_events): prefix-cache chain keys cached / evicted since
+    # the last such query; kv_cleared: forget the earlier ones (kv_stored is then the whole cache).
+    kv_stored: list[bytes] = []
+    kv_evicted: list[bytes] = []
+    kv_cleared: bool = False
+    cache_salt: bytes = b""  # the chain's salt, so the router hashes prompts as this worker does
 
 
 ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery
