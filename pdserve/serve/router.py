@@ -25,14 +25,15 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, suppress
 
 from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.block_manager import block_hashes
 from pdserve.sched.breaker import CircuitBreaker, Outcome
+from pdserve.sched.hedge import HedgePolicy
 from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
 from pdserve.serve import messages as m
@@ -62,6 +63,9 @@ class ClusterBackend:
         self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
         self.inflight = 0
         self.retries = 0
+        self.hedge = HedgePolicy(cfg.hedge_after_ms / 1000, cfg.hedge_percentile, cfg.hedge_max_fraction)
+        self.hedges = 0  # duplicate attempts sent
+        self.hedge_wins = 0  # ... whose first token came first
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
@@ -188,15 +192,16 @@ class ClusterBackend:
                                           output_offset=params.output_offset + len(produced))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
                 whole = prompt + produced
-                local_role = "colocated" if any(w.role == "colocated" for w in self.workers) else "decode"
-                hits, keys = self._prefix(whole, local_role)
-                route = self.policy.route(len(whole), self._loads("prefill"), self._loads("decode"),
-                                          self._loads("colocated"), frozenset(avoid), frozenset(bad_kv), hits)
-                if route.path == "reject":
-                    raise BackendError(route.reason, route.status, retry_after=1)
-                stream = (self._local(sub_rid, whole, sub, self._worker(route.worker), hits, keys)
-                          if route.path == "local" else
-                          self._disagg(sub_rid, whole, sub, route, frozenset(avoid)))
+                bad = frozenset(bad_kv)
+
+                def make(r: str, av: frozenset[str], chosen: list[str], whole: list[int] = whole,
+                         sub: SamplingParams = sub, bad: frozenset[str] = bad) -> AsyncGenerator[TokenEvent, None]:
+                    return self._attempt(r, whole, sub, av, bad, chosen)
+
+                if attempt == 0:
+                    self.hedge.arrived()
+                stream = (self._hedged(sub_rid, make, frozenset(avoid)) if self.hedge.enabled
+                          else make(sub_rid, frozenset(avoid), []))
                 try:
                     # aclosing: however this request ends (a stop string, a client gone), the
                     # attempt's Calls close now, not when the garbage collector gets to them.
@@ -223,6 +228,77 @@ class ClusterBackend:
                     await asyncio.sleep(min(deadline - now, backoff))
         finally:
             self.inflight -= 1
+
+    def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, avoid: frozenset[str],
+                 bad_kv: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
+        """One attempt's stream, on the path the policy picks (BackendError at once if none);
+        the worker that computes the prompt is appended to `chosen`."""
+        local_role = "colocated" if any(w.role == "colocated" for w in self.workers) else "decode"
+        hits, keys = self._prefix(prompt, local_role)
+        route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
+                                  self._loads("colocated"), avoid, bad_kv, hits)
+        if route.path == "reject":
+            raise BackendError(route.reason, route.status, retry_after=1)
+        if route.path == "local":
+            chosen.append(route.worker)
+            return self._local(rid, prompt, params, self._worker(route.worker), hits, keys)
+        return self._disagg(rid, prompt, params, route, avoid, chosen)
+
+    async def _hedged(self, rid: str, make: Callable[[str, frozenset[str], list[str]], AsyncGenerator[TokenEvent, None]],
+                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
+        """One attempt, and a duplicate on another worker if its first token is late (`HedgePolicy`):
+        the first to stream its first token is the one the client hears from; the other is
+        cancelled (its Calls close: the workers are told to drop it, blocks and reservation freed)."""
+        chosen: list[str] = []
+        t0 = time.monotonic()
+        a = make(rid, avoid, chosen)
+        fa: asyncio.Future[TokenEvent] = asyncio.ensure_future(anext(a))
+        b: AsyncGenerator[TokenEvent, None] | None = None
+        fb: asyncio.Future[TokenEvent] | None = None
+        try:
+            done, _ = await asyncio.wait({fa}, timeout=self.hedge.delay())
+            if not done and self.hedge.try_hedge(time.monotonic() - t0):
+                try:
+                    b = make(f"{rid}~h", avoid | frozenset(chosen), [])
+                except BackendError:
+                    b = None  # no other worker can take it: keep waiting on the first
+                else:
+                    fb = asyncio.ensure_future(anext(b))
+                    self.hedges += 1
+            winner, ev = a, None
+            if fb is None or b is None:
+                ev = await fa
+                self.hedge.observe(time.monotonic() - t0)
+            else:
+                first, _ = await asyncio.wait({fa, fb}, return_when=asyncio.FIRST_COMPLETED)
+                lead = fa if fa in first else fb
+                other = fb if lead is fa else fa
+                if lead.exception() is not None:  # the first to answer failed: the other may still succeed
+                    await asyncio.wait({other})
+                    if other.exception() is not None:
+                        raise fa.exception()  # type: ignore[misc]  # the primary's failure drives the retry
+                    lead, other = other, lead
+                winner = a if lead is fa else b
+                loser = b if lead is fa else a
+                if winner is b:
+                    self.hedge_wins += 1
+                other.cancel()
+                with suppress(BaseException):
+                    await other
+                await loser.aclose()
+                ev = lead.result()
+                ev.timings = {**ev.timings, "hedged": 1.0, "hedge_won": float(winner is b)}
+            yield ev
+            async for ev in winner:
+                yield ev
+        finally:
+            for f, g in ((fa, a), (fb, b)):
+                if f is not None and not f.done():
+                    f.cancel()
+                    with suppress(BaseException):
+                        await f
+                if g is not None:
+                    await g.aclose()
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker,
                      hits: dict[str, int], keys: dict[str, list[bytes]]) -> AsyncGenerator[TokenEvent, None]:
@@ -269,7 +345,7 @@ class ClusterBackend:
         raise BackendError(refused.reason, refused.status, retry_after=1)
 
     async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, route: Route,
-                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
+                      avoid: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
         """Reserve on decode, prefill (first token streamed at once), then decode streams on."""
         t0 = time.monotonic()
         dc, res = await self._reserve(rid, prompt, params, route)
@@ -285,6 +361,7 @@ class ClusterBackend:
             if isinstance(pick, Route):
                 raise BackendError(pick.reason, pick.status, retry_after=1)
             p = self._worker(pick)
+            chosen.append(p.name)
             streamed = False  # the decode worker produced tokens: the KV crossed the link
 
             def transfer_failed(e: BaseException) -> bool:

@@ -185,8 +185,17 @@ class WorkerBase(Generic[P]):
             return False
         self.owners[req.request_id] = peer
         self.requests[req.request_id] = req
-        self.thread.submit(lambda: self.core.add(req))
+        delay = self.transfer.fault_prefill_delay_ms / 1000
+        if delay > 0 and self.loop is not None:  # fault injection: a slow worker
+            self.loop.call_later(delay, self._add_if_wanted, req)
+        else:
+            self.thread.submit(lambda: self.core.add(req))
         return True
+
+    def _add_if_wanted(self, req: Request) -> None:
+        """A held prompt goes to the engine unless it was aborted meanwhile."""
+        if self.requests.get(req.request_id) is req:
+            self.thread.submit(lambda: self.core.add(req))
 
     def _abort(self, rid: str) -> None:
         self._abort_transfer(rid)
