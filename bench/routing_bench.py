@@ -51,19 +51,21 @@ class OldPolicy(RoutingPolicy):
         return min(cands, key=lambda w: w.running) if cands else None
 
 
-def start_workers(n: int, model: str, num_blocks: int, extra: Sequence[Sequence[str]] = ((), ())
+def start_workers(n: int, model: str, num_blocks: int, extra: Sequence[Sequence[str]] = ((), ()),
+                  roles: Sequence[str] = ("colocated", "colocated"), tag: str = "routing_bench"
                   ) -> list[tuple[subprocess.Popen[str], str]]:
+    """`n` workers (`roles[k]`, `extra[k]` flags), each logging to a file; (process, RPC address)."""
     env = {**os.environ, "PDSERVE_CLUSTER_SECRET": SECRET, "OMP_NUM_THREADS": "1"}
     out = []
     for k in range(n):
-        log = Path(tempfile.gettempdir()) / f"routing_bench_worker{k}.log"
+        log = Path(tempfile.gettempdir()) / f"{tag}_worker{k}.log"
         with open(log, "w") as f:  # a file, not a pipe: a full pipe would stall the worker
-            p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", "colocated", "--internal",
+            p = subprocess.Popen([sys.executable, "-m", "pdserve.cli", "serve", "--role", roles[k], "--internal",
                                   "--model", model, "--threads", "1", "--host", "127.0.0.1", "--port", "0",
                                   "--num-blocks", str(num_blocks), *extra[k]],
                                  stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
         while True:
-            m = re.search(r"READY colocated ([0-9.]+:\d+)", log.read_text())
+            m = re.search(rf"READY {roles[k]} ([0-9.]+:\d+)", log.read_text())
             if m:
                 out.append((p, m.group(1)))
                 break
@@ -81,6 +83,15 @@ async def run_side(policy: RoutingPolicy, routing: str, model: str, specs: list,
         policy.routing = routing
         be = ClusterBackend(resolve_shape(model), [], [], [a for _, a in procs], secret=SECRET.encode(),
                             config=cfg, policy=policy)
+        picks: dict[str, str] = {}
+        attempt = be._attempt
+
+        def recorded(rid: str, prompt: list[int], *rest):  # type: ignore[no-untyped-def]
+            stream = attempt(rid, prompt, *rest)
+            picks[rid.split("~")[0]] = rest[-1][-1]  # `chosen`: the worker that computes the prompt
+            return stream
+
+        be._attempt = recorded  # type: ignore[method-assign]
         await be.start()
         await asyncio.sleep(0.3)
         busy0 = {w.name: w.busy_fraction for w in be.workers}
@@ -98,7 +109,8 @@ async def run_side(policy: RoutingPolicy, routing: str, model: str, specs: list,
                 n += len(ev.token_ids)
                 if ev.finish_reason is not None:
                     cached = ev.num_cached_tokens
-            recs.append({"i": i, "prompt": len(prompts[i]), "cached": cached, "ttft_s": ttft,
+            recs.append({"i": i, "worker": picks.get(f"r{i}", ""), "prompt": len(prompts[i]), "cached": cached,
+                         "ttft_s": ttft,
                          "e2e_s": time.monotonic() - start, "tokens": n})
 
         await asyncio.gather(*(one(i) for i in range(len(specs))))
@@ -126,7 +138,14 @@ def summarize(side: dict, slo_ttft_s: float) -> dict:
     def pct(q: float) -> float:
         return ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))]
 
+    per: dict[str, list[int]] = {}
+    for r in recs:
+        per.setdefault(r["worker"], [0, 0])
+        per[r["worker"]][0] += 1
+        per[r["worker"]][1] += r["prompt"] - r["cached"]
+    split = sorted(per.values(), key=lambda v: -v[1])
     return {"requests": len(recs), "prompt_tokens": prompt, "cached_tokens": cached,
+            "request_split": [v[0] for v in split], "computed_token_split": [v[1] for v in split],
             "prefill_tokens_computed": prompt - cached, "hit_rate": cached / max(1, prompt),
             "ttft_p50_s": statistics.median(ttfts), "ttft_p99_s": pct(0.99),
             "goodput_rps": sum(r["ttft_s"] <= slo_ttft_s for r in recs) / side["span_s"],
@@ -176,7 +195,7 @@ def main() -> None:
     result: dict = {"machine": platform.node(), "cpus": os.cpu_count(), "command": " ".join(sys.argv),
                     "model": a.model, "workers": "2 colocated, 1 thread each", "loadavg_start": os.getloadavg()}
     if a.what in ("balance", "all"):
-        specs = generate("search-small", 40, 1.5, seed=1)
+        specs = generate("search-small", 30, 0.5, seed=1)
         prompts = synth_prompts(specs, vocab, 1)
         sides = {}
         for rep in range(a.reps):
@@ -185,8 +204,10 @@ def main() -> None:
                 sides.setdefault(name, []).append({**summarize(s, 2.0), "busy_split": busy_split(s, 0),
                                                    "loadavg": os.getloadavg(), "records": s["records"]})
                 print(name, rep, sides[name][-1]["busy_split"], flush=True)
-        result["balance"] = {"workload": "search-small, 40 requests, Poisson 1.5 req/s", "sides": sides}
+        result["balance"] = {"workload": "search-small, 30 requests, Poisson 0.5 req/s", "sides": sides}
     if a.what in ("prefix", "all"):
+        if a.what == "prefix" and Path(a.out).exists():  # keep the other part of an earlier run
+            result = {**json.loads(Path(a.out).read_text()), **{k: v for k, v in result.items() if k != "command"}}
         blocks = 128  # KV blocks per worker: fewer than the prompts' distinct prefixes need, twice as many more so
         specs, prompts = load_hash_trace(family_rows(Path(tempfile.gettempdir()) / "routing_bench_rows.jsonl"), vocab,
                                          block_tokens=8, num_requests=80, rate=0.8, max_output_tokens=8,
@@ -204,6 +225,10 @@ def main() -> None:
                                         "128 KV blocks of 16 tokens per worker",
                             "shared_cache_hit_rate": shared_cache_hit_rate(prompts, 2 * blocks),
                             "one_worker_cache_hit_rate": shared_cache_hit_rate(prompts, blocks), "sides": sides}
+    if a.what == "balance" and Path(a.out).exists():  # keep the other part of an earlier run
+        old = json.loads(Path(a.out).read_text())
+        result = {**old, "balance": result["balance"], "balance_command": result["command"],
+                  "balance_loadavg_start": result["loadavg_start"]}
     result["loadavg_end"] = os.getloadavg()
     Path(a.out).write_text(json.dumps(result, indent=1))
 

@@ -36,7 +36,9 @@ def test_percentile_delay_follows_recent_first_tokens_but_not_below_the_floor() 
     h = HedgePolicy(after_s=0.2, percentile=90, max_fraction=1.0, window=100, min_samples=10)
     for k in range(5):
         h.observe(1.0 + k)
-    assert h.delay() == 0.2  # too few samples: the fixed delay
+    assert h.delay() == float("inf")  # too few samples to tell slow from normal: no hedging yet
+    h.arrived()
+    assert not h.try_hedge(100.0)
     for k in range(100):
         h.observe(k / 100)  # 0.00 .. 0.99: the older, slower samples leave the window
     assert abs(h.delay() - 0.9) < 0.02

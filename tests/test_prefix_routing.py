@@ -164,3 +164,36 @@ def test_simulator_prefix_aware_hits_more_and_stays_balanced() -> None:
     assert hit_pa > 1.3 * hit_ll
     assert min(busy_pa) > 0.5 * max(busy_pa)
     assert min(busy_ll) > 0.7 * max(busy_ll)  # the load-aware baseline splits evenly
+
+
+def test_the_router_hashes_a_prompt_as_the_worker_caches_it() -> None:
+    """The router's keys for a prompt (the worker's block size and salt, last token left out) are
+    the keys the worker's events publish, so a report alone (no placement of the router's own)
+    yields the hit the worker's own lookup will find."""
+    from pdserve.config.model import CATALOG as shapes
+    from pdserve.config.schema import RouterConfig
+    from pdserve.serve.router import ClusterBackend
+
+    salt = b'["m#seed=0", "float32"]'
+    bm = BlockManager(32, 16, salt=salt)
+    bm.record_events()
+    prompt = [(7 * i) % 300 for i in range(70)]
+    r = _req("r", prompt)
+    bm.allocate(r, 70)
+    r.num_computed_tokens = 70
+    bm.cache_full_blocks(r)
+    bm.free(r)
+    be = ClusterBackend(shapes["demo"], [], [], ["127.0.0.1:1", "127.0.0.1:2"],
+                        config=RouterConfig(routing="prefix_aware"))
+    w0, w1 = be.workers
+    for w in be.workers:
+        w.block_size, w.cache_salt = 16, salt
+    assert be.index is not None
+    be.index.apply(w0.name, *bm.take_events())
+    follower = prompt[:64] + [1, 2, 3]
+    hits, _ = be._prefix(follower, "colocated")
+    again = _req("again", follower)
+    assert hits == {w0.name: bm.match_prefix(again), w1.name: 0} and hits[w0.name] == 64
+    w1.cache_salt = b"another model"  # another salt: other keys, no hit even with the same tokens
+    be.index.apply(w1.name, list(bm.hash_to_block), [])
+    assert be._prefix(follower, "colocated")[0][w1.name] == 0

@@ -21,7 +21,7 @@ class HedgePolicy:
     percentile: float = 0.0  # 0: the fixed delay alone; e.g. 95: at least the p95 of recent first tokens
     max_fraction: float = 0.05  # of the last `window` requests
     window: int = 200
-    min_samples: int = 20  # first-token times needed before the percentile counts
+    min_samples: int = 10  # percentile mode: first-token times seen before any hedge
     _samples: deque[float] = field(default_factory=deque, repr=False)
     _sorted: list[float] = field(default_factory=list, repr=False)
     _hedged: deque[bool] = field(default_factory=deque, repr=False)  # per recent request: hedged?
@@ -40,9 +40,12 @@ class HedgePolicy:
             del self._sorted[bisect.bisect_left(self._sorted, old)]
 
     def delay(self) -> float:
-        """Seconds to wait for a first token before hedging."""
+        """Seconds to wait for a first token before hedging. Percentile mode hedges nothing until
+        it has seen `min_samples` first tokens: before that it cannot tell slow from normal."""
         d = self.after_s
-        if self.percentile > 0 and len(self._sorted) >= self.min_samples:
+        if self.percentile > 0:
+            if len(self._sorted) < self.min_samples:
+                return float("inf")
             k = min(len(self._sorted) - 1, int(self.percentile / 100 * len(self._sorted)))
             d = max(d, self._sorted[k])
         return d

@@ -256,7 +256,8 @@ class ClusterBackend:
         b: AsyncGenerator[TokenEvent, None] | None = None
         fb: asyncio.Future[TokenEvent] | None = None
         try:
-            done, _ = await asyncio.wait({fa}, timeout=self.hedge.delay())
+            delay = self.hedge.delay()
+            done, _ = await asyncio.wait({fa}, timeout=delay if delay != float("inf") else None)
             if not done and self.hedge.try_hedge(time.monotonic() - t0):
                 try:
                     b = make(f"{rid}~h", avoid | frozenset(chosen), [])
