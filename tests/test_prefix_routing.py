@@ -197,3 +197,17 @@ def test_the_router_hashes_a_prompt_as_the_worker_caches_it() -> None:
     w1.cache_salt = b"another model"  # another salt: other keys, no hit even with the same tokens
     be.index.apply(w1.name, list(bm.hash_to_block), [])
     assert be._prefix(follower, "colocated")[0][w1.name] == 0
+
+
+def test_idle_prefill_and_decode_pools_both_take_turns_in_disaggregated_routing() -> None:
+    """One request steps the decode ranking and the prefill pick: each pool rotates on its own."""
+    pol = RoutingPolicy()
+    pre = [WorkerLoad("p0"), WorkerLoad("p1")]
+    dec = [WorkerLoad("d0", free_blocks=50, total_blocks=50), WorkerLoad("d1", free_blocks=50, total_blocks=50)]
+    firsts, prefills = [], []
+    for _ in range(6):
+        r = pol.route(100, pre, dec, [])
+        firsts.append(r.decode[0])
+        prefills.append(pol.prefill_for(r.decode[0], pre, prompt_tokens=100))
+    assert firsts.count("d0") == firsts.count("d1") == 3
+    assert prefills.count("p0") == prefills.count("p1") == 3

@@ -75,7 +75,9 @@ class RoutingPolicy:
     decode_serves_whole: bool = True  # no colocated pool: a decode worker serves local requests
     routing: str = "least_loaded"  # or "prefix_aware": cached prefix blocks count against queued work
     decode_token_weight: int = 16  # a generating sequence's load, in prompt tokens still to compute
-    _turn: int = field(default=0, repr=False)  # rotates ties, so equally loaded workers share the work
+    # per pool: rotates ties, so equally loaded workers share the work (one counter per pool, or
+    # the decode ranking and the prefill pick of one request would step a shared one in lockstep)
+    _turns: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -96,27 +98,27 @@ class RoutingPolicy:
         hit = hits.get(w.name, 0) if hits is not None and self.routing == "prefix_aware" else 0
         return self.load(w) + max(0, prompt_tokens - hit)
 
-    def _least(self, cands: list[WorkerLoad], key: Callable[[WorkerLoad], object]) -> WorkerLoad | None:
+    def _least(self, cands: list[WorkerLoad], key: Callable[[WorkerLoad], object], pool: str) -> WorkerLoad | None:
         """The candidate with the smallest key; ties go round in turn (always taking the first
         listed loads the first worker whenever the pool is idle)."""
         if not cands:
             return None
         best = min(key(w) for w in cands)
         tied = [w for w in cands if key(w) == best]
-        self._turn += 1
-        return tied[self._turn % len(tied)]
+        turn = self._turns[pool] = self._turns.get(pool, 0) + 1
+        return tied[turn % len(tied)]
 
     def pick_prefill(self, workers: Sequence[WorkerLoad], exclude: frozenset[str] = frozenset(),
                      prompt_tokens: int = 0, hits: Mapping[str, int] | None = None) -> WorkerLoad | None:
         """Least cost (queued prompt tokens + this prompt's uncached tokens)."""
         cands = [w for w in workers if w.available and w.name not in exclude]
-        return self._least(cands, lambda w: self.cost(w, prompt_tokens, hits))
+        return self._least(cands, lambda w: self.cost(w, prompt_tokens, hits), "prefill")
 
     def pick_colocated(self, workers: Sequence[WorkerLoad], exclude: frozenset[str] = frozenset(),
                        prompt_tokens: int = 0, hits: Mapping[str, int] | None = None) -> WorkerLoad | None:
         """Least cost: prompt tokens still to compute, generating sequences weighted, this prompt."""
         cands = [w for w in workers if w.available and w.name not in exclude]
-        return self._least(cands, lambda w: self.cost(w, prompt_tokens, hits))
+        return self._least(cands, lambda w: self.cost(w, prompt_tokens, hits), "whole")
 
     def rank_decode(self, workers: Sequence[WorkerLoad], exclude: frozenset[str] = frozenset()) -> list[WorkerLoad]:
         """Most free KV first, then fewest sequences (reported or the router's own); the order to
@@ -124,7 +126,7 @@ class RoutingPolicy:
         cands = sorted((w for w in workers if w.available and w.name not in exclude),
                        key=lambda w: (-w.free_blocks, max(w.running, w.decoding)))
         if len(cands) > 1:
-            first = self._least(cands, lambda w: (-w.free_blocks, max(w.running, w.decoding)))
+            first = self._least(cands, lambda w: (-w.free_blocks, max(w.running, w.decoding)), "decode")
             cands.remove(first)  # type: ignore[arg-type]
             cands.insert(0, first)  # type: ignore[arg-type]
         return cands
