@@ -29,8 +29,10 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
                    help="arrival process; 'trace' replays --trace's own times")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: >1 is burstier")
     p.add_argument("--seed", type=int, default=0, help="workload seed (lengths, arrivals, prompts)")
-    p.add_argument("--trace", default=None, help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens)")
+    p.add_argument("--trace", default=None, help="CSV trace (arrived_at,num_prefill_tokens,num_decode_tokens), or JSON lines with hash_ids")
     p.add_argument("--time-scale", type=float, default=1.0, help="multiply trace arrival times")
+    p.add_argument("--hash-block-tokens", type=int, default=512,
+                   help="JSON-lines trace with hash_ids: tokens per hashed block (512 as recorded; less scales it down)")
     p.add_argument("--length-scale", type=float, default=1.0, help="multiply prompt and output lengths")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="clip prompt lengths")
     p.add_argument("--max-output-tokens", type=int, default=None, help="clip output lengths")
@@ -73,18 +75,19 @@ def prepare(args: argparse.Namespace, rate: float, ids: list[int] | None = None,
     """Requests and prompts for one rate; `fresh` picks a different prompt set (same lengths), so
     a sweep's rates never re-send a prompt another rate's run left in a prefix cache.
 
-    Requests with trace `hash_ids` get prompts that share exactly the prefixes those ids say
-    (`pdserve.bench.prefix_prompts`); others share nothing.
+    A `.jsonl` trace with per-block `hash_ids` (the Mooncake layout) gets prompts that share exactly
+    the prefixes those ids say (`pdserve.bench.prefix_prompts`); others share nothing.
     """
-    specs = specs_for(args, rate)
     ids = ids if ids is not None else vocab_ids(args.tokenizer or args.model)
     seed = args.seed + 1_000 * fresh
-    if any(s.hash_ids for s in specs):
-        try:
-            from pdserve.bench.prefix_prompts import prompts_from_hash_ids
-        except ImportError as e:
-            raise SystemExit(f"this trace has hash_ids, but prefix-sharing prompts are unavailable: {e}") from None
-        return Prepared(rate, specs, prompts_from_hash_ids(specs, ids, seed))
+    if args.trace and str(args.trace).endswith(".jsonl"):  # per-block hash ids: prompts share prefixes
+        from pdserve.bench.prefix_prompts import load_hash_trace
+
+        specs, prompts = load_hash_trace(args.trace, ids, args.hash_block_tokens, args.num_requests,
+                                         None if args.arrival == "trace" else rate, args.time_scale,
+                                         args.max_output_tokens, args.max_prompt_tokens, seed)
+        return Prepared(rate, specs, prompts)
+    specs = specs_for(args, rate)
     return Prepared(rate, specs, synth_prompts(specs, ids, seed))
 
 

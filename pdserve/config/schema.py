@@ -153,6 +153,8 @@ class TransferConfig(Section):
     fault_corrupt_prob: H(float, "fault injection (tests, drills): corrupt a chunk after its checksum",
                           ge=0, le=1) = 0.0
     fault_cut_prob: H(float, "fault injection (tests, drills): cut the connection after a chunk", ge=0, le=1) = 0.0
+    fault_prefill_delay_ms: H(float, "fault injection (tests, drills): this worker holds every prompt this long "
+                                     "before computing it (a slow worker)", ge=0) = 0.0
 
 
 class ListenConfig(Section):
@@ -179,6 +181,9 @@ class RouterConfig(ListenConfig):
     """The router: routing, retries, timeouts, circuit breakers."""
 
     disagg_threshold: H(int, "prompts shorter than this many tokens skip the prefill pool", ge=0) = 0
+    routing: H(Literal["least_loaded", "prefix_aware"],
+               "worker choice: least queued work, or also count the prompt's blocks a worker already caches"
+               ) = "least_loaded"
     max_inflight: H(int, "requests in the router at once; beyond them: 503 with Retry-After", ge=1) = 512
     max_attempts: H(int, "tries per request across worker failures", ge=1) = 4
     reserve_timeout_s: H(float, "a decode worker silent this long on a reservation is skipped", gt=0) = 2.0
@@ -190,6 +195,11 @@ class RouterConfig(ListenConfig):
     backoff_base_s: H(float, "first retry backoff (doubles per attempt, with jitter)", ge=0) = 0.05
     backoff_max_s: H(float, "longest retry backoff", ge=0) = 2.0
     stats_interval_s: H(float, "heartbeat: how often workers are asked for their load", gt=0) = 0.1
+    hedge_after_ms: H(float, "hedged prefill: a request without its first token this long gets a duplicate on "
+                             "another worker, the first to answer wins (0: off)", ge=0) = 0.0
+    hedge_percentile: H(float, "hedged prefill: wait at least this percentile of recent first-token times (0: the "
+                               "fixed delay alone)", ge=0, le=100) = 0.0
+    hedge_max_fraction: H(float, "hedged prefill: at most this share of recent requests is hedged", ge=0, le=1) = 0.05
     breaker_failures: H(int, "consecutive failures that open a worker's or link's circuit breaker", ge=1) = 3
     breaker_reset_s: H(float, "an open breaker lets one probe through after this", gt=0) = 5.0
     breaker_probe_timeout_s: H(float, "a half-open probe with no outcome this long no longer blocks the next one",

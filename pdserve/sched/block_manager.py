@@ -104,6 +104,42 @@ class BlockManager:
         self._req_hashes: dict[str, list[bytes]] = {}
         self.hits = 0
         self.queries = 0
+        # Block-hash events for the router's prefix index (None: not recorded): (stored?, key).
+        self._events: deque[tuple[bool, bytes]] | None = None
+        self._events_limit = 0
+        self._events_lost = False  # reset or overflowed since the last take: send a snapshot
+
+    # ---- block-hash events ------------------------------------------------------------------
+    def record_events(self, limit: int = 65536) -> None:
+        """Start recording which keys enter and leave the prefix cache (a worker publishing them
+        to the router); beyond `limit` unread events the log is dropped for a snapshot."""
+        self._events = deque()
+        self._events_limit = limit
+
+    def _event(self, stored: bool, key: bytes) -> None:
+        ev = self._events
+        if ev is None:
+            return
+        if len(ev) >= self._events_limit:
+            ev.clear()
+            self._events_lost = True
+        ev.append((stored, key))
+
+    def take_events(self) -> tuple[list[bytes], list[bytes], bool]:
+        """(keys now cached, keys no longer cached, cleared) since the last take, netted per key.
+        cleared: forget earlier events; the stored keys are then the whole cache. Safe to call
+        from another thread than the one allocating (deque appends and pops are atomic)."""
+        ev = self._events
+        if ev is None:
+            return [], [], False
+        last: dict[bytes, bool] = {}
+        while ev:
+            stored, key = ev.popleft()
+            last[key] = stored
+        if self._events_lost:
+            self._events_lost = False
+            return list(self.hash_to_block), [], True
+        return [k for k, s in last.items() if s], [k for k, s in last.items() if not s], False
 
     # ---- capacity ---------------------------------------------------------------------------
     @property
@@ -129,6 +165,7 @@ class BlockManager:
         key = self.block_hash[block]
         if key is not None and self.hash_to_block.get(key) == block:
             del self.hash_to_block[key]
+            self._event(False, key)
         self.block_hash[block] = None
         return block
 
@@ -246,6 +283,7 @@ class BlockManager:
             if self.block_hash[block] is None and h not in self.hash_to_block:
                 self.block_hash[block] = h
                 self.hash_to_block[h] = block
+                self._event(True, h)
                 self._seq += 1
                 self._cached_seq[block] = self._seq
 
@@ -278,6 +316,9 @@ class BlockManager:
                 self._free.append(block)
             self.block_hash[block] = None
         self.hash_to_block.clear()
+        if self._events is not None:
+            self._events.clear()
+            self._events_lost = True
         self._lru.clear()
         self._fifo.clear()
         self._evictable = 0

@@ -80,6 +80,7 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
 class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
     nonce: str
     decode: DecodeSignal | None = None  # to prefill workers: the decode pool's load (back-pressure)
+    kv_events: bool = False  # the router's heartbeat: also hand over the block-hash events since the last one
 
 
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):
@@ -125,6 +126,12 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     kv_sent_tcp: int = 0  # prefill: transfers completed over tcp / shm since start
     kv_sent_shm: int = 0
     kv_received: int = 0  # decode: transfers received complete since start
+    # Block-hash events (asked for with kv_events): prefix-cache chain keys cached / evicted since
+    # the last such query; kv_cleared: forget the earlier ones (kv_stored is then the whole cache).
+    kv_stored: list[bytes] = []
+    kv_evicted: list[bytes] = []
+    kv_cleared: bool = False
+    cache_salt: bytes = b""  # the chain's salt, so the router hashes prompts as this worker does
 
 
 ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery

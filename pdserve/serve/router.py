@@ -25,19 +25,22 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing, suppress
 
 from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.backpressure import cluster_signal
+from pdserve.sched.block_manager import block_hashes
 from pdserve.sched.breaker import CircuitBreaker, Outcome
-from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, rank_decode, retry_backoff_s
+from pdserve.sched.hedge import HedgePolicy
+from pdserve.sched.prefix_index import PrefixIndex
+from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
-from pdserve.serve.worker_link import Call, Retryable, Worker, breaker, ending
+from pdserve.serve.worker_link import Call, Placement, Retryable, Worker, breaker, ending
 
 log = logging.getLogger("pdserve.router")
 
@@ -51,14 +54,19 @@ class ClusterBackend:
         self.shape = shape
         self.max_model_len = shape.max_model_len
         self.config = cfg = config or RouterConfig()
-        self.policy = policy or RoutingPolicy(disagg_threshold=cfg.disagg_threshold)
-        self.workers = ([Worker("prefill", a, secret, cfg) for a in prefill]
-                        + [Worker("decode", a, secret, cfg) for a in decode]
-                        + [Worker("colocated", a, secret, cfg) for a in colocated])
+        self.policy = policy or RoutingPolicy(disagg_threshold=cfg.disagg_threshold, routing=cfg.routing)
+        # prefix_aware: which worker caches which KV blocks, from their block-hash events
+        self.index = PrefixIndex() if self.policy.routing == "prefix_aware" else None
+        self.workers = ([Worker("prefill", a, secret, cfg, self.index) for a in prefill]
+                        + [Worker("decode", a, secret, cfg, self.index) for a in decode]
+                        + [Worker("colocated", a, secret, cfg, self.index) for a in colocated])
         self.secret = secret
         self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
         self.inflight = 0
         self.retries = 0
+        self.hedge = HedgePolicy(cfg.hedge_after_ms / 1000, cfg.hedge_percentile, cfg.hedge_max_fraction)
+        self.hedges = 0  # duplicate attempts sent
+        self.hedge_wins = 0  # ... whose first token came first
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
@@ -66,6 +74,33 @@ class ClusterBackend:
         """The policy's view of one pool, availability as of now."""
         now = time.monotonic()
         return [w.refresh_available(now) for w in self.workers if w.role == role]
+
+    def _prefix(self, prompt: list[int], role: str) -> tuple[dict[str, int], dict[str, list[bytes]]]:
+        """Per worker of a pool: prompt tokens its prefix cache holds, and the prompt's block keys as
+        that worker computes them (its block size and salt); empty without prefix_aware routing.
+        The last token is left out, as the worker's own lookup does (it always computes one)."""
+        hits: dict[str, int] = {}
+        keys: dict[str, list[bytes]] = {}
+        if self.index is None:
+            return hits, keys
+        by_chain: dict[tuple[int, bytes], list[bytes]] = {}
+        for w in self.workers:
+            if w.role != role or w.block_size <= 0:
+                continue
+            chain = (w.block_size, w.cache_salt)
+            if chain not in by_chain:
+                by_chain[chain] = block_hashes(prompt[: len(prompt) - 1], w.block_size, salt=w.cache_salt)
+            keys[w.name] = by_chain[chain]
+            hits[w.name] = self.index.matched_blocks(w.name, keys[w.name]) * w.block_size
+        return hits, keys
+
+    def _placed(self, w: Worker, prompt: list[int], hits: dict[str, int], keys: dict[str, list[bytes]],
+                generates: bool) -> Placement:
+        """Count the prompt's uncached tokens against `w` until its first token; note in the index
+        that `w` will hold the prompt's blocks (before its own report says so)."""
+        if self.index is not None and w.name in keys:
+            self.index.add(w.name, keys[w.name])
+        return Placement(w, max(1, len(prompt) - hits.get(w.name, 0)), generates)
 
     def _worker(self, name: str) -> Worker:
         w = next((w for w in self.workers if w.name == name), None)
@@ -130,7 +165,7 @@ class ClusterBackend:
             raise ValueError("address must be host:port")
         existing = next((w for w in self.workers if w.role == role and w.client.address == address), None)
         if existing is None:
-            existing = Worker(role, address, self.secret, self.config)
+            existing = Worker(role, address, self.secret, self.config, self.index)
             self.workers.append(existing)
         await existing.heartbeat()
         return existing.name
@@ -171,13 +206,17 @@ class ClusterBackend:
                                           min_tokens=max(0, params.min_tokens - len(produced)),
                                           output_offset=params.output_offset + len(produced))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
-                route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
-                                          self._loads("colocated"), frozenset(avoid), frozenset(bad_kv))
-                if route.path == "reject":
-                    raise BackendError(route.reason, route.status, retry_after=1)
-                stream = (self._local(sub_rid, prompt + produced, sub, self._worker(route.worker))
-                          if route.path == "local" else
-                          self._disagg(sub_rid, prompt + produced, sub, route, frozenset(avoid)))
+                whole = prompt + produced
+                bad = frozenset(bad_kv)
+
+                def make(r: str, av: frozenset[str], chosen: list[str], whole: list[int] = whole,
+                         sub: SamplingParams = sub, bad: frozenset[str] = bad) -> AsyncGenerator[TokenEvent, None]:
+                    return self._attempt(r, whole, sub, av, bad, chosen)
+
+                if attempt == 0:
+                    self.hedge.arrived()
+                stream = (self._hedged(sub_rid, make, frozenset(avoid)) if self.hedge.enabled
+                          else make(sub_rid, frozenset(avoid), []))
                 try:
                     # aclosing: however this request ends (a stop string, a client gone), the
                     # attempt's Calls close now, not when the garbage collector gets to them.
@@ -205,17 +244,90 @@ class ClusterBackend:
         finally:
             self.inflight -= 1
 
-    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker
-                     ) -> AsyncGenerator[TokenEvent, None]:
+    def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, avoid: frozenset[str],
+                 bad_kv: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
+        """One attempt's stream, on the path the policy picks (BackendError at once if none);
+        the worker that computes the prompt is appended to `chosen`."""
+        local_role = "colocated" if any(w.role == "colocated" for w in self.workers) else "decode"
+        hits, keys = self._prefix(prompt, local_role)
+        route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
+                                  self._loads("colocated"), avoid, bad_kv, hits)
+        if route.path == "reject":
+            raise BackendError(route.reason, route.status, retry_after=1)
+        if route.path == "local":
+            chosen.append(route.worker)
+            return self._local(rid, prompt, params, self._worker(route.worker), hits, keys)
+        return self._disagg(rid, prompt, params, route, avoid, chosen)
+
+    async def _hedged(self, rid: str, make: Callable[[str, frozenset[str], list[str]], AsyncGenerator[TokenEvent, None]],
+                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
+        """One attempt, and a duplicate on another worker if its first token is late (`HedgePolicy`):
+        the first to stream its first token is the one the client hears from; the other is
+        cancelled (its Calls close: the workers are told to drop it, blocks and reservation freed)."""
+        chosen: list[str] = []
+        t0 = time.monotonic()
+        a = make(rid, avoid, chosen)
+        fa: asyncio.Future[TokenEvent] = asyncio.ensure_future(anext(a))
+        b: AsyncGenerator[TokenEvent, None] | None = None
+        fb: asyncio.Future[TokenEvent] | None = None
+        try:
+            delay = self.hedge.delay()
+            done, _ = await asyncio.wait({fa}, timeout=delay if delay != float("inf") else None)
+            if not done and self.hedge.try_hedge(time.monotonic() - t0):
+                try:
+                    b = make(f"{rid}~h", avoid | frozenset(chosen), [])
+                except BackendError:
+                    b = None  # no other worker can take it: keep waiting on the first
+                else:
+                    fb = asyncio.ensure_future(anext(b))
+                    self.hedges += 1
+            winner, ev = a, None
+            if fb is None or b is None:
+                ev = await fa
+                self.hedge.observe(time.monotonic() - t0)
+            else:
+                first, _ = await asyncio.wait({fa, fb}, return_when=asyncio.FIRST_COMPLETED)
+                lead = fa if fa in first else fb
+                other = fb if lead is fa else fa
+                if lead.exception() is not None:  # the first to answer failed: the other may still succeed
+                    await asyncio.wait({other})
+                    if other.exception() is not None:
+                        raise fa.exception()  # type: ignore[misc]  # the primary's failure drives the retry
+                    lead, other = other, lead
+                winner = a if lead is fa else b
+                loser = b if lead is fa else a
+                if winner is b:
+                    self.hedge_wins += 1
+                other.cancel()
+                with suppress(BaseException):
+                    await other
+                await loser.aclose()
+                ev = lead.result()
+                ev.timings = {**ev.timings, "hedged": 1.0, "hedge_won": float(winner is b)}
+            yield ev
+            async for ev in winner:
+                yield ev
+        finally:
+            for f, g in ((fa, a), (fb, b)):
+                if f is not None and not f.done():
+                    f.cancel()
+                    with suppress(BaseException):
+                        await f
+                if g is not None:
+                    await g.aclose()
+
+    async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker,
+                     hits: dict[str, int], keys: dict[str, list[bytes]]) -> AsyncGenerator[TokenEvent, None]:
         """The whole request on one worker (colocated, or a decode worker running the prefill)."""
         t0 = time.monotonic()
-        with w.call(rid) as c:
+        with w.call(rid) as c, self._placed(w, prompt, hits, keys, generates=True) as placed:
             w.load.running += 1
             await c.send(m.Generate(rid, prompt, m.Params.of(params)))
             t_sent = time.monotonic()
             timeout = self.config.first_token_timeout_s
             while True:
                 ev = await c.next(timeout)
+                placed.first_token()
                 timeout = self.config.token_timeout_s
                 if c.done:
                     ev.timings = {"router_queue": t_sent - t0, **ev.timings}
@@ -238,7 +350,7 @@ class ClusterBackend:
             if time.monotonic() + self.config.stats_interval_s > give_up:
                 break
             await asyncio.sleep(self.config.stats_interval_s * (0.5 + self._rng.random()))
-            fresh = tuple(w.name for w in rank_decode(self._loads("decode")) if w.name in route.decode)
+            fresh = tuple(w.name for w in self.policy.rank_decode(self._loads("decode")) if w.name in route.decode)
             order = fresh or order
         refused = self.policy.refused()
         raise BackendError(refused.reason, refused.status, retry_after=1)
@@ -267,32 +379,36 @@ class ClusterBackend:
         return None
 
     async def _disagg(self, rid: str, prompt: list[int], params: SamplingParams, route: Route,
-                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
+                      avoid: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
         """Reserve on decode, prefill (first token streamed at once), then decode streams on."""
         t0 = time.monotonic()
         dc, res = await self._reserve(rid, prompt, params, route)
-        with dc:
+        with dc, Placement(dc.worker, 0, generates=True) as generating:
             d = dc.worker
             d.load.free_blocks -= len(res.block_ids)
             d.load.running += 1
+            generating.first_token()  # from its reservation on, the request weighs on the decode worker
             prefill = self._loads("prefill")
             bad_links = frozenset(w.name for w in prefill if not self._link(w.name, d.name).allow(t0))
-            pick = self.policy.prefill_for(d.name, prefill, avoid, bad_links)
+            hits, keys = self._prefix(prompt, "prefill")
+            pick = self.policy.prefill_for(d.name, prefill, avoid, bad_links, len(prompt), hits)
             if isinstance(pick, Route):
                 raise BackendError(pick.reason, pick.status, retry_after=1)
             p = self._worker(pick)
+            chosen.append(p.name)
             streamed = False  # the decode worker produced tokens: the KV crossed the link
 
             def transfer_failed(e: BaseException) -> bool:
                 return isinstance(e, Retryable) and e.transfer
 
             with p.call(rid) as pc, ending(self._link(p.name, d.name).dispatch(t0), lambda: streamed,
-                                           transfer_failed):
+                                           transfer_failed), self._placed(p, prompt, hits, keys, False) as placed:
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
                                         res.block_size, cluster_signal(self._loads("decode")), kv_node=res.node_id))
                 queued = time.monotonic() - t0
                 ev = await pc.next(self.config.first_token_timeout_s)
+                placed.first_token()
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
                 prefill_timings = dict(ev.timings)
                 if pc.done:  # the first token already ended it; the reservation is dropped on exit

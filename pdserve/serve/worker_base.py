@@ -59,6 +59,8 @@ class WorkerBase(Generic[P]):
         self.runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
         self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
                                ea.cache.eviction, self.runner.cache_salt)
+        if ea.cache.enable_prefix_caching:
+            self.bm.record_events()  # published to the router's prefix index with each heartbeat
         self.secret = cluster_secret()
         self.node_id = node_identity()
         self.transfer = args.cluster.transfer  # the settings, from pdserve.config.schema
@@ -143,7 +145,7 @@ class WorkerBase(Generic[P]):
     # ---- messages from the router -----------------------------------------------------------
     async def _handle(self, msg: m.ToWorker, peer: Peer) -> None:
         if isinstance(msg, m.StatsQuery):
-            await peer.send(self._stats(msg.nonce))
+            await peer.send(self._stats(msg.nonce, msg.kv_events))
         elif isinstance(msg, m.Abort):
             self._abort(msg.request_id)
         elif isinstance(msg, m.Start):
@@ -185,8 +187,17 @@ class WorkerBase(Generic[P]):
             return False
         self.owners[req.request_id] = peer
         self.requests[req.request_id] = req
-        self.thread.submit(lambda: self.core.add(req))
+        delay = self.transfer.fault_prefill_delay_ms / 1000
+        if delay > 0 and self.loop is not None:  # fault injection: a slow worker
+            self.loop.call_later(delay, self._add_if_wanted, req)
+        else:
+            self.thread.submit(lambda: self.core.add(req))
         return True
+
+    def _add_if_wanted(self, req: Request) -> None:
+        """A held prompt goes to the engine unless it was aborted meanwhile."""
+        if self.requests.get(req.request_id) is req:
+            self.thread.submit(lambda: self.core.add(req))
 
     def _abort(self, rid: str) -> None:
         self._abort_transfer(rid)
@@ -266,14 +277,16 @@ class WorkerBase(Generic[P]):
             asyncio.ensure_future(send_all(peer, [m.Tokens(rid, [], error=err, error_kind=kind)]))
         self._forget(rid, None)
 
-    def _stats(self, nonce: str) -> m.Stats:
+    def _stats(self, nonce: str, kv_events: bool = False) -> m.Stats:
         p = self.policy
         elapsed = max(1e-9, time.monotonic() - self.thread.started_at)
+        stored, evicted, cleared = self.bm.take_events() if kv_events else ([], [], False)
         return m.Stats(
             nonce=nonce, role=self.role, running=p.num_running, waiting=p.num_waiting,
             free_blocks=self.bm.num_free_blocks, total_blocks=self.bm.num_blocks,
             busy_fraction=self.thread.busy_time / elapsed,
-            block_size=self.bm.block_size, draining=self.draining, node_id=self.node_id, **self._stats_extra(),
+            block_size=self.bm.block_size, draining=self.draining, node_id=self.node_id, kv_stored=stored, kv_evicted=evicted,
+            kv_cleared=cleared, cache_salt=self.bm.salt, **self._stats_extra(),
         )
 
 

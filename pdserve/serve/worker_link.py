@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.breaker import CircuitBreaker, Dispatch, Outcome
+from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.routing import WorkerLoad
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
@@ -68,8 +69,13 @@ def ending(d: Dispatch, answered: Callable[[], bool], blame: Callable[[BaseExcep
 class Worker:
     """The router's view of one worker: its connection, its load, its breaker."""
 
-    def __init__(self, role: str, address: str, secret: bytes | None, config: RouterConfig) -> None:
+    def __init__(self, role: str, address: str, secret: bytes | None, config: RouterConfig,
+                 index: PrefixIndex | None = None) -> None:
+        """`index`: the router's prefix index, fed this worker's block-hash events (None: not asked for)."""
         self.role = role
+        self.index = index
+        self.block_size = 0  # its KV block size and prefix-cache salt, as last reported
+        self.cache_salt = b""
         self.client = RpcClient(address, secret)
         self.load = WorkerLoad(name=f"{role}@{address}", available=False)
         self.breaker = breaker(config)
@@ -95,7 +101,7 @@ class Worker:
         nonce = f"stats-{self._nonce}"
         q = self.client.open(nonce)
         try:
-            await self.client.send(m.StatsQuery(nonce, decode))
+            await self.client.send(m.StatsQuery(nonce, decode, kv_events=self.index is not None))
             s = await asyncio.wait_for(q.get(), timeout=2.0)
             if not isinstance(s, m.Stats):
                 raise ConnectionError("connection lost")
@@ -104,12 +110,17 @@ class Worker:
             self.load.running = s.running + s.reserved + s.waiting
             self.load.reserved, self.load.waiting = s.reserved, s.waiting
             self.busy_fraction = s.busy_fraction
+            self.block_size, self.cache_salt = s.block_size, s.cache_salt
+            if self.index is not None:
+                self.index.apply(self.name, s.kv_stored, s.kv_evicted, s.kv_cleared)
             if not self.healthy and not s.draining:
                 log.info("%s joined the pool", self.name)
             self.healthy, self.draining = not s.draining, s.draining
         except (TimeoutError, OSError, ConnectionError) as e:
             if self.healthy:
                 log.warning("%s left the pool: %s", self.name, e or type(e).__name__)
+                if self.index is not None:
+                    self.index.forget(self.name)  # it may come back with an empty cache
             self.healthy = self.draining = False
         finally:
             self.client.close_queue(nonce)
@@ -214,3 +225,33 @@ class Call:
         self.done = msg.finish_reason is not None
         return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
                           num_cached_tokens=msg.num_cached_tokens)
+
+
+class Placement:
+    """The router's own count of the work it sent one worker, live (see `WorkerLoad`): `tokens`
+    prompt tokens to compute until `first_token()`, then (with `generates`) one generating
+    sequence until the block ends, however it ends."""
+
+    def __init__(self, worker: Worker, tokens: int, generates: bool) -> None:
+        self.load, self.tokens, self.generates = worker.load, tokens, generates
+        self.state = "new"  # new -> pending -> generating -> closed
+
+    def __enter__(self) -> Placement:
+        self.load.pending_tokens += self.tokens
+        self.state = "pending"
+        return self
+
+    def first_token(self) -> None:
+        if self.state != "pending":
+            return
+        self.load.pending_tokens -= self.tokens
+        self.state = "generating"
+        if self.generates:
+            self.load.decoding += 1
+
+    def __exit__(self, typ: object, exc: BaseException | None, tb: object) -> None:
+        if self.state == "pending":
+            self.load.pending_tokens -= self.tokens
+        elif self.state == "generating" and self.generates:
+            self.load.decoding -= 1
+        self.state = "closed"

@@ -210,7 +210,8 @@ def request_overhead_s(cfg: SimConfig) -> float:
 def build(cfg: SimConfig) -> Simulator:
     shape = resolve_shape(cfg.model)
     # The router's policy with the file's router settings: what `pdserve up` would route by.
-    routing = RoutingPolicy(disagg_threshold=cfg.cluster.router.disagg_threshold, decode_serves_whole=False)
+    routing = RoutingPolicy(disagg_threshold=cfg.cluster.router.disagg_threshold, decode_serves_whole=False,
+                            routing=cfg.cluster.router.routing)
     return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
                      request_overhead_s=request_overhead_s(cfg), routing=routing,
                      reserve_wait_s=cfg.cluster.router.reserve_wait_s,

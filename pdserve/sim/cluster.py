@@ -11,8 +11,12 @@ instances' loads as the router would see them:
       streamed layer by layer during the step)
   ──▶ transfer lands: DecodeScheduler.remote_kv_done, PrefillBatcher.release
   ──▶ DecodeScheduler continuous batching until max_tokens.
-Colocated: arrival ──▶ policy.route picks the instance with the fewest queued + running
-  ──▶ ColocatedScheduler until done.
+Colocated: arrival ──▶ policy.route picks the instance with the least work (prompt tokens still
+  to compute, generating sequences weighted) ──▶ ColocatedScheduler until done.
+The loads the policy sees are the router's own live counts, kept here as the router keeps them
+(`WorkerLoad.pending_tokens`, `decoding`). With prompts given to `run` (real token ids) and
+prefix_aware routing, the instances' block managers publish their block-hash events into a
+`PrefixIndex` as the real workers do, and the policy scores instances by cached prefix.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from typing import Any
 
 from pdserve.config.model import ModelShape
 from pdserve.sched.backpressure import cluster_signal
+from pdserve.sched.block_manager import block_hashes
 from pdserve.sched.output import SchedulerOutput
+from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.request import Request
 from pdserve.sched.routing import RoutingPolicy, WorkerLoad
 from pdserve.sim.events import EventLoop
@@ -93,17 +99,24 @@ class Simulator:
         self._loads = {inst.name: WorkerLoad(inst.name) for inst in instances}  # the router's view
         self._pairs: dict[int, tuple[SimInstance, SimInstance, Request]] = {}
         self._beating = False  # the heartbeat to prefill instances is scheduled
+        self.index = PrefixIndex() if self.routing.routing == "prefix_aware" else None
+        self._placed: dict[int, tuple[str, int]] = {}  # request -> (instance, pending tokens) until its first token
+        if self.index is not None:
+            for inst in instances:
+                inst.policy.block_manager.record_events()
 
     # ---- arrivals and routing ----------------------------------------------------------------
     def _arrive(self, now: float, i: int) -> None:
         if i + 1 < len(self.specs):
             self.loop.at(self.specs[i + 1].arrival_s + self.request_overhead_s, self._arrive, i + 1)
+        hits, keys = self._prefix(i, self.colocated)
         route = self.routing.route(self.specs[i].prompt_tokens, self._view(self.prefill, now),
-                                   self._view(self.decode, now), self._view(self.colocated, now))
+                                   self._view(self.decode, now), self._view(self.colocated, now), hits=hits)
         if route.path == "local":
             inst = self._by_name[route.worker]
             if inst.role != "colocated":
                 raise ValueError(f"the routing policy sent a whole request to {inst.name}, which cannot serve one")
+            self._place(i, inst, hits, keys)
             inst.sync(now)
             inst.policy.add_request(self._new_request(i, now), now)
             inst.kick(now)
@@ -123,7 +136,8 @@ class Simulator:
         self.num_rejected += 1
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
-        """The loads the router sees (as `Stats` would report them), without touching a run."""
+        """The loads the router sees (its own counts, and reports as `Stats` would give them),
+        without touching a run."""
         out = []
         for inst in insts:
             w = self._loads[inst.name]
@@ -138,10 +152,45 @@ class Simulator:
             out.append(w)
         return out
 
+    def _prefix(self, i: int, insts: list[SimInstance]) -> tuple[dict[str, int], dict[str, list[bytes]]]:
+        """Per instance: cached prompt tokens and the prompt's block keys (prefix_aware with prompts)."""
+        if self.index is None or self.prompts is None:
+            return {}, {}
+        prompt = self.prompts[i]
+        hits, keys, by_chain = {}, {}, {}
+        for inst in insts:
+            bm = inst.policy.block_manager
+            stored, evicted, cleared = bm.take_events()  # the reports, as if every heartbeat were now
+            self.index.apply(inst.name, stored, evicted, cleared)
+            chain = (bm.block_size, bm.salt)
+            if chain not in by_chain:
+                by_chain[chain] = block_hashes(prompt[: len(prompt) - 1], bm.block_size, salt=bm.salt)
+            keys[inst.name] = by_chain[chain]
+            hits[inst.name] = self.index.matched_blocks(inst.name, keys[inst.name]) * bm.block_size
+        return hits, keys
+
+    def _place(self, i: int, inst: SimInstance, hits: dict[str, int], keys: dict[str, list[bytes]]) -> None:
+        """The router's own count: the prompt's uncached tokens weigh on `inst` until its first token."""
+        if self.index is not None and inst.name in keys:
+            self.index.add(inst.name, keys[inst.name])
+        n = max(1, self.specs[i].prompt_tokens - hits.get(inst.name, 0))
+        self._loads[inst.name].pending_tokens += n
+        self._placed[i] = (inst.name, n)
+
+    def _first_token(self, i: int) -> None:
+        placed = self._placed.pop(i, None)
+        if placed is not None:
+            w = self._loads[placed[0]]
+            w.pending_tokens -= placed[1]
+            if self._by_name[placed[0]].role == "colocated":
+                w.decoding += 1
+                self._generating[i] = placed[0]
+
     def _new_request(self, i: int, now: float) -> Request:
         s = self.specs[i]
         # payload: the request's index, so per-token bookkeeping needs no int(request_id).
-        return Request(str(i), [0] * s.prompt_tokens, s.output_tokens, now, payload=i)
+        prompt = self.prompts[i] if self.prompts is not None else [0] * s.prompt_tokens
+        return Request(str(i), prompt, s.output_tokens, now, payload=i)
 
     def _disagg(self, i: int, order: tuple[str, ...], now: float) -> bool:
         """Reserve on the first decode instance in `order` that can, then queue the prefill on the
@@ -158,10 +207,15 @@ class Simulator:
                 break
         if dec is None:
             return False
-        pick = self.routing.prefill_for(dec.name, self._view(self.prefill, now))
+        self._loads[dec.name].decoding += 1
+        self._generating[i] = dec.name
+        hits, keys = self._prefix(i, self.prefill)
+        pick = self.routing.prefill_for(dec.name, self._view(self.prefill, now),
+                                        prompt_tokens=self.specs[i].prompt_tokens, hits=hits)
         if not isinstance(pick, str):
             raise AssertionError("a simulated prefill instance is always available")
         pre = self._by_name[pick]
+        self._place(i, pre, hits, keys)
         preq = self._new_request(i, now)
         self._pairs[i] = (pre, dec, dreq)
         pre.outstanding_tokens += preq.num_prompt_tokens
@@ -193,6 +247,7 @@ class Simulator:
             return
         if self.seen[i] == 0:
             self.first_token[i] = now
+            self._first_token(i)
         else:
             self.itls.append(now - self.last_token[i])
         self.last_token[i] = now
@@ -212,6 +267,7 @@ class Simulator:
                     continue
                 if seen[i] == 0:
                     self.first_token[i] = now
+                    self._first_token(i)
                 else:
                     itls.append(now - last[i])
                 last[i] = now
@@ -237,6 +293,7 @@ class Simulator:
 
     def _finished(self, req: Request, now: float) -> None:
         i = req.payload
+        self._done(i)
         self.finish[i] = now
         self.num_finished += 1
         req.prompt_token_ids = []  # the policy is done with it; keep memory flat on long traces
@@ -264,14 +321,25 @@ class Simulator:
         done = dec.policy.remote_kv_done(str(i), 0, now)
         pre.policy.release(preq, now)
         if done is not None:  # max_tokens == 1: the first token was the last
+            self._done(i)
             self.finish[i] = self.first_token[i]
             self.num_finished += 1
         dec.kick(now)
         pre.kick(now)
 
+    def _done(self, i: int) -> None:
+        name = self._generating.pop(i, None)
+        if name is not None:
+            self._loads[name].decoding -= 1
+
     # ---- run ---------------------------------------------------------------------------------
-    def run(self, specs: list[RequestSpec], progress: bool = False) -> SimResult:
+    def run(self, specs: list[RequestSpec], progress: bool = False,
+            prompts: list[list[int]] | None = None) -> SimResult:
+        """prompts: real token ids per spec (e.g. `bench.prefix_prompts`), so prefix caches can hit
+        (give the instances block managers with prefix caching on); default all zeros."""
         self.specs = specs
+        self.prompts = prompts
+        self._generating: dict[int, str] = {}
         n = len(specs)
         nan = float("nan")
         self.seen = [0] * n
