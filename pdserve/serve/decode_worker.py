@@ -124,6 +124,7 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         assert self.loop is not None
         for req in self.policy.expire_reservations(self.core.clock()):
             log.warning("KV reservation for %s expired: its KV never arrived and nobody released it", req.request_id)
+            self.telemetry.expired.inc()
             self.loop.call_soon_threadsafe(self._error_now, req.request_id, "KV reservation expired", "transfer")
 
     def _error_now(self, rid: str, err: str, kind: str) -> None:
@@ -131,4 +132,4 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         super()._error_now(rid, err, kind)
 
     def _stats_extra(self) -> dict[str, int]:
-        return {"reserved": self.policy.num_reserved}
+        return {"reserved": self.policy.num_reserved, "transfers_in_flight": len(self.awaiting)}

@@ -42,6 +42,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: Params
+    traceparent: str = ""
 
 
 class Reserve(msgspec.Struct, tag="reserve", frozen=True):
@@ -50,6 +51,7 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: Params
+    traceparent: str = ""
 
 
 class Prefill(msgspec.Struct, tag="prefill", frozen=True):
@@ -62,6 +64,8 @@ class Prefill(msgspec.Struct, tag="prefill", frozen=True):
     block_ids: list[int]
     block_size: int
     decode_free_fraction: float = 1.0  # back-pressure: how idle the chosen decode worker is
+    decode_worker: str = ""  # the decode worker's name at the router: the transfer metrics' label
+    traceparent: str = ""  # W3C trace context of the request (tracing on), for this worker's spans
 
 
 class Start(msgspec.Struct, tag="start", frozen=True):
@@ -105,6 +109,23 @@ class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):
     error: str = ""
 
 
+class MetricSample(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+class MetricFamily(msgspec.Struct, frozen=True):
+    """One of a worker's cumulative metrics (counter or histogram), as its registry collected it;
+    the router re-exports it with the worker's name in the label `self_label`."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[MetricSample]
+    self_label: str = "worker"
+
+
 class Stats(msgspec.Struct, tag="stats", frozen=True):
     nonce: str
     role: str
@@ -117,6 +138,8 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     reserved: int = 0
     block_size: int = 16
     draining: bool = False
+    transfers_in_flight: int = 0
+    metrics: list[MetricFamily] = []
 
 
 ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery

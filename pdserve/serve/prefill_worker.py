@@ -18,6 +18,7 @@ from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import blocks_as_array
 from pdserve.serve.rpc import Peer
+from pdserve.serve.telemetry import overlap_share
 from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
 from pdserve.transfer import KVPoll, KVSender, faults
 
@@ -29,6 +30,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         super().__init__(args)
         self.kv_dest: dict[str, m.Prefill] = {}  # where each request's KV goes
         self.sending: dict[str, float] = {}  # requests whose transfer is in flight, since when
+        self.xfer: dict[str, list[float]] = {}  # for the metrics: [first layer queued, last layer queued, bytes]
+        self.chunks_seen: dict[str, int] = {}  # the sender's chunk count per destination, as last counted
         self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
         faults.install_from_config(self.sender, self.transfer)  # fault tests only
         self.core.layer_hook = self._push_layer
@@ -48,6 +51,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     def _forget(self, rid: str, req: Request | None) -> None:
         super()._forget(rid, req)
         self.kv_dest.pop(rid, None)
+        self.xfer.pop(rid, None)
 
     def _abort_transfer(self, rid: str) -> None:
         if rid in self.sending:
@@ -57,6 +61,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
         """The one token a prefill makes goes to the router now; the request lives on until its KV is sent."""
         reason = first_token_finish(req, tok)
+        self.telemetry.cache_queries.inc(req.num_prompt_tokens)
+        self.telemetry.cache_hits.inc(req.num_cached_tokens)
         self.sending[req.request_id] = time.monotonic()
         self._transfer_started.set()
         return m.Tokens(req.request_id, [tok], reason, timings=prefill_timings(req),
@@ -71,6 +77,9 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
                 continue
             n = self.bm.blocks_needed(req.num_prompt_tokens)
             data, dtype = blocks_as_array(self.runner, layer, req.block_ids[:n])
+            now = time.monotonic()
+            x = self.xfer.setdefault(req.request_id, [now, now, 0.0])
+            x[1], x[2] = now, x[2] + data.nbytes
             self.sender.send_layer(req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
                                    dest.block_ids[:n], data, dtype=dtype)
 
@@ -89,6 +98,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if state not in (KVPoll.SUCCESS, KVPoll.FAILED):
                 continue
             del self.sending[rid]
+            self._record_transfer(rid, state is KVPoll.SUCCESS)
             req = self.requests.get(rid)
             peer = self.owners.get(rid)
             if peer is not None:
@@ -98,8 +108,28 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
                 self.thread.submit(lambda req=req: self.policy.release(req, self.core.clock()))
             self._forget(rid, req)
 
+    def _record_transfer(self, rid: str, ok: bool) -> None:
+        """Metrics of a transfer that ended: its bytes, time and overlap with compute, or why it failed."""
+        dest = self.kv_dest.get(rid)
+        x = self.xfer.pop(rid, None)
+        if dest is None:
+            return
+        pair = (dest.decode_worker or dest.kv_address, dest.kv_address.partition("://")[0])
+        t = self.telemetry
+        t.pair_seen(*pair)
+        if not ok:
+            t.transfer_failed(*pair, self.sender.error(rid))
+        elif x is not None:
+            now = time.monotonic()
+            t.transfer_bytes.labels(*pair).inc(x[2])
+            t.transfer_seconds.labels(*pair).observe(now - x[0])
+            t.transfer_overlap.labels(*pair).observe(overlap_share(x[0], now, x[1]))
+        sent = self.sender.chunks_sent.get(dest.kv_address, 0)
+        t.transfer_chunks.labels(*pair).inc(sent - self.chunks_seen.get(dest.kv_address, 0))
+        self.chunks_seen[dest.kv_address] = sent
+
     def _close_transfers(self) -> None:
         self.sender.close()
 
     def _stats_extra(self) -> dict[str, int]:
-        return {"queued_prompt_tokens": self.policy.queued_tokens}
+        return {"queued_prompt_tokens": self.policy.queued_tokens, "transfers_in_flight": len(self.sending)}

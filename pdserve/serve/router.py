@@ -58,6 +58,7 @@ class ClusterBackend:
         self.links: dict[tuple[str, str], CircuitBreaker] = {}  # (prefill, decode) -> breaker
         self.inflight = 0
         self.retries = 0
+        self.unassigned: set[str] = set()  # attempts not yet handed to a worker: the router queue
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
 
@@ -107,13 +108,19 @@ class ClusterBackend:
             "kv_free_blocks": float(free),
             "kv_total_blocks": float(total),
             "busy_fraction": sum(w.busy_fraction for w in live) / max(1, len(live)),
+            "router_queue_requests": float(len(self.unassigned)),
         }
 
     def worker_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         """Per worker: (name, role, gauges) for the router's /metrics."""
         return [(w.name, w.role, {"up": float(w.healthy), "busy_fraction": w.busy_fraction,
                                   "kv_free_blocks": float(w.load.free_blocks), "inflight": float(w.inflight),
-                                  "breaker_state": float(w.breaker.state.value)}) for w in self.workers]
+                                  "breaker_state": float(w.breaker.state.value), **queue_gauges(w.stats)})
+                for w in self.workers]
+
+    def worker_metrics(self) -> list[tuple[str, str, list[m.MetricFamily]]]:
+        """Per worker: the counters and histograms it reported in its last heartbeat."""
+        return [(w.name, w.role, w.stats.metrics) for w in self.workers if w.stats is not None]
 
     async def add_worker(self, role: str, address: str) -> str:
         """A worker started after the router joins the pool (it needs the cluster secret)."""
@@ -149,6 +156,7 @@ class ClusterBackend:
         avoid: set[str] = set()  # workers lost or silent on this request
         bad_kv: set[str] = set()  # decode workers a transfer to failed (still fine to run it whole)
         attempt = 0
+        sub_rid = rid
         self.inflight += 1
         try:
             while True:
@@ -156,6 +164,7 @@ class ClusterBackend:
                                           min_tokens=max(0, params.min_tokens - len(produced)),
                                           output_offset=params.output_offset + len(produced))
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
+                self.unassigned.add(sub_rid)
                 route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
                                           self._loads("colocated"), frozenset(avoid), frozenset(bad_kv))
                 if route.path == "reject":
@@ -176,6 +185,7 @@ class ClusterBackend:
                                 return
                     return
                 except Retryable as e:
+                    self.unassigned.discard(sub_rid)
                     attempt += 1
                     self.retries += 1
                     if e.worker:
@@ -189,6 +199,7 @@ class ClusterBackend:
                     await asyncio.sleep(min(deadline - now, backoff))
         finally:
             self.inflight -= 1
+            self.unassigned.discard(sub_rid)
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker
                      ) -> AsyncGenerator[TokenEvent, None]:
@@ -197,6 +208,7 @@ class ClusterBackend:
         with w.call(rid) as c:
             w.load.running += 1
             await c.send(m.Generate(rid, prompt, m.Params.of(params)))
+            self.unassigned.discard(rid)
             t_sent = time.monotonic()
             timeout = self.config.first_token_timeout_s
             while True:
@@ -257,7 +269,8 @@ class ClusterBackend:
                                            transfer_failed):
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                        res.block_size, d.load.free_fraction))
+                                        res.block_size, d.load.free_fraction, decode_worker=d.name))
+                self.unassigned.discard(rid)
                 queued = time.monotonic() - t0
                 ev = await pc.next(self.config.first_token_timeout_s)
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
@@ -281,6 +294,16 @@ class ClusterBackend:
                             return
                 finally:
                     watcher.cancel()
+
+
+def queue_gauges(s: m.Stats | None) -> dict[str, float]:
+    """A worker's queues by stage and KV use, from its last heartbeat."""
+    if s is None:
+        return {}
+    return {"num_requests_waiting": float(s.waiting), "num_requests_running": float(s.running),
+            "queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_reservations": float(s.reserved),
+            "kv_transfers_in_flight": float(s.transfers_in_flight),
+            "kv_cache_usage": 1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0}
 
 
 async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue[m.ToRouter | None],

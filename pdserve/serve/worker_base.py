@@ -28,6 +28,8 @@ from pdserve.serve import messages as m
 from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
+from pdserve.serve.step_delay import StepDelay
+from pdserve.serve.telemetry import WorkerTelemetry
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
@@ -70,6 +72,10 @@ class WorkerBase(Generic[P]):
         self.draining = False
         self.max_waiting = args.cluster.max_waiting  # queue bound: beyond it new work is refused (overload)
         self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
+        self.telemetry = WorkerTelemetry()  # reported to the router in every Stats
+        c = args.cluster
+        self.step_delay = StepDelay(self.role, c.fault_prefill_delay_ms, c.fault_decode_step_delay_ms,
+                                    c.fault_delay_file)
 
     # ---- what a role defines ------------------------------------------------------------------
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> P:
@@ -113,8 +119,23 @@ class WorkerBase(Generic[P]):
         return {}
 
     # ---- lifecycle --------------------------------------------------------------------------
+    def _delay_steps(self) -> None:
+        """Fault injection: each step sleeps before its first layer, inside the step (its duration,
+        the request's phase times and the KV push all see it), then runs the role's own hook."""
+        inner = self.core.layer_hook
+
+        def hook(out, layer: int) -> None:  # type: ignore[no-untyped-def]
+            if layer == 0 and (delay := self.step_delay.seconds(time.monotonic())):
+                time.sleep(delay)
+            if inner is not None:
+                inner(out, layer)
+
+        self.core.layer_hook = hook
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.step_delay.configured:
+            self._delay_steps()
         self._start_transfers()
         self.thread.start()
         await self.rpc.start()
@@ -211,6 +232,8 @@ class WorkerBase(Generic[P]):
     # ---- engine results (engine thread -> event loop) ---------------------------------------
     def _on_step(self, result: StepResult) -> None:
         assert self.loop is not None
+        self.telemetry.step.observe(result.duration)
+        self.telemetry.step_tokens.inc(result.output.num_batched_tokens)
         self.loop.call_soon_threadsafe(self._dispatch, result)
 
     def _dispatch(self, result: StepResult) -> None:
@@ -239,6 +262,8 @@ class WorkerBase(Generic[P]):
         """Timings of a request prefilled here: queue and prefill (decode adds transfer waits)."""
         timings = prefill_timings(done)
         timings["queue"] = timings.pop("prefill_queue", 0.0)
+        self.telemetry.cache_queries.inc(done.num_prompt_tokens)
+        self.telemetry.cache_hits.inc(done.num_cached_tokens)
         return timings
 
     # ---- transfers ---------------------------------------------------------------------------
@@ -271,7 +296,8 @@ class WorkerBase(Generic[P]):
             nonce=nonce, role=self.role, running=p.num_running, waiting=p.num_waiting,
             free_blocks=self.bm.num_free_blocks, total_blocks=self.bm.num_blocks,
             busy_fraction=self.thread.busy_time / elapsed,
-            block_size=self.bm.block_size, draining=self.draining, **self._stats_extra(),
+            block_size=self.bm.block_size, draining=self.draining, metrics=self.telemetry.families(),
+            **self._stats_extra(),
         )
 
 

@@ -76,6 +76,7 @@ class Worker:
         self.draining = False  # its last heartbeat said it is draining
         self.inflight = 0
         self.busy_fraction = 0.0
+        self.stats: m.Stats | None = None  # its last heartbeat's answer (queues, metrics for /metrics)
         self._nonce = 0
         self._cleanup: set[asyncio.Future[None]] = set()  # abort sends in flight
 
@@ -101,6 +102,7 @@ class Worker:
             self.load.free_blocks, self.load.total_blocks = s.free_blocks, s.total_blocks
             self.load.running = s.running + s.reserved + s.waiting
             self.busy_fraction = s.busy_fraction
+            self.stats = s
             if not self.healthy and not s.draining:
                 log.info("%s joined the pool", self.name)
             self.healthy, self.draining = not s.draining, s.draining
