@@ -63,6 +63,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         reason = first_token_finish(req, tok)
         self.telemetry.cache_queries.inc(req.num_prompt_tokens)
         self.telemetry.cache_hits.inc(req.num_cached_tokens)
+        if self.tracer.enabled:
+            self._trace_prefill(req, self.traceparents.get(req.request_id, ""))
         self.sending[req.request_id] = time.monotonic()
         self._transfer_started.set()
         return m.Tokens(req.request_id, [tok], reason, timings=prefill_timings(req),
@@ -124,6 +126,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             t.transfer_bytes.labels(*pair).inc(x[2])
             t.transfer_seconds.labels(*pair).observe(now - x[0])
             t.transfer_overlap.labels(*pair).observe(overlap_share(x[0], now, x[1]))
+            self.tracer.record("transfer", self.traceparents.get(rid, ""), x[0], now, bytes=int(x[2]),
+                               decode=pair[0], transport=pair[1])
         sent = self.sender.chunks_sent.get(dest.kv_address, 0)
         t.transfer_chunks.labels(*pair).inc(sent - self.chunks_seen.get(dest.kv_address, 0))
         self.chunks_seen[dest.kv_address] = sent

@@ -36,6 +36,7 @@ from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backof
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
+from pdserve.serve.tracing import Tracer
 from pdserve.serve.worker_link import Call, Retryable, Worker, breaker, ending
 
 log = logging.getLogger("pdserve.router")
@@ -61,6 +62,8 @@ class ClusterBackend:
         self.unassigned: set[str] = set()  # attempts not yet handed to a worker: the router queue
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self.tracer = Tracer(cfg.otlp_traces_endpoint, "pdserve-router")
+        self.traceparents: dict[str, str] = {}  # request id -> its root span's context, for the workers
 
     def _loads(self, role: str) -> list[WorkerLoad]:
         """The policy's view of one pool, availability as of now."""
@@ -86,6 +89,7 @@ class ClusterBackend:
             self._poller.cancel()
         for w in self.workers:
             await w.client.close()
+        self.tracer.shutdown()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -141,6 +145,10 @@ class ClusterBackend:
         return [(p, d, float(b.state.value)) for (p, d), b in self.links.items()]
 
     # ---- requests ---------------------------------------------------------------------------
+    def _tp(self, rid: str) -> str:
+        """The traceparent of a request or of a retry of it (`rid~n`)."""
+        return self.traceparents.get(rid.split("~", 1)[0], "")
+
     async def abort(self, request_id: str) -> None:
         for w in self.workers:
             if request_id in w.client.queues and w.client.connected:
@@ -158,6 +166,8 @@ class ClusterBackend:
         attempt = 0
         sub_rid = rid
         self.inflight += 1
+        span = self.tracer.start_request(rid, time.monotonic())
+        self.traceparents[rid] = self.tracer.traceparent(span)
         try:
             while True:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
@@ -200,6 +210,8 @@ class ClusterBackend:
         finally:
             self.inflight -= 1
             self.unassigned.discard(sub_rid)
+            self.traceparents.pop(rid, None)
+            self.tracer.end(span, time.monotonic())
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker
                      ) -> AsyncGenerator[TokenEvent, None]:
@@ -207,9 +219,10 @@ class ClusterBackend:
         t0 = time.monotonic()
         with w.call(rid) as c:
             w.load.running += 1
-            await c.send(m.Generate(rid, prompt, m.Params.of(params)))
+            await c.send(m.Generate(rid, prompt, m.Params.of(params), traceparent=self._tp(rid)))
             self.unassigned.discard(rid)
             t_sent = time.monotonic()
+            self.tracer.record("router_queue", self._tp(rid), t0, t_sent, worker=w.name)
             timeout = self.config.first_token_timeout_s
             while True:
                 ev = await c.next(timeout)
@@ -227,7 +240,7 @@ class ClusterBackend:
         for name in route.decode:
             c = self._worker(name).call(rid)
             try:
-                await c.send(m.Reserve(rid, prompt, m.Params.of(params)))
+                await c.send(m.Reserve(rid, prompt, m.Params.of(params), traceparent=self._tp(rid)))
                 reply = await c.reply(self.config.reserve_timeout_s)
             except Retryable as e:
                 c.close(e)  # lost or silent: a fault; a late "yes" is aborted; try the next
@@ -269,9 +282,11 @@ class ClusterBackend:
                                            transfer_failed):
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                        res.block_size, d.load.free_fraction, decode_worker=d.name))
+                                        res.block_size, d.load.free_fraction, decode_worker=d.name,
+                                        traceparent=self._tp(rid)))
                 self.unassigned.discard(rid)
                 queued = time.monotonic() - t0
+                self.tracer.record("router_queue", self._tp(rid), t0, t0 + queued, prefill=p.name, decode=d.name)
                 ev = await pc.next(self.config.first_token_timeout_s)
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
                 prefill_timings = dict(ev.timings)

@@ -30,6 +30,7 @@ from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
 from pdserve.serve.step_delay import StepDelay
 from pdserve.serve.telemetry import WorkerTelemetry
+from pdserve.serve.tracing import Tracer
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
@@ -76,6 +77,8 @@ class WorkerBase(Generic[P]):
         c = args.cluster
         self.step_delay = StepDelay(self.role, c.fault_prefill_delay_ms, c.fault_decode_step_delay_ms,
                                     c.fault_delay_file)
+        self.tracer = Tracer(c.router.otlp_traces_endpoint, f"pdserve-{self.role}")
+        self.traceparents: dict[str, str] = {}  # request id -> the router's trace context (tracing on)
 
     # ---- what a role defines ------------------------------------------------------------------
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> P:
@@ -151,6 +154,7 @@ class WorkerBase(Generic[P]):
         await self.rpc.close()
         self.thread.stop()
         self._close_transfers()
+        self.tracer.shutdown()
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Take no new work; let in-flight requests and transfers finish. Stats say draining meanwhile."""
@@ -191,6 +195,8 @@ class WorkerBase(Generic[P]):
             return why
         if msg.request_id in self.requests:
             return f"request id {msg.request_id!r} is already in use"
+        if msg.traceparent:
+            self.traceparents[msg.request_id] = msg.traceparent
         return self.core.make_request(msg.request_id, msg.prompt_token_ids, params)
 
     def _admit(self, msg: m.Generate | m.Prefill, peer: Peer) -> bool:
@@ -228,6 +234,7 @@ class WorkerBase(Generic[P]):
     def _forget(self, rid: str, req: Request | None) -> None:
         self.requests.pop(rid, None)
         self.owners.pop(rid, None)
+        self.traceparents.pop(rid, None)
 
     # ---- engine results (engine thread -> event loop) ---------------------------------------
     def _on_step(self, result: StepResult) -> None:
@@ -255,8 +262,22 @@ class WorkerBase(Generic[P]):
         if done.first_token_time is not None and done.finished_time is not None:
             timings["decode"] = done.finished_time - done.first_token_time
         timings.update(self._finish_timings(done))
+        if self.tracer.enabled:
+            self._trace_finished(done, prefilled_here="transfer" not in timings)
         return m.Tokens(req.request_id, toks, done.status.finish_reason, timings=timings,
                         num_cached_tokens=done.num_cached_tokens)
+
+    def _trace_finished(self, done: Request, prefilled_here: bool) -> None:
+        tp = self.traceparents.get(done.request_id, "")
+        if prefilled_here:
+            self._trace_prefill(done, tp)
+        self.tracer.record("decode", tp, done.first_token_time, done.finished_time, worker_role=self.role,
+                           output_tokens=len(done.output_token_ids))
+
+    def _trace_prefill(self, req: Request, tp: str) -> None:
+        self.tracer.record("prefill_queue", tp, req.arrival_time, req.first_scheduled_time, worker_role=self.role)
+        self.tracer.record("prefill", tp, req.first_scheduled_time, req.first_token_time, worker_role=self.role,
+                           prompt_tokens=req.num_prompt_tokens, cached_tokens=req.num_cached_tokens)
 
     def _finish_timings(self, done: Request) -> dict[str, float]:
         """Timings of a request prefilled here: queue and prefill (decode adds transfer waits)."""
