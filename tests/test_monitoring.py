@@ -195,15 +195,18 @@ class Load:
 
     def __init__(self, rig: Rig, clients: int, max_tokens: int, limit_s: float = 120.0) -> None:
         self.stop = threading.Event()
-        self.statuses: list[int] = []
+        self.log: list[tuple[float, int, dict[str, float]]] = []  # (sent at, status, the request's phase timings)
         deadline = time.monotonic() + limit_s
 
         def run(seed: int) -> None:
             rng = random.Random(seed)
             while not self.stop.is_set() and time.monotonic() < deadline:
-                self.statuses.append(rig.complete(prompt(rng, 2), max_tokens).status_code)
+                t = time.monotonic()
+                r = rig.complete(prompt(rng, 2), max_tokens)
+                timings = r.json().get("timings", [{}])[0] if r.status_code == 200 else {}
+                self.log.append((round(t, 1), r.status_code, {k: round(v, 2) for k, v in timings.items()}))
 
-        self.threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(clients)]
+        self.threads = [threading.Thread(target=run, args=(random.random(),), daemon=True) for i in range(clients)]
         for t in self.threads:
             t.start()
 
@@ -367,24 +370,47 @@ def _write_faults(rig: Rig, **delays: float) -> None:
 
 
 def test_prefill_slow_raises_prefill_slow_then_decode_slow_raises_decode_slow(rig: Rig) -> None:
-    seen: list[dict[str, str]] = []
+    seen: list[tuple[float, dict[str, str]]] = []
 
-    def wait_alert(name: str, other: str, timeout: float) -> None:
+    loads: list[Load] = []
+
+    def diagnosis() -> dict[str, object]:
+        """Where the time went over the last window, to tell a real cross-alert from a noisy machine."""
+        def values(expr: str) -> dict[str, float]:
+            return {json.dumps(r["metric"]): float(r["value"][1]) for r in rig.query(expr)}
+        return {"phase means": values("sum by (phase) (rate(pdserve:request_phase_seconds_sum[10s])) / sum by "
+                                      "(phase) (rate(pdserve:request_phase_seconds_count[10s]))"),
+                "ttft p90": values("histogram_quantile(0.9, sum by (le) "
+                                   "(rate(pdserve:time_to_first_token_seconds_bucket[10s])))"),
+                "prefill share": values("pdserve:prefill_share_of_ttft:rate5m"),
+                "step p90": values("histogram_quantile(0.9, sum by (role, le) "
+                                   "(rate(pdserve:engine_step_seconds_bucket[10s])))"),
+                "failures": values("sum(pdserve:kv_transfer_failures_total)"), "load": os.getloadavg(),
+                "now": round(time.monotonic(), 1), "requests": [ld.log[-12:] for ld in loads], "alerts": seen[-30:]}
+
+    def wait_alert(name: str, other: str, timeout: float, quiet_from: float) -> None:
+        """Until `name` fires; `other` must not be active from `quiet_from` on."""
         def check() -> bool:
             alerts = rig.active_alerts()
-            seen.append(alerts)
-            assert other not in alerts, f"{other} raised while only {name}'s side was slow: {alerts}"
+            now = time.monotonic()
+            seen.append((round(now, 1), alerts))
+            if now < quiet_from:
+                return False
+            assert other not in alerts, f"{other} raised while only {name}'s side was slow: {alerts}; {diagnosis()}"
             return alerts.get(name) == "firing"
         probes.wait_for(check, timeout, f"{name} firing")
 
     try:
         _write_faults(rig, fault_prefill_delay_ms=PREFILL_DELAY_MS)
-        with Load(rig, clients=3, max_tokens=3):
-            wait_alert("PrefillSlow", "DecodeSlow", 60)
-            _write_faults(rig, fault_decode_step_delay_ms=DECODE_DELAY_MS)
-            # the prefill side is fast again: PrefillSlow clears as its window slides on
-            probes.wait_for(lambda: "PrefillSlow" not in rig.active_alerts(), 40, "PrefillSlow resolving")
-        with Load(rig, clients=3, max_tokens=4):
-            wait_alert("DecodeSlow", "PrefillSlow", 60)
+        with Load(rig, clients=3, max_tokens=3) as load:
+            loads.append(load)
+            wait_alert("PrefillSlow", "DecodeSlow", 60, quiet_from=0.0)
+        # Every request sent under the prefill delay has finished. Once their observations have
+        # left the (scaled) 5 m window, nothing of the prefill trouble may show any more.
+        _write_faults(rig, fault_decode_step_delay_ms=DECODE_DELAY_MS)
+        quiet = time.monotonic() + 300 / SCALE + 3  # the window, a scrape and an evaluation
+        with Load(rig, clients=3, max_tokens=4) as load:
+            loads.append(load)
+            wait_alert("DecodeSlow", "PrefillSlow", 60, quiet_from=quiet)
     finally:
         _write_faults(rig)
