@@ -88,8 +88,11 @@ def test_step_delay_static_then_file_then_file_gone(tmp_path: Path) -> None:
     path.write_text("{half a fi")
     os.utime(path, (time.time() + 10, time.time() + 10))
     assert d.seconds(2.0) == 0.3  # a half-written file keeps the last value
+    path.write_text(json.dumps({"fault_decode_step_delay_ms": 50}))
+    os.utime(path, (time.time() + 15, time.time() + 15))
+    assert d.seconds(3.0) == 0.05  # changed again: the new value
     path.unlink()
-    assert d.seconds(3.0) == 0.02
+    assert d.seconds(4.0) == 0.02
     assert StepDelay("prefill", 500, 20).seconds(0.0) == 0.5
     assert not StepDelay("colocated", 500, 20, str(path)).configured
     assert not StepDelay("decode", 0, 0).configured
