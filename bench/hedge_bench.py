@@ -1,5 +1,5 @@
 """Hedged prefill, measured on real workers: 2 prefill workers (one slowed by fault injection,
-`fault_prefill_delay_ms`) and 1 decode worker behind the router's ClusterBackend.
+`fault_prompt_delay_ms`) and 1 decode worker behind the router's ClusterBackend.
 
 Sides, each on fresh workers with the same requests: no hedging; hedging; hedging with no slow
 worker. Per side: TTFT p50/p99, hedges sent and won, the hedged fraction against its cap, whether
@@ -30,7 +30,7 @@ from pdserve.workload import generate
 
 
 async def side(model: str, slow_ms: float, cfg: RouterConfig, specs: list, prompts: list[list[int]]) -> dict:
-    extra = (("--fault-prefill-delay-ms", str(slow_ms)) if slow_ms else (), (), ())
+    extra = (("--fault-prompt-delay-ms", str(slow_ms)) if slow_ms else (), (), ())
     procs = start_workers(3, model, 256, extra, ("prefill", "prefill", "decode"), tag="hedge_bench")
     try:
         addrs = [a for _, a in procs]
@@ -86,7 +86,7 @@ def main() -> None:
     prompts = synth_prompts(specs, vocab_ids(a.model), 2)
     hedge = RouterConfig(hedge_after_ms=a.after_ms, hedge_percentile=a.percentile, hedge_max_fraction=0.3)
     res = {"machine": platform.node(), "command": " ".join(sys.argv), "model": a.model,
-           "cluster": "2 prefill (prefill0 slowed by --fault-prefill-delay-ms) + 1 decode, 1 thread each",
+           "cluster": "2 prefill (prefill0 slowed by --fault-prompt-delay-ms) + 1 decode, 1 thread each",
            "workload": "search-small, 30 requests, Poisson 1 req/s", "slow_ms": a.slow_ms,
            "hedge": {"hedge_after_ms": a.after_ms, "hedge_percentile": a.percentile, "hedge_max_fraction": 0.3},
            "loadavg_start": os.getloadavg(), "sides": {}}

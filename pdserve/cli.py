@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _config_parser(sub)
-    for module in ("pdserve.serve.commands", "pdserve.sim.commands", "pdserve.bench.commands"):
+    for module in ("pdserve.serve.commands", "pdserve.sim.commands", "pdserve.bench.commands", "pdserve.top"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

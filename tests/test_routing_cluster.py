@@ -1,5 +1,5 @@
 """Prefix-aware routing and hedged prefill over real worker processes (one set shared by the module):
-two normal colocated workers and one slowed by fault injection (`fault_prefill_delay_ms`)."""
+two normal colocated workers and one slowed by fault injection (`fault_prompt_delay_ms`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def cluster(tiny_models) -> Iterator[dict[str, object]]:  # type: ignore[no-unty
     env = {"PDSERVE_CLUSTER_SECRET": SECRET}
     procs: list[Server] = []
     try:
-        for extra in ((), (), ("--fault-prefill-delay-ms", str(SLOW_MS))):
+        for extra in ((), (), ("--fault-prompt-delay-ms", str(SLOW_MS))):
             procs.append(start_worker("colocated", model, "--num-blocks", "64", *extra, env=env))
         yield {"model": model, "fast": [p.url for p in procs[:2]], "slow": procs[2].url}
     finally:

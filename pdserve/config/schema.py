@@ -153,8 +153,8 @@ class TransferConfig(Section):
     fault_corrupt_prob: H(float, "fault injection (tests, drills): corrupt a chunk after its checksum",
                           ge=0, le=1) = 0.0
     fault_cut_prob: H(float, "fault injection (tests, drills): cut the connection after a chunk", ge=0, le=1) = 0.0
-    fault_prefill_delay_ms: H(float, "fault injection (tests, drills): this worker holds every prompt this long "
-                                     "before computing it (a slow worker)", ge=0) = 0.0
+    fault_prompt_delay_ms: H(float, "fault injection (tests, drills): this worker holds every prompt this long "
+                                    "before computing it (a slow worker; any role)", ge=0) = 0.0
 
 
 class ListenConfig(Section):
@@ -204,6 +204,8 @@ class RouterConfig(ListenConfig):
     breaker_reset_s: H(float, "an open breaker lets one probe through after this", gt=0) = 5.0
     breaker_probe_timeout_s: H(float, "a half-open probe with no outcome this long no longer blocks the next one",
                                gt=0) = 30.0
+    otlp_traces_endpoint: H(str, "OpenTelemetry: send request traces to this OTLP/HTTP endpoint, router and "
+                            "workers (empty: off)") = ""
 
 
 # ---- the cluster file -------------------------------------------------------------------------
@@ -267,6 +269,12 @@ class ClusterConfig(Section):
     threads: H(int, "torch threads per worker (0: torch's default for one `serve`, 1 under `up`)", ge=0) = 0
     seed: H(int, "seed of dummy weights") = 0
     max_waiting: H(int, "requests queued on a worker before it refuses more (overload; 0: refuse all)", ge=0) = 256
+    fault_prefill_delay_ms: H(float, "fault injection (drills, alert tests): extra time per prefill-role step",
+                              ge=0) = 0.0
+    fault_decode_step_delay_ms: H(float, "fault injection (drills, alert tests): extra time per decode-role step",
+                                  ge=0) = 0.0
+    fault_delay_file: H(str, "fault injection: JSON file re-read each second whose keys override the two delays"
+                        ) = ""
     cache: CacheConfig = field(default_factory=CacheConfig)
     prefill: PrefillSection = field(default_factory=PrefillSection)
     decode: DecodeSection = field(default_factory=DecodeSection)

@@ -128,6 +128,7 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         assert self.loop is not None
         for req in self.policy.expire_reservations(self.core.clock()):
             log.warning("KV reservation for %s expired: its KV never arrived and nobody released it", req.request_id)
+            self.telemetry.expired.inc()
             self.loop.call_soon_threadsafe(self._error_now, req.request_id, "KV reservation expired", "transfer")
 
     def _error_now(self, rid: str, err: str, kind: str) -> None:
@@ -135,4 +136,5 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         super()._error_now(rid, err, kind)
 
     def _stats_extra(self) -> dict[str, int]:
-        return {"reserved": self.policy.num_reserved, "kv_received": self.kv_received}
+        return {"reserved": self.policy.num_reserved, "kv_received": self.kv_received,
+                "transfers_in_flight": len(self.awaiting)}

@@ -64,7 +64,7 @@ class OpenAIFront:
         self.max_body_bytes = max_body_bytes
         self.vocab_size = len(tokenizer)
         self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None),
-                                     getattr(backend, "link_stats", None))
+                                     getattr(backend, "link_stats", None), getattr(backend, "worker_metrics", None))
         self.created = int(time.time())
 
     # ---- app --------------------------------------------------------------------------------

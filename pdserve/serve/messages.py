@@ -43,6 +43,7 @@ class Generate(msgspec.Struct, tag="generate", frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: Params
+    traceparent: str = ""
 
 
 class Reserve(msgspec.Struct, tag="reserve", frozen=True):
@@ -51,6 +52,7 @@ class Reserve(msgspec.Struct, tag="reserve", frozen=True):
     request_id: str
     prompt_token_ids: list[int]
     params: Params
+    traceparent: str = ""
 
 
 class Prefill(msgspec.Struct, tag="prefill", frozen=True):
@@ -64,6 +66,8 @@ class Prefill(msgspec.Struct, tag="prefill", frozen=True):
     block_size: int
     decode: DecodeSignal | None = None  # back-pressure: the decode pool's load, summed by the router
     kv_node: str = ""  # the decode worker's node: with transport auto, shm only when it is the prefill's
+    decode_worker: str = ""  # the decode worker's name at the router: the transfer metrics' label
+    traceparent: str = ""  # W3C trace context of the request (tracing on), for this worker's spans
 
 
 class Start(msgspec.Struct, tag="start", frozen=True):
@@ -110,6 +114,23 @@ class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):
     error: str = ""
 
 
+class MetricSample(msgspec.Struct, array_like=True, frozen=True):
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+class MetricFamily(msgspec.Struct, frozen=True):
+    """One of a worker's cumulative metrics (counter or histogram), as its registry collected it;
+    the router re-exports it with the worker's name in the label `self_label`."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[MetricSample]
+    self_label: str = "worker"
+
+
 class Stats(msgspec.Struct, tag="stats", frozen=True):
     nonce: str
     role: str
@@ -132,6 +153,8 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     kv_evicted: list[bytes] = []
     kv_cleared: bool = False
     cache_salt: bytes = b""  # the chain's salt, so the router hashes prompts as this worker does
+    transfers_in_flight: int = 0
+    metrics: list[MetricFamily] = []
 
 
 ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery

@@ -1,10 +1,20 @@
-"""Prometheus metrics for the front (router or standalone worker), one registry per server."""
+"""Prometheus metrics for the front (router or standalone worker), one registry per server.
+
+The router's /metrics holds its own request metrics, gauges per worker from the heartbeats, and
+every worker's own counters and histograms (`serve/telemetry.py`: step times, KV transfers, prefix
+cache), re-exported with the worker's name added. README "Monitoring" lists them all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+
+from pdserve.serve.messages import MetricFamily
+
+WorkerMetrics = Callable[[], list[tuple[str, str, list[MetricFamily]]]]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0)
@@ -18,7 +28,8 @@ class ServerMetrics:
 
     def __init__(self, stats: Callable[[], dict[str, float]],
                  worker_stats: Callable[[], list[tuple[str, str, dict[str, float]]]] | None = None,
-                 link_stats: Callable[[], list[tuple[str, str, float]]] | None = None) -> None:
+                 link_stats: Callable[[], list[tuple[str, str, float]]] | None = None,
+                 worker_metrics: WorkerMetrics | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.ttft = Histogram("pdserve:time_to_first_token_seconds", "Time to first token",
@@ -45,6 +56,8 @@ class ServerMetrics:
                 ("kv_free_blocks", "Free KV blocks"),
                 ("kv_total_blocks", "KV blocks in all"),
                 ("busy_fraction", "Share of wall time spent computing"),
+                ("router_queue_requests", "Requests at the router not yet handed to a worker (routing, "
+                                          "reserving KV, backing off)"),
             ]
         }
         self._stats = stats
@@ -57,12 +70,20 @@ class ServerMetrics:
                 ("kv_free_blocks", "Free KV blocks on the worker"),
                 ("inflight", "Requests the router has on the worker"),
                 ("breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open"),
+                ("num_requests_waiting", "Requests queued on the worker (prefill: the prefill queue)"),
+                ("num_requests_running", "Requests being computed on the worker"),
+                ("queued_prompt_tokens", "Prompt tokens in the worker's prefill queue"),
+                ("kv_reservations", "KV reservations held on the worker (decode: waiting for their KV)"),
+                ("kv_transfers_in_flight", "KV transfers in flight (prefill: sending, decode: awaited)"),
+                ("kv_cache_usage", "Fraction of the worker's KV blocks in use (0-1)"),
             ]
         }
         self._link_gauge = Gauge("pdserve:link_breaker_state",
                                  "Circuit breaker of a (prefill, decode) link: 0 closed, 1 half-open, 2 open",
                                  ["prefill", "decode"], registry=r)
         self._link_stats = link_stats
+        if worker_metrics is not None:
+            r.register(WorkerFamilies(worker_metrics))
 
     def observe_phases(self, timings: dict[str, float]) -> None:
         for phase, seconds in timings.items():
@@ -84,3 +105,24 @@ class ServerMetrics:
             for prefill, decode, state in self._link_stats():
                 self._link_gauge.labels(prefill, decode).set(state)
         return generate_latest(self.registry)
+
+
+class WorkerFamilies:
+    """A collector: the workers' own families, merged by name, each sample with its worker named."""
+
+    def __init__(self, source: WorkerMetrics) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # unchecked: the families are only known once workers report them
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for worker, role, families in self.source():
+            for fam in families:
+                out = merged.get(fam.name)
+                if out is None:
+                    out = merged[fam.name] = Metric(fam.name, fam.help, fam.kind)
+                for smp in fam.samples:
+                    out.add_sample(smp.name, {fam.self_label: worker, "role": role, **smp.labels}, smp.value)
+        yield from merged.values()

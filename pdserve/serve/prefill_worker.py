@@ -23,6 +23,7 @@ from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import KVPush
 from pdserve.serve.rpc import Peer
+from pdserve.serve.telemetry import overlap_share
 from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
 from pdserve.transfer import KVPoll, KVSender, faults
 from pdserve.transfer.pairing import pair_address, scheme
@@ -36,6 +37,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         self.kv_dest: dict[str, m.Prefill] = {}  # where each request's KV goes
         self.sending: dict[str, float] = {}  # requests whose transfer is in flight, since when
         self.kv_sent: Counter[str] = Counter()  # completed transfers by transport
+        self.xfer: dict[str, list[float]] = {}  # for the metrics: [first layer queued, last layer queued, bytes]
+        self.chunks_seen: dict[str, int] = {}  # the sender's chunk count per destination, as last counted
         self.sender = KVSender(self.transfer, secret=self.secret, timeout_s=self.transfer.timeout_s)
         faults.install_from_config(self.sender, self.transfer)  # fault tests only
         self.core.layer_hook = self._push_layer
@@ -65,6 +68,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     def _forget(self, rid: str, req: Request | None) -> None:
         super()._forget(rid, req)
         self.kv_dest.pop(rid, None)
+        self.xfer.pop(rid, None)
 
     def _abort_transfer(self, rid: str) -> None:
         if rid in self.sending:
@@ -74,6 +78,10 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
         """The one token a prefill makes goes to the router now; the request lives on until its KV is sent."""
         reason = first_token_finish(req, tok)
+        self.telemetry.cache_queries.inc(req.num_prompt_tokens)
+        self.telemetry.cache_hits.inc(req.num_cached_tokens)
+        if self.tracer.enabled:
+            self._trace_prefill(req, self.traceparents.get(req.request_id, ""))
         self.sending[req.request_id] = time.monotonic()
         self._transfer_started.set()
         return m.Tokens(req.request_id, [tok], reason, timings=prefill_timings(req),
@@ -87,6 +95,10 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if dest is None or not chunk.sample:
                 continue  # a prompt's earlier chunks: its KV goes with the last one, all blocks
             n = self.bm.blocks_needed(req.num_prompt_tokens)
+            now = time.monotonic()
+            x = self.xfer.setdefault(req.request_id, [now, now, 0.0])
+            cache = self.runner.kv_caches[layer]  # [2, blocks, ...]: K and V of n blocks leave
+            x[1], x[2] = now, x[2] + 2 * n * cache[0, 0].numel() * cache.element_size()
             self.kv_push.push(layer, req.block_ids[:n], functools.partial(
                 self.sender.send_layer, req.request_id, dest.kv_address, layer, self.runner.shape.num_layers,
                 dest.block_ids[:n]))
@@ -109,6 +121,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             dest = self.kv_dest.get(rid)
             if state is KVPoll.SUCCESS and dest is not None:
                 self.kv_sent[scheme(dest.kv_address)] += 1
+            self._record_transfer(rid, state is KVPoll.SUCCESS)
             req = self.requests.get(rid)
             peer = self.owners.get(rid)
             if peer is not None:
@@ -118,10 +131,32 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
                 self.thread.submit(lambda req=req: self.policy.release(req, self.core.clock()))
             self._forget(rid, req)
 
+    def _record_transfer(self, rid: str, ok: bool) -> None:
+        """Metrics of a transfer that ended: its bytes, time and overlap with compute, or why it failed."""
+        dest = self.kv_dest.get(rid)
+        x = self.xfer.pop(rid, None)
+        if dest is None:
+            return
+        pair = (dest.decode_worker or dest.kv_address, dest.kv_address.partition("://")[0])
+        t = self.telemetry
+        t.pair_seen(*pair)
+        if not ok:
+            t.transfer_failed(*pair, self.sender.error(rid))
+        elif x is not None:
+            now = time.monotonic()
+            t.transfer_bytes.labels(*pair).inc(x[2])
+            t.transfer_seconds.labels(*pair).observe(now - x[0])
+            t.transfer_overlap.labels(*pair).observe(overlap_share(x[0], now, x[1]))
+            self.tracer.record("transfer", self.traceparents.get(rid, ""), x[0], now, bytes=int(x[2]),
+                               decode=pair[0], transport=pair[1])
+        sent = self.sender.chunks_sent.get(dest.kv_address, 0)
+        t.transfer_chunks.labels(*pair).inc(sent - self.chunks_seen.get(dest.kv_address, 0))
+        self.chunks_seen[dest.kv_address] = sent
+
     def _close_transfers(self) -> None:
         self.kv_push.close()  # deliver queued layers first
         self.sender.close()
 
     def _stats_extra(self) -> dict[str, int]:
         return {"queued_prompt_tokens": self.policy.queued_tokens, "kv_sent_tcp": self.kv_sent["tcp"],
-                "kv_sent_shm": self.kv_sent["shm"]}
+                "kv_sent_shm": self.kv_sent["shm"], "transfers_in_flight": len(self.sending)}

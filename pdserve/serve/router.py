@@ -40,6 +40,7 @@ from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backof
 from pdserve.serve import messages as m
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
+from pdserve.serve.tracing import Tracer
 from pdserve.serve.worker_link import Call, Placement, Retryable, Worker, breaker, ending
 
 log = logging.getLogger("pdserve.router")
@@ -67,8 +68,11 @@ class ClusterBackend:
         self.hedge = HedgePolicy(cfg.hedge_after_ms / 1000, cfg.hedge_percentile, cfg.hedge_max_fraction)
         self.hedges = 0  # duplicate attempts sent
         self.hedge_wins = 0  # ... whose first token came first
+        self.unassigned: set[str] = set()  # attempts not yet handed to a worker: the router queue
         self._poller: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self.tracer = Tracer(cfg.otlp_traces_endpoint, "pdserve-router")
+        self.traceparents: dict[str, str] = {}  # request id -> its root span's context, for the workers
 
     def _loads(self, role: str) -> list[WorkerLoad]:
         """The policy's view of one pool, availability as of now."""
@@ -124,6 +128,7 @@ class ClusterBackend:
             self._poller.cancel()
         for w in self.workers:
             await w.client.close()
+        self.tracer.shutdown()
 
     async def _poll_loop(self) -> None:
         while True:
@@ -148,13 +153,19 @@ class ClusterBackend:
             "kv_free_blocks": float(free),
             "kv_total_blocks": float(total),
             "busy_fraction": sum(w.busy_fraction for w in live) / max(1, len(live)),
+            "router_queue_requests": float(len(self.unassigned)),
         }
 
     def worker_stats(self) -> list[tuple[str, str, dict[str, float]]]:
         """Per worker: (name, role, gauges) for the router's /metrics."""
         return [(w.name, w.role, {"up": float(w.healthy), "busy_fraction": w.busy_fraction,
                                   "kv_free_blocks": float(w.load.free_blocks), "inflight": float(w.inflight),
-                                  "breaker_state": float(w.breaker.state.value)}) for w in self.workers]
+                                  "breaker_state": float(w.breaker.state.value), **queue_gauges(w.stats)})
+                for w in self.workers]
+
+    def worker_metrics(self) -> list[tuple[str, str, list[m.MetricFamily]]]:
+        """Per worker: the counters and histograms it reported in its last heartbeat."""
+        return [(w.name, w.role, w.stats.metrics) for w in self.workers if w.stats is not None]
 
     async def add_worker(self, role: str, address: str) -> str:
         """A worker started after the router joins the pool (it needs the cluster secret)."""
@@ -184,6 +195,10 @@ class ClusterBackend:
         return [(p, d, float(b.state.value)) for (p, d), b in self.links.items()]
 
     # ---- requests ---------------------------------------------------------------------------
+    def _tp(self, rid: str) -> str:
+        """The traceparent of a request or of a retry of it (`rid~n`)."""
+        return self.traceparents.get(rid.split("~", 1)[0], "")
+
     async def abort(self, request_id: str) -> None:
         for w in self.workers:
             if request_id in w.client.queues and w.client.connected:
@@ -199,7 +214,10 @@ class ClusterBackend:
         avoid: set[str] = set()  # workers lost or silent on this request
         bad_kv: set[str] = set()  # decode workers a transfer to failed (still fine to run it whole)
         attempt = 0
+        sub_rid = rid
         self.inflight += 1
+        span = self.tracer.start_request(rid, time.monotonic())
+        self.traceparents[rid] = self.tracer.traceparent(span)
         try:
             while True:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
@@ -213,6 +231,7 @@ class ClusterBackend:
                          sub: SamplingParams = sub, bad: frozenset[str] = bad) -> AsyncGenerator[TokenEvent, None]:
                     return self._attempt(r, whole, sub, av, bad, chosen)
 
+                self.unassigned.add(sub_rid)
                 if attempt == 0:
                     self.hedge.arrived()
                 stream = (self._hedged(sub_rid, make, frozenset(avoid)) if self.hedge.enabled
@@ -230,6 +249,7 @@ class ClusterBackend:
                                 return
                     return
                 except Retryable as e:
+                    self.unassigned.discard(sub_rid)
                     attempt += 1
                     self.retries += 1
                     if e.worker:
@@ -243,6 +263,9 @@ class ClusterBackend:
                     await asyncio.sleep(min(deadline - now, backoff))
         finally:
             self.inflight -= 1
+            self.unassigned.discard(sub_rid)
+            self.traceparents.pop(rid, None)
+            self.tracer.end(span, time.monotonic())
 
     def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, avoid: frozenset[str],
                  bad_kv: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
@@ -322,8 +345,10 @@ class ClusterBackend:
         t0 = time.monotonic()
         with w.call(rid) as c, self._placed(w, prompt, hits, keys, generates=True) as placed:
             w.load.running += 1
-            await c.send(m.Generate(rid, prompt, m.Params.of(params)))
+            await c.send(m.Generate(rid, prompt, m.Params.of(params), traceparent=self._tp(rid)))
+            self.unassigned.discard(rid)
             t_sent = time.monotonic()
+            self.tracer.record("router_queue", self._tp(rid), t0, t_sent, worker=w.name)
             timeout = self.config.first_token_timeout_s
             while True:
                 ev = await c.next(timeout)
@@ -361,7 +386,7 @@ class ClusterBackend:
         for name in order:
             c = self._worker(name).call(rid)
             try:
-                await c.send(m.Reserve(rid, prompt, m.Params.of(params)))
+                await c.send(m.Reserve(rid, prompt, m.Params.of(params), traceparent=self._tp(rid)))
                 reply = await c.reply(self.config.reserve_timeout_s)
             except Retryable as e:
                 c.close(e)  # lost or silent: a fault; a late "yes" is aborted; try the next
@@ -405,8 +430,11 @@ class ClusterBackend:
                                            transfer_failed), self._placed(p, prompt, hits, keys, False) as placed:
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
-                                        res.block_size, cluster_signal(self._loads("decode")), kv_node=res.node_id))
+                                        res.block_size, cluster_signal(self._loads("decode")), kv_node=res.node_id,
+                                        decode_worker=d.name, traceparent=self._tp(rid)))
+                self.unassigned.discard(rid)
                 queued = time.monotonic() - t0
+                self.tracer.record("router_queue", self._tp(rid), t0, t0 + queued, prefill=p.name, decode=d.name)
                 ev = await pc.next(self.config.first_token_timeout_s)
                 placed.first_token()
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
@@ -430,6 +458,16 @@ class ClusterBackend:
                             return
                 finally:
                     watcher.cancel()
+
+
+def queue_gauges(s: m.Stats | None) -> dict[str, float]:
+    """A worker's queues by stage and KV use, from its last heartbeat."""
+    if s is None:
+        return {}
+    return {"num_requests_waiting": float(s.waiting), "num_requests_running": float(s.running),
+            "queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_reservations": float(s.reserved),
+            "kv_transfers_in_flight": float(s.transfers_in_flight),
+            "kv_cache_usage": 1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0}
 
 
 async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue[m.ToRouter | None],

@@ -28,6 +28,9 @@ from pdserve.serve import messages as m
 from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
+from pdserve.serve.step_delay import StepDelay
+from pdserve.serve.telemetry import WorkerTelemetry
+from pdserve.serve.tracing import Tracer
 from pdserve.transfer.pairing import node_identity
 
 log = logging.getLogger("pdserve.worker")
@@ -74,6 +77,12 @@ class WorkerBase(Generic[P]):
         self.draining = False
         self.max_waiting = args.cluster.max_waiting  # queue bound: beyond it new work is refused (overload)
         self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
+        self.telemetry = WorkerTelemetry()  # reported to the router in every Stats
+        c = args.cluster
+        self.step_delay = StepDelay(self.role, c.fault_prefill_delay_ms, c.fault_decode_step_delay_ms,
+                                    c.fault_delay_file)
+        self.tracer = Tracer(c.router.otlp_traces_endpoint, f"pdserve-{self.role}")
+        self.traceparents: dict[str, str] = {}  # request id -> the router's trace context (tracing on)
 
     # ---- what a role defines ------------------------------------------------------------------
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> P:
@@ -117,8 +126,23 @@ class WorkerBase(Generic[P]):
         return {}
 
     # ---- lifecycle --------------------------------------------------------------------------
+    def _delay_steps(self) -> None:
+        """Fault injection: each step sleeps before its first layer, inside the step (its duration,
+        the request's phase times and the KV push all see it), then runs the role's own hook."""
+        inner = self.core.layer_hook
+
+        def hook(out, layer: int) -> None:  # type: ignore[no-untyped-def]
+            if layer == 0 and (delay := self.step_delay.seconds(time.monotonic())):
+                time.sleep(delay)
+            if inner is not None:
+                inner(out, layer)
+
+        self.core.layer_hook = hook
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.step_delay.configured:
+            self._delay_steps()
         self._start_transfers()
         self.thread.start()
         await self.rpc.start()
@@ -134,6 +158,7 @@ class WorkerBase(Generic[P]):
         await self.rpc.close()
         self.thread.stop()
         self._close_transfers()
+        self.tracer.shutdown()
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Take no new work; let in-flight requests and transfers finish. Stats say draining meanwhile."""
@@ -174,6 +199,8 @@ class WorkerBase(Generic[P]):
             return why
         if msg.request_id in self.requests:
             return f"request id {msg.request_id!r} is already in use"
+        if msg.traceparent:
+            self.traceparents[msg.request_id] = msg.traceparent
         return self.core.make_request(msg.request_id, msg.prompt_token_ids, params)
 
     def _admit(self, msg: m.Generate | m.Prefill, peer: Peer) -> bool:
@@ -187,7 +214,7 @@ class WorkerBase(Generic[P]):
             return False
         self.owners[req.request_id] = peer
         self.requests[req.request_id] = req
-        delay = self.transfer.fault_prefill_delay_ms / 1000
+        delay = self.transfer.fault_prompt_delay_ms / 1000
         if delay > 0 and self.loop is not None:  # fault injection: a slow worker
             self.loop.call_later(delay, self._add_if_wanted, req)
         else:
@@ -220,10 +247,13 @@ class WorkerBase(Generic[P]):
     def _forget(self, rid: str, req: Request | None) -> None:
         self.requests.pop(rid, None)
         self.owners.pop(rid, None)
+        self.traceparents.pop(rid, None)
 
     # ---- engine results (engine thread -> event loop) ---------------------------------------
     def _on_step(self, result: StepResult) -> None:
         assert self.loop is not None
+        self.telemetry.step.observe(result.duration)
+        self.telemetry.step_tokens.inc(result.output.num_batched_tokens)
         self.loop.call_soon_threadsafe(self._dispatch, result)
 
     def _dispatch(self, result: StepResult) -> None:
@@ -245,13 +275,29 @@ class WorkerBase(Generic[P]):
         if done.first_token_time is not None and done.finished_time is not None:
             timings["decode"] = done.finished_time - done.first_token_time
         timings.update(self._finish_timings(done))
+        if self.tracer.enabled:
+            self._trace_finished(done, prefilled_here="transfer" not in timings)
         return m.Tokens(req.request_id, toks, done.status.finish_reason, timings=timings,
                         num_cached_tokens=done.num_cached_tokens)
+
+    def _trace_finished(self, done: Request, prefilled_here: bool) -> None:
+        tp = self.traceparents.get(done.request_id, "")
+        if prefilled_here:
+            self._trace_prefill(done, tp)
+        self.tracer.record("decode", tp, done.first_token_time, done.finished_time, worker_role=self.role,
+                           output_tokens=len(done.output_token_ids))
+
+    def _trace_prefill(self, req: Request, tp: str) -> None:
+        self.tracer.record("prefill_queue", tp, req.arrival_time, req.first_scheduled_time, worker_role=self.role)
+        self.tracer.record("prefill", tp, req.first_scheduled_time, req.first_token_time, worker_role=self.role,
+                           prompt_tokens=req.num_prompt_tokens, cached_tokens=req.num_cached_tokens)
 
     def _finish_timings(self, done: Request) -> dict[str, float]:
         """Timings of a request prefilled here: queue and prefill (decode adds transfer waits)."""
         timings = prefill_timings(done)
         timings["queue"] = timings.pop("prefill_queue", 0.0)
+        self.telemetry.cache_queries.inc(done.num_prompt_tokens)
+        self.telemetry.cache_hits.inc(done.num_cached_tokens)
         return timings
 
     # ---- transfers ---------------------------------------------------------------------------
@@ -286,7 +332,8 @@ class WorkerBase(Generic[P]):
             free_blocks=self.bm.num_free_blocks, total_blocks=self.bm.num_blocks,
             busy_fraction=self.thread.busy_time / elapsed,
             block_size=self.bm.block_size, draining=self.draining, node_id=self.node_id, kv_stored=stored, kv_evicted=evicted,
-            kv_cleared=cleared, cache_salt=self.bm.salt, **self._stats_extra(),
+            kv_cleared=cleared, cache_salt=self.bm.salt, metrics=self.telemetry.families(),
+            **self._stats_extra(),
         )
 
 

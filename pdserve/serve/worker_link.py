@@ -83,6 +83,7 @@ class Worker:
         self.draining = False  # its last heartbeat said it is draining
         self.inflight = 0
         self.busy_fraction = 0.0
+        self.stats: m.Stats | None = None  # its last heartbeat's answer (queues, metrics for /metrics)
         self._nonce = 0
         self._cleanup: set[asyncio.Future[None]] = set()  # abort sends in flight
 
@@ -113,6 +114,7 @@ class Worker:
             self.block_size, self.cache_salt = s.block_size, s.cache_salt
             if self.index is not None:
                 self.index.apply(self.name, s.kv_stored, s.kv_evicted, s.kv_cleared)
+            self.stats = s
             if not self.healthy and not s.draining:
                 log.info("%s joined the pool", self.name)
             self.healthy, self.draining = not s.draining, s.draining

@@ -108,6 +108,7 @@ class KVSender:
         self._links: dict[str, _Link] = {}
         self._swept = time.monotonic()
         self._closed = False
+        self.chunks_sent: dict[str, int] = {}  # per destination, for the metrics (each written by its link thread)
 
     def send_layer(self, request_id: str, dest: str, layer: int, num_layers: int, block_ids: list[int],
                    data: Any, dtype: str | None = None) -> None:
@@ -305,6 +306,7 @@ class _Link(threading.Thread):
             conn.rids.add(rid)
             st.started, st.state, st.last = True, KVPoll.TRANSFERRING, time.monotonic()
         s.transmit(Outgoing(conn.sock, chunk, b"" if off is not None else data, data, conn.ring, s.secret))
+        s.chunks_sent[self.dest] = s.chunks_sent.get(self.dest, 0) + 1
 
     def _reserve(self, conn: _Conn, st: _Req, n: int) -> int | None:
         """Room for n bytes in the ring, growing it when n alone does not fit; None if st ended."""
