@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
 from pdserve.engine.detokenizer import TextStream
+from pdserve.engine.grammar import GrammarCompiler
+from pdserve.engine.sampler import SamplingParams, TokenLogprobs
 from pdserve.serve.backend import Backend, BackendError
 from pdserve.serve.metrics import ServerMetrics
 from pdserve.serve.protocol import (
@@ -48,9 +50,13 @@ class Choice:
     index: int
     prompt_ids: list[int]
     stream: TextStream
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    prompt: int = 0  # which prompt of the request it continues
     finish_reason: str | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: int = 0
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    logprobs_sent: int = 0  # streaming: how many went out already
 
 
 class OpenAIFront:
@@ -62,6 +68,7 @@ class OpenAIFront:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.vocab_size = len(tokenizer)
+        self._grammar: GrammarCompiler | None = None  # built on the first guided request, to check it
         self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None),
                                      getattr(backend, "link_stats", None))
         self.created = int(time.time())
@@ -237,9 +244,28 @@ class OpenAIFront:
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
                     f"and max_tokens asks for {max_tokens} more", param="max_tokens",
                     code="context_length_exceeded")
-            req.params = dataclasses.replace(req.params, max_tokens=max_tokens)
-            choices.append(Choice(i, ids, TextStream(self.tokenizer, req.params.stop)))
+            params = dataclasses.replace(req.params, max_tokens=max_tokens)
+            for j in range(req.n):
+                # Choice j of a seeded request draws as a single request with seed + j would.
+                pj = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                choices.append(Choice(len(choices), ids, TextStream(self.tokenizer, req.params.stop), pj, i))
+        req.params = choices[0].params
+        bad = next((t for t in req.params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"logit_bias token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           param="logit_bias")
+        if req.params.guided is not None:
+            self._check_grammar(req)
         return choices
+
+    def _check_grammar(self, req: GenerateRequest) -> None:
+        """A bad schema or regex is the client's 400 here, before any worker sees it."""
+        if self._grammar is None:
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size, [])
+        try:
+            self._grammar.compile(req.params.guided)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise APIError(str(e), param=req.guided_param) from None
 
     async def _run(self, rid: str, req: GenerateRequest, choice: Choice,
                    out: asyncio.Queue[tuple[Choice, str | None] | BaseException]) -> None:
@@ -248,7 +274,7 @@ class OpenAIFront:
         start = time.monotonic()
         first = last = None
         n = 0
-        gen = self.backend.generate(sub_id, choice.prompt_ids, req.params)
+        gen = self.backend.generate(sub_id, choice.prompt_ids, choice.params)
         try:
             async for ev in gen:
                 if ev.error is not None:
@@ -262,6 +288,8 @@ class OpenAIFront:
                         self.metrics.itl.observe(now - last)
                     last = now
                     n += len(ev.token_ids)
+                    if ev.logprobs:
+                        choice.logprobs.extend(ev.logprobs)
                     delta = choice.stream.add(ev.token_ids)
                     if choice.stream.stopped:
                         choice.finish_reason = "stop"
@@ -330,11 +358,13 @@ class OpenAIFront:
                                 "created": int(time.time()), "model": self.model_name}
         if chat:
             body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         else:
-            prefix = {c.index: (req.prompts[c.index] if req.echo and isinstance(req.prompts[c.index], str) else "")  # type: ignore[index]
+            prefix = {c.index: (req.prompts[c.prompt] if req.echo and isinstance(req.prompts[c.prompt], str) else "")  # type: ignore[index]
                       for c in choices}
-            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index], "logprobs": None,
+            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index],
+                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         if req.return_token_ids:  # extension (as in vLLM): exact ids, for clients that compare tokens
             for c, out in zip(choices, body["choices"], strict=True):
@@ -362,11 +392,14 @@ class OpenAIFront:
                 if not delta and not done:
                     continue
                 finish = choice.finish_reason if done else None
+                upto = len(choice.stream.token_ids) if done else len(choice.logprobs)
+                lp = self._logprobs(choice, chat, upto, choice.logprobs_sent)
+                choice.logprobs_sent = max(choice.logprobs_sent, upto)
                 if chat:
                     payload = {"index": choice.index, "delta": {"content": delta} if delta else {},
-                               "finish_reason": finish}
+                               "logprobs": lp, "finish_reason": finish}
                 else:
-                    payload = {"index": choice.index, "text": delta, "logprobs": None, "finish_reason": finish}
+                    payload = {"index": choice.index, "text": delta, "logprobs": lp, "finish_reason": finish}
                 extra = {"timings": choice.timings} if done else {}
                 yield chunk([payload], **extra)
         except APIError as e:
@@ -376,6 +409,31 @@ class OpenAIFront:
         if req.include_usage:
             yield chunk([], usage=self._usage(choices))
         yield b"data: [DONE]\n\n"
+
+
+    def _logprobs(self, c: Choice, chat: bool, upto: int, start: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for tokens start..upto of a choice (None when not asked for)."""
+        if c.params.logprobs is None:
+            return None
+        ids = c.stream.token_ids[start:upto]
+        lps = c.logprobs[start:upto]
+        text = self._token_text
+        if chat:
+            return {"content": [{"token": text(t), "logprob": lp.logprob, "bytes": list(text(t).encode()),
+                                 "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(text(a).encode())}
+                                                  for a, v in lp.top]}
+                                for t, lp in zip(ids, lps, strict=False)], "refusal": None}
+        strs = [text(t) for t in ids[: len(lps)]]
+        offset = sum(len(text(t)) for t in c.stream.token_ids[:start])
+        offsets = []
+        for s in strs:
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": strs, "token_logprobs": [lp.logprob for lp in lps],
+                "top_logprobs": [{text(a): v for a, v in lp.top} for lp in lps], "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]
