@@ -261,7 +261,8 @@ class OpenAIFront:
     def _check_grammar(self, req: GenerateRequest) -> None:
         """A bad schema or regex is the client's 400 here, before any worker sees it."""
         if self._grammar is None:
-            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size, [])
+            eos = self.tokenizer.eos_token_id
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size, [eos if eos is not None else 0])
         try:
             self._grammar.compile(req.params.guided)  # type: ignore[arg-type]
         except ValueError as e:
@@ -433,7 +434,10 @@ class OpenAIFront:
                 "top_logprobs": [{text(a): v for a, v in lp.top} for lp in lps], "text_offset": offsets}
 
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """A token's text; a token that is part of a character (its decode alone is U+FFFD) is
+        named by its vocabulary entry instead, so that distinct tokens keep distinct keys."""
+        text = self.tokenizer.decode([token_id])
+        return text if "\ufffd" not in text else str(self.tokenizer.convert_ids_to_tokens(token_id))
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]
