@@ -122,7 +122,6 @@ def main() -> None:
         "raw_step_s": raw,
         "raw_sampler_s": sampler,
     }
-    result["machine"]["loadavg_after"] = list(__import__("os").getloadavg())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
     for c in CONFIGS:

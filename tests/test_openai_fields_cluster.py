@@ -71,6 +71,13 @@ def test_logprobs_equal_transformers(cluster, client: openai.OpenAI) -> None:  #
         assert abs(lp.token_logprobs[i] - ref[i, tok].item()) < LOGPROB_TOL
         assert len(lp.top_logprobs[i]) == 3
         assert max(lp.top_logprobs[i].values()) == pytest.approx(ref[i].max().item(), abs=LOGPROB_TOL)
+    # echo: the prompt's log-probabilities too, computed by the prefill worker.
+    r = client.completions.create(model=folder, prompt=p, max_tokens=2, temperature=0, logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    prompt_ref = hf_logprobs(folder, p[:1], p[1:])
+    assert len(lp.token_logprobs) == len(p) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, len(p)):
+        assert abs(lp.token_logprobs[i] - prompt_ref[i - 1, p[i]].item()) < LOGPROB_TOL
     # Chat: the same numbers in chat's shape, streamed.
     chunks = list(client.chat.completions.create(
         model=folder, messages=[{"role": "user", "content": "hello"}], max_tokens=6, temperature=0,

@@ -231,7 +231,9 @@ def test_logprobs_shapes_and_n():
     assert chat(logprobs=True).params.logprobs == 0
     assert chat().params.logprobs is None
     bad(lambda b: parse_chat(b), {"model": "m", "messages": CHAT_MSGS, "top_logprobs": 2}, "top_logprobs")
-    bad(parse_completion, {"model": "m", "prompt": "hi", "logprobs": 1, "echo": True}, "echo")
+    assert comp(logprobs=2, echo=True).params.prompt_logprobs == 2
+    assert comp(logprobs=2).params.prompt_logprobs is None
+    bad(parse_completion, {"model": "m", "prompt": "hi", "logprobs": 1, "echo": True, "stream": True}, "echo")
 
 
 @pytest.mark.parametrize("extra,kind", [

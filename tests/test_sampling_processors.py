@@ -177,3 +177,16 @@ def test_a_resumed_guided_request_rebuilds_its_grammar(llm: LLM) -> None:
                                                                        "output_offset": k}))[0].outputs[0]
         assert full.token_ids[:k] + rest.token_ids == full.token_ids
     jsonschema.validate(json.loads(full.text), SCHEMA)
+
+
+def test_prompt_logprobs_equal_transformers_even_with_the_prefix_cached(llm: LLM, tiny_models) -> None:
+    """Every prompt position's log-probability, computed by the prefill (chunked or not); a cached
+    prefix does not stand in for positions whose logits are needed."""
+    p = [(13 * j) % 290 + 3 for j in range(40)]
+    llm.generate(p, SamplingParams(max_tokens=2, temperature=0))  # its blocks now in the prefix cache
+    out = llm.generate(p, SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+    ref = torch.log_softmax(hf_logprobs(tiny_models["llama"], p[:1], p[1:]), dim=-1)
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(p) - 1
+    for i, lp in enumerate(out.prompt_logprobs):
+        assert abs(lp.logprob - ref[i, p[i + 1]].item()) < LOGPROB_TOL
+        assert [t for t, _ in lp.top] == ref[i].topk(3).indices.tolist()

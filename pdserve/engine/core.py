@@ -32,6 +32,7 @@ class Policy(Protocol):
 class StepResult:
     new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> token sampled this step
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # rows that asked for them (openai)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # with the first token (openai)
     finished: list[Request] = field(default_factory=list)
     output: SchedulerOutput = field(default_factory=SchedulerOutput)
     started: float = 0.0
@@ -68,6 +69,7 @@ class EngineCore:
             stop_token_ids=frozenset(stop),
             min_tokens=params.min_tokens,
             payload=params,
+            use_prefix_cache=params.prompt_logprobs is None,  # openai: every prompt position's logits
         )
 
     def add(self, req: Request) -> None:
@@ -85,7 +87,12 @@ class EngineCore:
         logits = self.runner.execute(out, (lambda i: hook(out, i)) if hook else None)
         rows = [c.request for c in out.chunks if c.sample]
         # --- openai: one batched sampler (penalties, grammar, logprobs) ---
+        for req, start, plogits in self.runner.prompt_logits:
+            self.sampler.add_prompt_logits(req, start, plogits)
         sampled = self.sampler.sample(logits, rows)
+        for r in rows:
+            if not r.output_token_ids and isinstance(r.payload, SamplingParams) and r.payload.prompt_logprobs is not None:
+                result.prompt_logprobs[r.request_id] = self.sampler.take_prompt_logprobs(r) or []
         result.new_tokens = {r.request_id: t for r, t in zip(rows, sampled.tokens, strict=True)}
         result.logprobs = {r.request_id: lp for r, lp in zip(rows, sampled.logprobs, strict=True) if lp is not None}
         # --- end openai ---

@@ -39,6 +39,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = True
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 2.., when SamplingParams.prompt_logprobs is set
 
 
 def _config(model: str, settings: dict[str, Any]) -> ClusterConfig:
@@ -119,6 +120,8 @@ class LLM:
             step = self.core.step()
             for rid, tok in step.new_tokens.items():
                 stream = streams[rid]
+                if rid in step.prompt_logprobs:
+                    outputs[rid].prompt_logprobs = step.prompt_logprobs[rid]
                 if rid in step.logprobs:
                     lps.setdefault(rid, []).append(step.logprobs[rid])
                 stream.add([tok])

@@ -11,6 +11,7 @@ from pdserve.model.attention import AttentionMetadata
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
+from pdserve.sched.request import Request
 
 
 class ModelRunner:
@@ -31,6 +32,7 @@ class ModelRunner:
         per_block = cache.block_size * self.shape.kv_bytes_per_token()
         self.num_blocks = cache.num_blocks or max(4, int(cache.kv_cache_memory_gb * 2**30 // per_block))
         s = self.shape
+        self.prompt_logits: list[tuple[Request, int, torch.Tensor]] = []  # openai: see execute
         self.kv_caches = [
             torch.zeros(2, self.num_blocks, cache.block_size, s.num_kv_heads, s.head_dim,
                         dtype=self.dtype, device=self.device)
@@ -83,6 +85,17 @@ class ModelRunner:
             meta,
             layer_done,
         )
+        # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
+        self.prompt_logits = []
+        q = 0
+        for chunk in out.chunks:
+            p = chunk.request.payload
+            if (getattr(p, "prompt_logprobs", None) is not None and not chunk.request.output_token_ids
+                    and chunk.start < chunk.request.num_prompt_tokens):
+                self.prompt_logits.append((chunk.request, chunk.start,
+                                           self.model.logits(hidden[q: q + chunk.num_tokens])))
+            q += chunk.num_tokens
+        # --- end openai ---
         return self.model.logits(hidden[sample_rows])
 
     # ---- KV in and out (transfer plane) -------------------------------------------------------

@@ -53,6 +53,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: off; k: the sampled token's log-probability and the top k
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's (from the 2nd) and the top k
     guided: GuidedSpec | None = None  # structured output: the grammar the output must match
 
     def __post_init__(self) -> None:
@@ -64,6 +65,7 @@ class SamplingParams:
             (0 < self.repetition_penalty <= 10, "repetition_penalty must be in (0, 10]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (self.max_tokens >= 1, "max_tokens must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
@@ -262,6 +264,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], steps: list[int])
     return sample_rows(logits, [Row(p, s) for p, s in zip(params, steps, strict=True)]).tokens
 
 
+def prompt_logprobs(logits: torch.Tensor, targets: list[int], k: int) -> list[TokenLogprobs]:
+    """Row i of `logits` predicts targets[i]: its log-probability and the top k (rows beyond the
+    targets, e.g. the last prompt position's, which predicts the first output token, are ignored)."""
+    lp = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(targets, device=lp.device).unsqueeze(1)).squeeze(1).tolist()
+    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    return [TokenLogprobs(c, list(zip(i, v, strict=True))) for c, i, v in
+            zip(chosen, top_i.tolist(), top_v.tolist(), strict=True)]
+
+
 class BatchSampler:
     """The engine's sampler: turns the scheduled requests into rows (token history for penalties,
     grammar state kept per request) and samples them together."""
@@ -271,6 +283,19 @@ class BatchSampler:
         self._compiler: GrammarCompiler | None = None
         # Per-request grammar state; dropped with the request (no bookkeeping on finish or abort).
         self._grammars: weakref.WeakKeyDictionary[Request, GrammarState] = weakref.WeakKeyDictionary()
+        # Prompt log-probabilities gathered chunk by chunk until the first token is sampled.
+        self._prompt_lps: weakref.WeakKeyDictionary[Request, list[TokenLogprobs]] = weakref.WeakKeyDictionary()
+
+    def add_prompt_logits(self, req: Request, start: int, logits: torch.Tensor) -> None:
+        """Logits of prompt positions start.. (one prefill chunk of a request that asked for prompt logprobs)."""
+        p = req.payload
+        assert isinstance(p, SamplingParams) and p.prompt_logprobs is not None
+        targets = req.prompt_token_ids[start + 1: start + 1 + logits.shape[0]]
+        if targets:
+            self._prompt_lps.setdefault(req, []).extend(prompt_logprobs(logits, targets, p.prompt_logprobs))
+
+    def take_prompt_logprobs(self, req: Request) -> list[TokenLogprobs] | None:
+        return self._prompt_lps.pop(req, None)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> SampleOutput:
         rows = []

@@ -114,6 +114,7 @@ class LocalBackend:
             ev = self._event([tok], req)
             lp = result.logprobs.get(rid)
             ev.logprobs = [lp] if lp is not None else None
+            ev.prompt_logprobs = result.prompt_logprobs.get(rid)
             q.put_nowait(ev)
         for rid, req in finished.items():  # finished without a new token (e.g. aborted)
             q = self.queues.get(rid)

@@ -19,6 +19,7 @@ class TokenEvent:
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds, on the last event
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with the first token: prompt tokens 2..
 
 
 class BackendError(Exception):

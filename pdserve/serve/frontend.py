@@ -57,6 +57,7 @@ class Choice:
     cached: int = 0
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     logprobs_sent: int = 0  # streaming: how many went out already
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # echo: tokens 2..
 
 
 class OpenAIFront:
@@ -291,6 +292,8 @@ class OpenAIFront:
                     n += len(ev.token_ids)
                     if ev.logprobs:
                         choice.logprobs.extend(ev.logprobs)
+                    if ev.prompt_logprobs:
+                        choice.prompt_logprobs = ev.prompt_logprobs
                     delta = choice.stream.add(ev.token_ids)
                     if choice.stream.stopped:
                         choice.finish_reason = "stop"
@@ -425,13 +428,18 @@ class OpenAIFront:
                                                   for a, v in lp.top]}
                                 for t, lp in zip(ids, lps, strict=False)], "refusal": None}
         strs = [text(t) for t in ids[: len(lps)]]
+        values: list[float | None] = [lp.logprob for lp in lps]
+        tops: list[dict[str, float] | None] = [{text(a): v for a, v in lp.top} for lp in lps]
+        if c.params.prompt_logprobs is not None:  # echo: the prompt's tokens first; the first has none
+            strs = [text(t) for t in c.prompt_ids] + strs
+            values = [None] + [lp.logprob for lp in c.prompt_logprobs] + values
+            tops = [None] + [{text(a): v for a, v in lp.top} for lp in c.prompt_logprobs] + tops
         offset = sum(len(text(t)) for t in c.stream.token_ids[:start])
         offsets = []
         for s in strs:
             offsets.append(offset)
             offset += len(s)
-        return {"tokens": strs, "token_logprobs": [lp.logprob for lp in lps],
-                "top_logprobs": [{text(a): v for a, v in lp.top} for lp in lps], "text_offset": offsets}
+        return {"tokens": strs, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
     def _token_text(self, token_id: int) -> str:
         """A token's text; a token that is part of a character (its decode alone is U+FFFD) is

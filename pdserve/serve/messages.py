@@ -35,6 +35,7 @@ class Params(msgspec.Struct, frozen=True):
     min_p: float = 0.0
     logit_bias: dict[int, float] = {}
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     guided_kind: str = ""  # structured output (engine/grammar.py); "" when none
     guided_value: str = ""
 
@@ -43,7 +44,7 @@ class Params(msgspec.Struct, frozen=True):
         g = p.guided
         return cls(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop_token_ids),
                    p.ignore_eos, p.min_tokens, p.output_offset, p.presence_penalty, p.frequency_penalty,
-                   p.repetition_penalty, p.min_p, dict(p.logit_bias), p.logprobs,
+                   p.repetition_penalty, p.min_p, dict(p.logit_bias), p.logprobs, p.prompt_logprobs,
                    g.kind if g else "", g.value if g else "")
 
     def sampling(self) -> SamplingParams:
@@ -55,6 +56,7 @@ class Params(msgspec.Struct, frozen=True):
                               frequency_penalty=self.frequency_penalty,
                               repetition_penalty=self.repetition_penalty, min_p=self.min_p,
                               logit_bias=dict(self.logit_bias), logprobs=self.logprobs,
+                              prompt_logprobs=self.prompt_logprobs,
                               guided=GuidedSpec(self.guided_kind, self.guided_value) if self.guided_kind else None)
 
 
@@ -130,6 +132,7 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     timings: dict[str, float] = {}
     num_cached_tokens: int = 0
     logprobs: list[Logprob] = []  # one per token in token_ids, when the request asked for logprobs
+    prompt_logprobs: list[Logprob] = []  # with the first token: prompt tokens 2.., when asked for
 
 
 class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):

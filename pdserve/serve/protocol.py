@@ -305,11 +305,13 @@ def parse_completion(body: Any) -> GenerateRequest:
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_LOGPROBS:
             raise APIError(f"'logprobs' must be in [0, {MAX_LOGPROBS}], got {logprobs}", param="logprobs")
-        if req.echo:
-            raise APIError("'logprobs' with 'echo' (prompt log-probabilities) is not supported", param="echo")
         req.params.logprobs = logprobs
     req.guided_param = _guided_param(body)
     _common(body, req)
+    if req.echo and logprobs is not None:  # the prompt's log-probabilities too, computed by its prefill
+        if req.stream:
+            raise APIError("'echo' with 'logprobs' is not supported when streaming", param="echo")
+        req.params.prompt_logprobs = logprobs
     return req
 
 

@@ -236,6 +236,9 @@ class WorkerBase(Generic[P]):
             lp = result.logprobs.get(rid)
             if lp is not None:  # openai: the token's logprobs ride with it
                 msg = msgspec.structs.replace(msg, logprobs=[m.Logprob.of(lp)])
+            plp = result.prompt_logprobs.get(rid)
+            if plp:
+                msg = msgspec.structs.replace(msg, prompt_logprobs=[m.Logprob.of(x) for x in plp])
             out.setdefault(peer, []).append(msg)
         for peer, msgs in out.items():
             asyncio.ensure_future(send_all(peer, msgs))

@@ -212,4 +212,6 @@ class Call:
         self.done = msg.finish_reason is not None
         return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
                           num_cached_tokens=msg.num_cached_tokens,
-                          logprobs=[TokenLogprobs(lp.logprob, list(lp.top)) for lp in msg.logprobs] or None)
+                          logprobs=[TokenLogprobs(lp.logprob, list(lp.top)) for lp in msg.logprobs] or None,
+                          prompt_logprobs=[TokenLogprobs(lp.logprob, list(lp.top))
+                                           for lp in msg.prompt_logprobs] or None)
