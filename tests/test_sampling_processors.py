@@ -142,6 +142,7 @@ def test_min_p_follows_the_exact_distribution(min_p: float) -> None:
     assert chi2 < CHI2_999[len(support) - 1], (got, want)
 
 
+@pytest.mark.slow  # about 20 s of CPU: 50 sequences of the 27M-parameter demo model
 def test_json_schema_validates_for_50_prompts_on_the_demo_model() -> None:
     llm = LLM("demo", kv_cache_memory_gb=0.1)
     ps = prompts(50, 4000, seed=1)
