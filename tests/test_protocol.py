@@ -267,6 +267,13 @@ def test_chat_refuses_what_it_does_not_implement(field, value):
     assert field in e.message
 
 
+def test_stream_options_and_choice_limits():
+    bad(parse_completion, {"model": "m", "prompt": "hi", "stream_options": {"continuous_usage_stats": True}},
+        "stream_options")
+    bad(parse_completion, {"model": "m", "prompt": ["a"] * 8, "n": 9}, "n")
+    assert comp(prompt=["a"] * 8, n=8).n == 8
+
+
 def test_null_and_inert_fields_pass():
     assert chat(tools=[], tool_choice="none", user="u", audio=None).params.guided is None
     assert comp(user="u", suffix=None).n == 1

@@ -262,6 +262,10 @@ def _n(body: dict[str, Any]) -> int:
 def _common(body: Any, req: GenerateRequest) -> None:
     req.stream = bool(_get(body, "stream", (bool,), False))
     opts = _get(body, "stream_options", (dict,), {}) or {}
+    extra = next((k for k, v in opts.items() if k != "include_usage" and v is not None), None)
+    if extra is not None:
+        raise APIError(f"'stream_options.{extra}' is not supported by this server", param="stream_options",
+                       code="unsupported_parameter")
     req.include_usage = bool(_get(opts, "include_usage", (bool,), False))
     req.return_token_ids = bool(_get(body, "return_token_ids", (bool,), False))
 
@@ -298,6 +302,8 @@ def parse_completion(body: Any) -> GenerateRequest:
     req = GenerateRequest(model=model, prompts=prompts, params=params, max_tokens=max_tokens)
     req.echo = bool(_get(body, "echo", (bool,), False))
     req.n = _n(body)
+    if req.n * len(prompts) > 64:
+        raise APIError("at most 64 choices per request (n times the number of prompts)", param="n")
     best_of = _get(body, "best_of", (int,), None)
     if best_of is not None and best_of != req.n:
         raise APIError("'best_of' other than n is not supported", param="best_of")
