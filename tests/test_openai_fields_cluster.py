@@ -91,11 +91,16 @@ def test_n4_seeded_equals_four_seeded_single_requests(cluster, client: openai.Op
     _, folder = cluster
     kw = {"model": folder, "prompt": [7, 8, 9, 10], "max_tokens": 10, "temperature": 1.0}
     many = client.completions.create(n=4, seed=100, **kw, extra_body={"ignore_eos": True})
-    singles = [client.completions.create(seed=100 + j, **kw, extra_body={"ignore_eos": True}).choices[0].text
-               for j in range(4)]
+    ones = [client.completions.create(seed=100 + j, logprobs=0, **kw, extra_body={"ignore_eos": True}).choices[0]
+            for j in range(4)]
+    singles = [c.text for c in ones]
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert [c.text for c in many.choices] == singles
     assert len(set(singles)) > 1
+    # best_of=4, n=1: the one of those four with the highest cumulative log-probability.
+    best = max(range(4), key=lambda j: sum(ones[j].logprobs.token_logprobs))
+    r = client.completions.create(n=1, best_of=4, seed=100, **kw, extra_body={"ignore_eos": True})
+    assert [c.text for c in r.choices] == [singles[best]] and r.choices[0].logprobs is None
 
 
 def test_structured_outputs_validate_through_the_cluster(cluster, client: openai.OpenAI) -> None:  # type: ignore[no-untyped-def]

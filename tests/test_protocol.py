@@ -114,7 +114,7 @@ def test_body_not_object(body):
     ("n", 17), ("n", 0),
     ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0), ("min_p", 1.5),
     ("logprobs", True), ("logprobs", 21), ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}),
-    ("best_of", 3), ("suffix", "x"), ("prompt_logprobs", 1),
+    ("best_of", 17), ("suffix", "x"), ("prompt_logprobs", 1),
     ("stream", "yes"), ("stream", 1),
     ("stream_options", [1]),
     ("echo", "yes"),
@@ -226,7 +226,9 @@ def test_penalties_bias_min_p_parse():
 
 def test_logprobs_shapes_and_n():
     assert comp(logprobs=3, n=4).params.logprobs == 3
-    assert comp(n=4).n == 4 and comp(best_of=4, n=4).n == 4
+    assert comp(n=4).n == 4 and comp(best_of=4, n=4).n == 4 and comp(best_of=3).best_of == 3
+    bad(parse_completion, {"model": "m", "prompt": "hi", "best_of": 1, "n": 2}, "best_of")
+    bad(parse_completion, {"model": "m", "prompt": "hi", "best_of": 3, "stream": True}, "best_of")
     assert chat(logprobs=True, top_logprobs=5).params.logprobs == 5
     assert chat(logprobs=True).params.logprobs == 0
     assert chat().params.logprobs is None

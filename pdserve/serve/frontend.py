@@ -57,6 +57,7 @@ class Choice:
     cached: int = 0
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     logprobs_sent: int = 0  # streaming: how many went out already
+    hide_logprobs: bool = False  # computed for best_of's ranking only
     prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # echo: tokens 2..
 
 
@@ -246,7 +247,7 @@ class OpenAIFront:
                     f"and max_tokens asks for {max_tokens} more", param="max_tokens",
                     code="context_length_exceeded")
             params = dataclasses.replace(req.params, max_tokens=max_tokens)
-            for j in range(req.n):
+            for j in range(max(req.n, req.best_of)):
                 # Choice j of a seeded request draws as a single request with seed + j would.
                 pj = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                 choices.append(Choice(len(choices), ids, TextStream(self.tokenizer, req.params.stop), pj, i))
@@ -257,6 +258,10 @@ class OpenAIFront:
                            param="logit_bias")
         if req.params.guided is not None:
             self._check_grammar(req)
+        if req.best_of > req.n and req.params.logprobs is None:  # ranking needs them; not shown
+            for c in choices:
+                c.params = dataclasses.replace(c.params, logprobs=0)
+                c.hide_logprobs = True
         return choices
 
     def _check_grammar(self, req: GenerateRequest) -> None:
@@ -355,25 +360,28 @@ class OpenAIFront:
         return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g}
 
     async def _complete(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool) -> dict[str, Any]:
-        texts = {c.index: "" for c in choices}
+        texts = {id(c): "" for c in choices}  # by choice: best_of re-indexes
         async for choice, delta, _ in self._events(rid, req, choices):
-            texts[choice.index] += delta
+            texts[id(choice)] += delta
+        usage = self._usage(choices)
+        if req.best_of > req.n:
+            choices = _best(choices, req.n)
         body: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                                 "created": int(time.time()), "model": self.model_name}
         if chat:
-            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[id(c)]},
                                 "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         else:
             prefix = {c.index: (req.prompts[c.prompt] if req.echo and isinstance(req.prompts[c.prompt], str) else "")  # type: ignore[index]
                       for c in choices}
-            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index],
+            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[id(c)],
                                 "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         if req.return_token_ids:  # extension (as in vLLM): exact ids, for clients that compare tokens
             for c, out in zip(choices, body["choices"], strict=True):
                 out["token_ids"] = list(c.stream.token_ids)
-        body["usage"] = self._usage(choices)
+        body["usage"] = usage  # best_of: every generated token counts
         body["timings"] = [c.timings for c in choices]
         return body
 
@@ -417,7 +425,7 @@ class OpenAIFront:
 
     def _logprobs(self, c: Choice, chat: bool, upto: int, start: int = 0) -> dict[str, Any] | None:
         """OpenAI's logprobs object for tokens start..upto of a choice (None when not asked for)."""
-        if c.params.logprobs is None:
+        if c.params.logprobs is None or c.hide_logprobs:
             return None
         ids = c.stream.token_ids[start:upto]
         lps = c.logprobs[start:upto]
@@ -446,6 +454,19 @@ class OpenAIFront:
         named by its vocabulary entry instead, so that distinct tokens keep distinct keys."""
         text = self.tokenizer.decode([token_id])
         return text if "\ufffd" not in text else str(self.tokenizer.convert_ids_to_tokens(token_id))
+
+
+def _best(choices: list[Choice], n: int) -> list[Choice]:
+    """best_of: per prompt, the n choices of highest cumulative log-probability (as vLLM), re-indexed."""
+    def score(c: Choice) -> float:
+        return sum(lp.logprob for lp in c.logprobs[: len(c.stream.token_ids)])
+
+    kept: list[Choice] = []
+    for p in sorted({c.prompt for c in choices}):
+        kept += sorted((c for c in choices if c.prompt == p), key=score, reverse=True)[:n]
+    for i, c in enumerate(kept):
+        c.index = i
+    return kept
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]

@@ -94,6 +94,7 @@ class GenerateRequest:
     echo: bool = False
     return_token_ids: bool = False
     n: int = 1  # choices per prompt; choice j of a seeded request uses seed + j
+    best_of: int = 1  # completions: generate this many per prompt, return the n most likely
     chat_logprobs: bool = False  # chat's shape of logprobs (else completions')
     guided_param: str = "response_format"  # the field the structured-output constraint came from
 
@@ -305,8 +306,13 @@ def parse_completion(body: Any) -> GenerateRequest:
     if req.n * len(prompts) > 64:
         raise APIError("at most 64 choices per request (n times the number of prompts)", param="n")
     best_of = _get(body, "best_of", (int,), None)
-    if best_of is not None and best_of != req.n:
-        raise APIError("'best_of' other than n is not supported", param="best_of")
+    if best_of is not None:
+        if not req.n <= best_of <= MAX_N or best_of * len(prompts) > 64:
+            raise APIError(f"'best_of' must be in [n, {MAX_N}] (and best_of times the prompts at most 64)",
+                           param="best_of")
+        if _get(body, "stream", (bool,), False) and best_of > req.n:
+            raise APIError("'best_of' greater than n cannot stream", param="best_of")
+        req.best_of = best_of
     logprobs = _get(body, "logprobs", (int,), None)
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_LOGPROBS:
