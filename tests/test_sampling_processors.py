@@ -111,6 +111,14 @@ def test_logprobs_equal_transformers_log_softmax(llm: LLM, tiny_models) -> None:
         assert max(abs(v - w) for (_, v), w in zip(lp.top, top.values.tolist(), strict=True)) < LOGPROB_TOL
 
 
+def test_logprobs_zero_gives_the_sampled_token_only() -> None:
+    logits = torch.randn(3, 30, generator=torch.Generator().manual_seed(1))
+    out = sample_rows(logits, [Row(SamplingParams(temperature=0, logprobs=0), 0)] * 3)
+    assert all(lp is not None and lp.top == [] for lp in out.logprobs)
+    want = torch.log_softmax(logits, -1).max(-1).values.tolist()
+    assert [lp.logprob for lp in out.logprobs] == pytest.approx(want)  # type: ignore[union-attr]
+
+
 def test_batched_rows_with_penalties_ignore_their_neighbours() -> None:
     """A row's token depends on its own logits, history and seed only, not on the batch around it."""
     g = torch.Generator().manual_seed(3)

@@ -248,7 +248,8 @@ def sample_rows(logits: torch.Tensor, rows: list[Row], compiler: GrammarCompiler
     chosen = lp.gather(1, tokens.unsqueeze(1)).squeeze(1)
     top = lp.topk(k, dim=-1) if k else None
     tok_l, chosen_l = tokens.tolist(), chosen.tolist()
-    top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+    rows_n = len(ps)  # logprobs=0 on every row: no alternatives to list
+    top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([[]] * rows_n, [[]] * rows_n)
     out: list[TokenLogprobs | None] = []
     for i, p in enumerate(ps):
         n = p.logprobs
