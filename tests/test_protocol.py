@@ -111,9 +111,10 @@ def test_body_not_object(body):
     ("temperature", math.inf),
     ("top_p", 0), ("top_p", 1.5), ("top_p", math.nan),
     ("top_k", 0), ("top_k", -2), ("top_k", 2.0),
-    ("n", 2), ("n", 0),
-    ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("logprobs", True), ("logprobs", 5),
+    ("n", 17), ("n", 0),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0), ("min_p", 1.5),
+    ("logprobs", True), ("logprobs", 21), ("logit_bias", {"x": 1}), ("logit_bias", {"5": 101}),
+    ("best_of", 17), ("suffix", "x"), ("prompt_logprobs", 1),
     ("stream", "yes"), ("stream", 1),
     ("stream_options", [1]),
     ("echo", "yes"),
@@ -212,3 +213,69 @@ def test_depth_limit_is_exact_and_iterative():
         check_json({"x": _nested(MAX_JSON_DEPTH)})
     with pytest.raises(APIError, match="nested more than"):
         check_json(_nested(100_000))  # no RecursionError however deep
+
+
+# ---- fields beyond the basics (issue 17) ------------------------------------------------------
+
+def test_penalties_bias_min_p_parse():
+    p = comp(presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.3, min_p=0.1,
+             logit_bias={"5": -100, "7": 2.5}).params
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty, p.min_p) == (0.5, -1.0, 1.3, 0.1)
+    assert p.logit_bias == {5: -100.0, 7: 2.5}
+
+
+def test_logprobs_shapes_and_n():
+    assert comp(logprobs=3, n=4).params.logprobs == 3
+    assert comp(n=4).n == 4 and comp(best_of=4, n=4).n == 4 and comp(best_of=3).best_of == 3
+    bad(parse_completion, {"model": "m", "prompt": "hi", "best_of": 1, "n": 2}, "best_of")
+    bad(parse_completion, {"model": "m", "prompt": "hi", "best_of": 3, "stream": True}, "best_of")
+    assert chat(logprobs=True, top_logprobs=5).params.logprobs == 5
+    assert chat(logprobs=True).params.logprobs == 0
+    assert chat().params.logprobs is None
+    bad(lambda b: parse_chat(b), {"model": "m", "messages": CHAT_MSGS, "top_logprobs": 2}, "top_logprobs")
+    assert comp(logprobs=2, echo=True).params.prompt_logprobs == 2
+    assert comp(logprobs=2).params.prompt_logprobs is None
+    bad(parse_completion, {"model": "m", "prompt": "hi", "logprobs": 1, "echo": True, "stream": True}, "echo")
+
+
+@pytest.mark.parametrize("extra,kind", [
+    ({"response_format": {"type": "json_object"}}, "json_object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+     "json_schema"),
+    ({"guided_json": {"type": "integer"}}, "json_schema"),
+    ({"guided_regex": "[a-z]+"}, "regex"),
+    ({"guided_choice": ["yes", "no"]}, "choice"),
+    ({"structured_outputs": {"choice": ["a", "b"]}}, "choice"),
+    ({"response_format": {"type": "text"}}, None),
+])
+def test_structured_outputs_parse(extra, kind):
+    for fn in (comp, chat):
+        g = fn(**extra).params.guided
+        assert (g.kind if g else None) == kind
+
+
+def test_structured_output_refusals():
+    bad(parse_chat, {"model": "m", "messages": CHAT_MSGS, "response_format": {"type": "xml"}}, "response_format")
+    bad(parse_chat, {"model": "m", "messages": CHAT_MSGS, "guided_choice": []}, "guided_choice")
+    bad(parse_chat, {"model": "m", "messages": CHAT_MSGS, "guided_regex": "a", "guided_choice": ["a"]},
+        "guided_choice")
+
+
+@pytest.mark.parametrize("field,value", [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                                         ("tool_choice", "required"), ("audio", {}), ("modalities", ["text"]),
+                                         ("store", True), ("reasoning_effort", "low")])
+def test_chat_refuses_what_it_does_not_implement(field, value):
+    e = bad(parse_chat, {"model": "m", "messages": CHAT_MSGS, field: value}, field)
+    assert field in e.message
+
+
+def test_stream_options_and_choice_limits():
+    bad(parse_completion, {"model": "m", "prompt": "hi", "stream_options": {"continuous_usage_stats": True}},
+        "stream_options")
+    bad(parse_completion, {"model": "m", "prompt": ["a"] * 8, "n": 9}, "n")
+    assert comp(prompt=["a"] * 8, n=8).n == 8
+
+
+def test_null_and_inert_fields_pass():
+    assert chat(tools=[], tool_choice="none", user="u", audio=None).params.guided is None
+    assert comp(user="u", suffix=None).n == 1

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams, sample
+from pdserve.engine.sampler import BatchSampler, SamplingParams, TokenLogprobs
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
 
@@ -31,6 +31,8 @@ class Policy(Protocol):
 @dataclass
 class StepResult:
     new_tokens: dict[str, int] = field(default_factory=dict)  # request id -> token sampled this step
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)  # rows that asked for them (openai)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)  # with the first token (openai)
     finished: list[Request] = field(default_factory=list)
     output: SchedulerOutput = field(default_factory=SchedulerOutput)
     started: float = 0.0
@@ -41,9 +43,11 @@ class EngineCore:
     """Steps one policy over one model runner."""
 
     def __init__(
-        self, runner: ModelRunner, policy: Policy, clock: Callable[[], float] = time.monotonic
+        self, runner: ModelRunner, policy: Policy, clock: Callable[[], float] = time.monotonic,
+        sampler: BatchSampler | None = None,
     ) -> None:
         self.runner = runner
+        self.sampler = sampler or BatchSampler()  # batched sampling, grammar state (openai)
         self.policy = policy
         self.clock = clock
         self.eos_ids = frozenset(runner.shape.eos_token_ids)
@@ -65,6 +69,7 @@ class EngineCore:
             stop_token_ids=frozenset(stop),
             min_tokens=params.min_tokens,
             payload=params,
+            use_prefix_cache=params.prompt_logprobs is None,  # openai: every prompt position's logits
         )
 
     def add(self, req: Request) -> None:
@@ -81,9 +86,16 @@ class EngineCore:
         hook = self.layer_hook
         logits = self.runner.execute(out, (lambda i: hook(out, i)) if hook else None)
         rows = [c.request for c in out.chunks if c.sample]
-        params = [r.payload if isinstance(r.payload, SamplingParams) else SamplingParams() for r in rows]
-        tokens = sample(logits, params, [len(r.output_token_ids) for r in rows])
-        result.new_tokens = {r.request_id: t for r, t in zip(rows, tokens, strict=True)}
+        # --- openai: one batched sampler (penalties, grammar, logprobs) ---
+        for req, start, plogits in self.runner.prompt_logits:
+            self.sampler.add_prompt_logits(req, start, plogits)
+        sampled = self.sampler.sample(logits, rows)
+        for r in rows:
+            if not r.output_token_ids and isinstance(r.payload, SamplingParams) and r.payload.prompt_logprobs is not None:
+                result.prompt_logprobs[r.request_id] = self.sampler.take_prompt_logprobs(r) or []
+        result.new_tokens = {r.request_id: t for r, t in zip(rows, sampled.tokens, strict=True)}
+        result.logprobs = {r.request_id: lp for r, lp in zip(rows, sampled.logprobs, strict=True) if lp is not None}
+        # --- end openai ---
         now = self.clock()
         with self.lock:
             result.finished = self.policy.update(out, result.new_tokens, now)

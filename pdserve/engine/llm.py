@@ -12,8 +12,9 @@ from pdserve.config.load import cluster_from_dict
 from pdserve.config.schema import CacheConfig, ClusterConfig, ConfigError, SchedulerConfig
 from pdserve.engine.core import EngineCore
 from pdserve.engine.detokenizer import TextStream
+from pdserve.engine.grammar import compiler_factory
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.sampler import BatchSampler, SamplingParams, TokenLogprobs
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.sched.admission import admission_error, limits_for
 from pdserve.sched.block_manager import BlockManager
@@ -27,6 +28,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: list[TokenLogprobs] | None = None  # per token, when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     num_cached_tokens: int = 0
     finished: bool = True
+    prompt_logprobs: list[TokenLogprobs] | None = None  # prompt tokens 2.., when SamplingParams.prompt_logprobs is set
 
 
 def _config(model: str, settings: dict[str, Any]) -> ClusterConfig:
@@ -68,7 +71,9 @@ class LLM:
                                           cfg.cache.enable_prefix_caching, cfg.cache.eviction,
                                           self.runner.cache_salt)
         self.scheduler = ColocatedScheduler(cfg.colocated.policy(), self.block_manager)
-        self.core = EngineCore(self.runner, self.scheduler)
+        shape = self.runner.shape
+        self.core = EngineCore(self.runner, self.scheduler, sampler=BatchSampler(
+            compiler_factory(model, shape.vocab_size, list(shape.eos_token_ids))))
         self.tokenizer = load_tokenizer(model)
         self.max_model_len = self.runner.shape.max_model_len
         self._ids = itertools.count()
@@ -96,10 +101,13 @@ class LLM:
             why = admission_error(ids, p.max_tokens, limits)
             if why is not None:
                 raise ValueError(f"prompt {i}: {why}")
+            if p.guided is not None:
+                self.core.sampler.check(p.guided)
             todo.append((text, ids, p))
         outputs: dict[str, RequestOutput] = {}
         streams: dict[str, TextStream] = {}
         order: list[str] = []
+        lps: dict[str, list[TokenLogprobs]] = {}
         for text, ids, p in todo:
             rid = str(next(self._ids))
             self.core.add(self.core.make_request(rid, ids, p))
@@ -112,6 +120,10 @@ class LLM:
             step = self.core.step()
             for rid, tok in step.new_tokens.items():
                 stream = streams[rid]
+                if rid in step.prompt_logprobs:
+                    outputs[rid].prompt_logprobs = step.prompt_logprobs[rid]
+                if rid in step.logprobs:
+                    lps.setdefault(rid, []).append(step.logprobs[rid])
                 stream.add([tok])
                 if stream.stopped:  # a stop string ends the request here, not the policy
                     req = self.scheduler.finish(rid, RequestStatus.FINISHED_STOPPED, self.core.clock())
@@ -122,7 +134,9 @@ class LLM:
                 stream = streams[req.request_id]
                 stream.flush()
                 ids = req.output_token_ids[: len(stream.token_ids)]
-                out.outputs = [CompletionOutput(0, stream.text, ids, req.status.finish_reason)]
+                lp = lps.pop(req.request_id, None)
+                out.outputs = [CompletionOutput(0, stream.text, ids, req.status.finish_reason,
+                                                lp[: len(ids)] if lp is not None else None)]
                 out.num_cached_tokens = req.num_cached_tokens
                 done += 1
                 bar.update(1)

@@ -20,6 +20,7 @@ from pdserve.model.attention import (
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
+from pdserve.sched.request import Request
 
 
 class ModelRunner:
@@ -40,6 +41,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.num_blocks = kv_blocks_for(self, cache)  # engine-gpu hook: set, or sized from free memory on cuda
         s = self.shape
+        self.prompt_logits: list[tuple[Request, int, torch.Tensor]] = []  # openai: see execute
         self.kv_caches = [
             torch.zeros(2, self.num_blocks, cache.block_size, s.num_kv_heads, s.head_dim,
                         dtype=self.dtype, device=self.device)
@@ -54,6 +56,7 @@ class ModelRunner:
         self, out: SchedulerOutput, layer_done: Callable[[int], None] | None = None
     ) -> torch.Tensor:
         """Compute every chunk; return float32 logits for the chunks that sample, in chunk order."""
+        self.prompt_logits = []  # this step's only (a graph-replayed step has none)
         if self.graphs is not None and layer_done is None:  # engine-gpu hook: replay a decode graph
             logits = self.graphs.run(out)
             if logits is not None:
@@ -75,6 +78,16 @@ class ModelRunner:
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
         hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done)
+        # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
+        q = 0
+        for chunk in out.chunks:
+            p = chunk.request.payload
+            if (getattr(p, "prompt_logprobs", None) is not None and not chunk.request.output_token_ids
+                    and chunk.start < chunk.request.num_prompt_tokens):
+                self.prompt_logits.append((chunk.request, chunk.start,
+                                           self.model.logits(hidden[q: q + chunk.num_tokens])))
+            q += chunk.num_tokens
+        # --- end openai ---
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[_long(sample_rows, dev)]
         return self.model.logits(hidden)

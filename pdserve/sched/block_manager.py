@@ -205,7 +205,7 @@ class BlockManager:
 
         At least one token is always left to compute, since the engine needs its logits.
         """
-        if not self.enable_prefix_caching or req.block_ids:
+        if not self.enable_prefix_caching or req.block_ids or not req.use_prefix_cache:  # openai: prompt logprobs
             return 0  # before any token list is built
         hashes = block_hashes(_token_slice(req, 0, req.num_tokens - 1), self.block_size, self._root)
         self.queries += len(hashes)

@@ -56,6 +56,9 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     payload: Any = None  # engine-side data the policies never look at (sampling params, ...)
+    # False when every prompt position must be computed here (prompt log-probabilities need each
+    # position's logits), so cached prefix blocks must not stand in for them.
+    use_prefix_cache: bool = True
 
     @property
     def num_prompt_tokens(self) -> int:

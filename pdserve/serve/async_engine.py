@@ -111,7 +111,11 @@ class LocalBackend:
             if q is None:
                 continue
             req = finished.pop(rid, None)
-            q.put_nowait(self._event([tok], req))
+            ev = self._event([tok], req)
+            lp = result.logprobs.get(rid)
+            ev.logprobs = [lp] if lp is not None else None
+            ev.prompt_logprobs = result.prompt_logprobs.get(rid)
+            q.put_nowait(ev)
         for rid, req in finished.items():  # finished without a new token (e.g. aborted)
             q = self.queues.get(rid)
             if q is not None:
@@ -139,6 +143,11 @@ class LocalBackend:
         why = admission_error(prompt_token_ids, params.max_tokens, self.limits)
         if why is not None:  # it could never finish: refuse it before it blocks the queue for good
             raise BackendError(why, 400)
+        if params.guided is not None:
+            try:
+                self.core.sampler.check(params.guided)
+            except ValueError as e:
+                raise BackendError(str(e), 400) from None
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.queues[request_id] = q
         req = self.core.make_request(request_id, prompt_token_ids, params)

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.sampler import SamplingParams, TokenLogprobs
 
 
 @dataclass
@@ -18,6 +18,8 @@ class TokenEvent:
     error: str | None = None  # the request failed; the front turns this into an error
     timings: dict[str, float] = field(default_factory=dict)  # phase -> seconds, on the last event
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None  # one per token, when the request asked for them
+    prompt_logprobs: list[TokenLogprobs] | None = None  # with the first token: prompt tokens 2..
 
 
 class BackendError(Exception):

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
 from pdserve.engine.detokenizer import TextStream
+from pdserve.engine.grammar import GrammarCompiler
+from pdserve.engine.sampler import SamplingParams, TokenLogprobs
 from pdserve.serve.backend import Backend, BackendError
 from pdserve.serve.metrics import ServerMetrics
 from pdserve.serve.protocol import (
@@ -48,10 +50,16 @@ class Choice:
     index: int
     prompt_ids: list[int]
     stream: TextStream
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    prompt: int = 0  # which prompt of the request it continues
     finish_reason: str | None = None
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     cached: int = 0
     streamed_ids: int = 0  # token ids already sent in stream chunks (return_token_ids)
+    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
+    logprobs_sent: int = 0  # streaming: how many went out already
+    hide_logprobs: bool = False  # computed for best_of's ranking only
+    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # echo: tokens 2..
 
 
 class OpenAIFront:
@@ -63,6 +71,7 @@ class OpenAIFront:
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
         self.vocab_size = len(tokenizer)
+        self._grammar: GrammarCompiler | None = None  # built on the first guided request, to check it
         self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None),
                                      getattr(backend, "link_stats", None), getattr(backend, "worker_metrics", None))
         self.created = int(time.time())
@@ -238,9 +247,33 @@ class OpenAIFront:
                     f"this model's maximum context length is {limit} tokens; the prompt has {len(ids)} "
                     f"and max_tokens asks for {max_tokens} more", param="max_tokens",
                     code="context_length_exceeded")
-            req.params = dataclasses.replace(req.params, max_tokens=max_tokens)
-            choices.append(Choice(i, ids, TextStream(self.tokenizer, req.params.stop)))
+            params = dataclasses.replace(req.params, max_tokens=max_tokens)
+            for j in range(max(req.n, req.best_of)):
+                # Choice j of a seeded request draws as a single request with seed + j would.
+                pj = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                choices.append(Choice(len(choices), ids, TextStream(self.tokenizer, req.params.stop), pj, i))
+        req.params = choices[0].params
+        bad = next((t for t in req.params.logit_bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(f"logit_bias token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           param="logit_bias")
+        if req.params.guided is not None:
+            self._check_grammar(req)
+        if req.best_of > req.n and req.params.logprobs is None:  # ranking needs them; not shown
+            for c in choices:
+                c.params = dataclasses.replace(c.params, logprobs=0)
+                c.hide_logprobs = True
         return choices
+
+    def _check_grammar(self, req: GenerateRequest) -> None:
+        """A bad schema or regex is the client's 400 here, before any worker sees it."""
+        if self._grammar is None:
+            eos = self.tokenizer.eos_token_id
+            self._grammar = GrammarCompiler(self.tokenizer, self.vocab_size, [eos if eos is not None else 0])
+        try:
+            self._grammar.compile(req.params.guided)  # type: ignore[arg-type]
+        except ValueError as e:
+            raise APIError(str(e), param=req.guided_param) from None
 
     async def _run(self, rid: str, req: GenerateRequest, choice: Choice,
                    out: asyncio.Queue[tuple[Choice, str | None] | BaseException]) -> None:
@@ -249,7 +282,7 @@ class OpenAIFront:
         start = time.monotonic()
         first = last = None
         n = 0
-        gen = self.backend.generate(sub_id, choice.prompt_ids, req.params)
+        gen = self.backend.generate(sub_id, choice.prompt_ids, choice.params)
         try:
             async for ev in gen:
                 if ev.error is not None:
@@ -263,6 +296,10 @@ class OpenAIFront:
                         self.metrics.itl.observe(now - last)
                     last = now
                     n += len(ev.token_ids)
+                    if ev.logprobs:
+                        choice.logprobs.extend(ev.logprobs)
+                    if ev.prompt_logprobs:
+                        choice.prompt_logprobs = ev.prompt_logprobs
                     delta = choice.stream.add(ev.token_ids)
                     if choice.stream.stopped:
                         choice.finish_reason = "stop"
@@ -325,23 +362,28 @@ class OpenAIFront:
                 "prompt_tokens_details": {"cached_tokens": sum(c.cached for c in choices)}}  # as OpenAI
 
     async def _complete(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool) -> dict[str, Any]:
-        texts = {c.index: "" for c in choices}
+        texts = {id(c): "" for c in choices}  # by choice: best_of re-indexes
         async for choice, delta, _ in self._events(rid, req, choices):
-            texts[choice.index] += delta
+            texts[id(choice)] += delta
+        usage = self._usage(choices)
+        if req.best_of > req.n:
+            choices = _best(choices, req.n)
         body: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                                 "created": int(time.time()), "model": self.model_name}
         if chat:
-            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
+            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[id(c)]},
+                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         else:
-            prefix = {c.index: (req.prompts[c.index] if req.echo and isinstance(req.prompts[c.index], str) else "")  # type: ignore[index]
+            prefix = {c.index: (req.prompts[c.prompt] if req.echo and isinstance(req.prompts[c.prompt], str) else "")  # type: ignore[index]
                       for c in choices}
-            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[c.index], "logprobs": None,
+            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[id(c)],
+                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
                                 "finish_reason": c.finish_reason} for c in choices]
         if req.return_token_ids:  # extension (as in vLLM): exact ids, for clients that compare tokens
             for c, out in zip(choices, body["choices"], strict=True):
                 out["token_ids"] = list(c.stream.token_ids)
-        body["usage"] = self._usage(choices)
+        body["usage"] = usage  # best_of: every generated token counts
         body["timings"] = [c.timings for c in choices]
         return body
 
@@ -365,11 +407,14 @@ class OpenAIFront:
                 if not delta and not done and not new_ids:
                     continue
                 finish = choice.finish_reason if done else None
+                upto = len(choice.stream.token_ids) if done else len(choice.logprobs)
+                lp = self._logprobs(choice, chat, upto, choice.logprobs_sent)
+                choice.logprobs_sent = max(choice.logprobs_sent, upto)
                 if chat:
                     payload = {"index": choice.index, "delta": {"content": delta} if delta else {},
-                               "finish_reason": finish}
+                               "logprobs": lp, "finish_reason": finish}
                 else:
-                    payload = {"index": choice.index, "text": delta, "logprobs": None, "finish_reason": finish}
+                    payload = {"index": choice.index, "text": delta, "logprobs": lp, "finish_reason": finish}
                 if req.return_token_ids:  # as vLLM: the ids this chunk carries, so clients time tokens, not text
                     payload["token_ids"] = list(new_ids)
                     choice.streamed_ids += len(new_ids)
@@ -382,6 +427,52 @@ class OpenAIFront:
         if req.include_usage:
             yield chunk([], usage=self._usage(choices))
         yield b"data: [DONE]\n\n"
+
+
+    def _logprobs(self, c: Choice, chat: bool, upto: int, start: int = 0) -> dict[str, Any] | None:
+        """OpenAI's logprobs object for tokens start..upto of a choice (None when not asked for)."""
+        if c.params.logprobs is None or c.hide_logprobs:
+            return None
+        ids = c.stream.token_ids[start:upto]
+        lps = c.logprobs[start:upto]
+        text = self._token_text
+        if chat:
+            return {"content": [{"token": text(t), "logprob": lp.logprob, "bytes": list(text(t).encode()),
+                                 "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(text(a).encode())}
+                                                  for a, v in lp.top]}
+                                for t, lp in zip(ids, lps, strict=False)], "refusal": None}
+        strs = [text(t) for t in ids[: len(lps)]]
+        values: list[float | None] = [lp.logprob for lp in lps]
+        tops: list[dict[str, float] | None] = [{text(a): v for a, v in lp.top} for lp in lps]
+        if c.params.prompt_logprobs is not None:  # echo: the prompt's tokens first; the first has none
+            strs = [text(t) for t in c.prompt_ids] + strs
+            values = [None] + [lp.logprob for lp in c.prompt_logprobs] + values
+            tops = [None] + [{text(a): v for a, v in lp.top} for lp in c.prompt_logprobs] + tops
+        offset = sum(len(text(t)) for t in c.stream.token_ids[:start])
+        offsets = []
+        for s in strs:
+            offsets.append(offset)
+            offset += len(s)
+        return {"tokens": strs, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+    def _token_text(self, token_id: int) -> str:
+        """A token's text; a token that is part of a character (its decode alone is U+FFFD) is
+        named by its vocabulary entry instead, so that distinct tokens keep distinct keys."""
+        text = self.tokenizer.decode([token_id])
+        return text if "\ufffd" not in text else str(self.tokenizer.convert_ids_to_tokens(token_id))
+
+
+def _best(choices: list[Choice], n: int) -> list[Choice]:
+    """best_of: per prompt, the n choices of highest cumulative log-probability (as vLLM), re-indexed."""
+    def score(c: Choice) -> float:
+        return sum(lp.logprob for lp in c.logprobs[: len(c.stream.token_ids)])
+
+    kept: list[Choice] = []
+    for p in sorted({c.prompt for c in choices}):
+        kept += sorted((c for c in choices if c.prompt == p), key=score, reverse=True)[:n]
+    for i, c in enumerate(kept):
+        c.index = i
+    return kept
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]

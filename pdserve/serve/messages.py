@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import msgspec
 
-from pdserve.engine.sampler import SamplingParams
+from pdserve.engine.grammar import GuidedSpec
+from pdserve.engine.sampler import SamplingParams, TokenLogprobs
 from pdserve.sched.backpressure import DecodeSignal
 
 
 class Params(msgspec.Struct, frozen=True):
+    """A request's sampling parameters as they cross every hop (router -> prefill, -> decode, and
+    again on each retry). Everything else the sampler needs is rebuilt from token ids that cross
+    anyway: the output-token counts of the penalties and the grammar state come from the tokens
+    output so far, which the decode worker has (the prompt, then the first token with Start) and a
+    resumed attempt has (the tail of its prompt, `output_offset` long)."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
@@ -23,18 +30,46 @@ class Params(msgspec.Struct, frozen=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     output_offset: int = 0  # a resumed request's tokens so far: its seeded randomness goes on from there
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = {}
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    guided_kind: str = ""  # structured output (engine/grammar.py); "" when none
+    guided_value: str = ""
 
     @classmethod
     def of(cls, p: SamplingParams) -> Params:
+        g = p.guided
         return cls(p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, list(p.stop_token_ids),
-                   p.ignore_eos, p.min_tokens, p.output_offset)
+                   p.ignore_eos, p.min_tokens, p.output_offset, p.presence_penalty, p.frequency_penalty,
+                   p.repetition_penalty, p.min_p, dict(p.logit_bias), p.logprobs, p.prompt_logprobs,
+                   g.kind if g else "", g.value if g else "")
 
     def sampling(self) -> SamplingParams:
         """Validated engine parameters (raises ValueError on out-of-range values)."""
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, seed=self.seed, stop_token_ids=list(self.stop_token_ids),
                               ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
-                              output_offset=self.output_offset)
+                              output_offset=self.output_offset, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty,
+                              repetition_penalty=self.repetition_penalty, min_p=self.min_p,
+                              logit_bias=dict(self.logit_bias), logprobs=self.logprobs,
+                              prompt_logprobs=self.prompt_logprobs,
+                              guided=GuidedSpec(self.guided_kind, self.guided_value) if self.guided_kind else None)
+
+
+class Logprob(msgspec.Struct, array_like=True, frozen=True):
+    """One output token's log-probability and the top alternatives: [(token id, logprob), ...]."""
+
+    logprob: float
+    top: list[tuple[int, float]] = []
+
+    @classmethod
+    def of(cls, lp: TokenLogprobs) -> Logprob:
+        return cls(lp.logprob, list(lp.top))
 
 
 class Generate(msgspec.Struct, tag="generate", frozen=True):
@@ -105,6 +140,8 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     error_kind: str = ""  # invalid | transfer | overloaded | draining | internal
     timings: dict[str, float] = {}
     num_cached_tokens: int = 0
+    logprobs: list[Logprob] = []  # one per token in token_ids, when the request asked for logprobs
+    prompt_logprobs: list[Logprob] = []  # with the first token: prompt tokens 2.., when asked for
 
 
 class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):

@@ -222,7 +222,9 @@ class ClusterBackend:
             while True:
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
                                           min_tokens=max(0, params.min_tokens - len(produced)),
-                                          output_offset=params.output_offset + len(produced))
+                                          output_offset=params.output_offset + len(produced),
+                                          # the prompt's logprobs went out with the first token
+                                          prompt_logprobs=params.prompt_logprobs if not produced else None)
                 sub_rid = rid if attempt == 0 else f"{rid}~{attempt}"
                 whole = prompt + produced
                 bad = frozenset(bad_kv)

@@ -12,7 +12,9 @@ import time
 import uvicorn
 
 from pdserve.engine.core import EngineCore
+from pdserve.engine.grammar import compiler_factory
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampler import BatchSampler
 from pdserve.model.tokenizer import load_tokenizer
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
@@ -30,7 +32,9 @@ def build_colocated(args: argparse.Namespace) -> OpenAIFront:
     runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
     bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching, ea.cache.eviction,
                       runner.cache_salt)
-    core = EngineCore(runner, ColocatedScheduler(ea.scheduler, bm))
+    shape = runner.shape
+    core = EngineCore(runner, ColocatedScheduler(ea.scheduler, bm), sampler=BatchSampler(
+        compiler_factory(ea.model, shape.vocab_size, list(shape.eos_token_ids))))
     return OpenAIFront(LocalBackend(core), load_tokenizer(ea.model), args.cluster.public_model_name,
                        api_key=args.api_key)
 

@@ -19,8 +19,12 @@ import signal
 import time
 from typing import Generic, Protocol, TypeVar
 
+import msgspec
+
 from pdserve.engine.core import EngineCore, Policy, StepResult
+from pdserve.engine.grammar import compiler_factory
 from pdserve.engine.model_runner import ModelRunner
+from pdserve.engine.sampler import BatchSampler
 from pdserve.sched.admission import admission_error, limits_for
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.request import Request, RequestStatus
@@ -68,7 +72,9 @@ class WorkerBase(Generic[P]):
         self.node_id = node_identity()
         self.transfer = args.cluster.transfer  # the settings, from pdserve.config.schema
         self.policy: P = self._make_policy(args, ea)
-        self.core = EngineCore(self.runner, self.policy)
+        shape = self.runner.shape
+        self.core = EngineCore(self.runner, self.policy, sampler=BatchSampler(  # openai: grammar needs the tokenizer
+            compiler_factory(ea.model, shape.vocab_size, list(shape.eos_token_ids))))
         self.thread = EngineThread(self.core, self._on_step)
         self.rpc = RpcServer(self._handle, args.host, args.port, self.secret, on_close=self._peer_gone)
         self.owners: dict[str, Peer] = {}  # request id -> the router connection to answer on
@@ -192,6 +198,11 @@ class WorkerBase(Generic[P]):
             params = msg.params.sampling()
         except ValueError as e:
             return str(e)
+        if params.guided is not None:  # openai: a grammar that does not compile is refused here, not mid-step
+            try:
+                self.core.sampler.check(params.guided)
+            except ValueError as e:
+                return str(e)
         limits = limits_for(self.policy, self.runner.shape.max_model_len, self.runner.shape.vocab_size)
         why = admission_error(msg.prompt_token_ids, params.max_tokens,
                               limits.for_reservation() if isinstance(msg, m.Reserve) else limits)
@@ -264,7 +275,14 @@ class WorkerBase(Generic[P]):
             peer = self.owners.get(rid)
             if req is None or peer is None:
                 continue
-            out.setdefault(peer, []).append(self._on_token(req, tok, finished.get(rid)))
+            msg = self._on_token(req, tok, finished.get(rid))
+            lp = result.logprobs.get(rid)
+            if lp is not None:  # openai: the token's logprobs ride with it
+                msg = msgspec.structs.replace(msg, logprobs=[m.Logprob.of(lp)])
+            plp = result.prompt_logprobs.get(rid)
+            if plp:
+                msg = msgspec.structs.replace(msg, prompt_logprobs=[m.Logprob.of(x) for x in plp])
+            out.setdefault(peer, []).append(msg)
         for peer, msgs in out.items():
             asyncio.ensure_future(send_all(peer, msgs))
 

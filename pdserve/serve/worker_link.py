@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+from pdserve.engine.sampler import TokenLogprobs
 from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.breaker import CircuitBreaker, Dispatch, Outcome
 from pdserve.sched.prefix_index import PrefixIndex
@@ -226,7 +227,10 @@ class Call:
         self.answered = True
         self.done = msg.finish_reason is not None
         return TokenEvent(list(msg.token_ids), msg.finish_reason, timings=dict(msg.timings),
-                          num_cached_tokens=msg.num_cached_tokens)
+                          num_cached_tokens=msg.num_cached_tokens,
+                          logprobs=[TokenLogprobs(lp.logprob, list(lp.top)) for lp in msg.logprobs] or None,
+                          prompt_logprobs=[TokenLogprobs(lp.logprob, list(lp.top))
+                                           for lp in msg.prompt_logprobs] or None)
 
 
 class Placement:
