@@ -17,7 +17,8 @@ from tests.servers import free_port
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SPEEDUP = 4.0  # how much faster than measured the doctored profile says the engine is
+SPEEDUP = 12.0  # how much faster than measured the doctored profile says the engine is (the committed
+# profile predates the faster engine: at 4x it no longer undercuts a real run)
 
 
 def _fast_profile(path: Path) -> None:

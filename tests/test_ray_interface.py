@@ -80,17 +80,18 @@ def test_local_launcher_adds_and_removes_a_worker_and_the_router_follows() -> No
 
         async def scenario() -> None:
             backend = ClusterBackend(resolve_shape("demo"), [], [], [], secret=SECRET.encode())
-            await sync_pools(backend, launcher)
+            known: set[tuple[str, str]] = set()
+            await sync_pools(backend, launcher, known)
             assert [w.client.address for w in backend.workers] == [first[0].address]
             added = await asyncio.to_thread(launcher.add_worker, "colocated")
             assert added.name == "colocated-1" and probes.stats(int(added.address.rsplit(":")[1]),
                                                                 SECRET.encode()).role == "colocated"
-            await sync_pools(backend, launcher)
+            await sync_pools(backend, launcher, known)
             assert sorted(w.client.address for w in backend.workers) == sorted([first[0].address, added.address])
             assert all(w.healthy for w in backend.workers)
             removed = await asyncio.to_thread(launcher.remove_worker, "colocated")
             assert removed == added and not alive(added.pid)
-            await sync_pools(backend, launcher)
+            await sync_pools(backend, launcher, known)
             assert [w.client.address for w in backend.workers] == [first[0].address]
             assert await asyncio.to_thread(launcher.remove_worker, "prefill") is None
             await backend.stop()

@@ -28,23 +28,31 @@ FOLLOW_S = 0.5
 
 
 async def follow(backend: Any, launcher: Launcher, interval: float = FOLLOW_S) -> None:
-    """Keep the router's workers equal to the launcher's, forever (cancel to stop)."""
+    """Keep the router's launcher-started workers equal to the launcher's, forever (cancel to stop)."""
+    known: set[tuple[str, str]] = set()
     while True:
         await asyncio.sleep(interval)
         try:
-            await sync_pools(backend, launcher)
+            await sync_pools(backend, launcher, known)
         except Exception:  # a launcher hiccup must not end the router; the next round retries
             log.exception("could not sync the router's pools with the launcher")
 
 
-async def sync_pools(backend: Any, launcher: Launcher) -> None:
-    """One round of `follow`: add the launcher's new workers to the router, remove its gone ones."""
+async def sync_pools(backend: Any, launcher: Launcher, known: set[tuple[str, str]] | None = None) -> None:
+    """One round of `follow`: add the launcher's new workers to the router, remove its gone ones.
+
+    `known` (kept across rounds) holds what the launcher has reported: only those are removed when
+    it stops reporting them, so a worker joined through POST /admin/workers stays."""
     wanted = {(h.role, h.address) for h in await asyncio.to_thread(launcher.workers)}
     have = {(w.role, w.client.address) for w in backend.workers}
     for role, address in sorted(wanted - have):
         await backend.add_worker(role, address)
-    for _, address in sorted(have - wanted):
+    gone = have - wanted if known is None else (have & known) - wanted
+    for _, address in sorted(gone):
         await backend.remove_worker(address)
+    if known is not None:
+        known -= gone
+        known |= wanted
 
 
 def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:
