@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from pdserve.sched.block_manager import block_hashes
+
 
 class PrefixIndex:
     """Worker name -> the chain keys its prefix cache holds (as last reported, plus placements)."""
@@ -54,6 +56,21 @@ class PrefixIndex:
                 break
             n += 1
         return n
+
+    def lookup(self, prompt: Sequence[int], chains: Iterable[tuple[str, int, bytes]]
+               ) -> tuple[dict[str, int], dict[str, list[bytes]]]:
+        """Per (worker, block size, salt): prompt tokens its prefix cache holds, and the prompt's
+        block keys as that worker computes them (hashed once per distinct chain). The last token
+        is left out, as the worker's own lookup does (it always computes one)."""
+        hits: dict[str, int] = {}
+        keys: dict[str, list[bytes]] = {}
+        by_chain: dict[tuple[int, bytes], list[bytes]] = {}
+        for name, block_size, salt in chains:
+            if (block_size, salt) not in by_chain:
+                by_chain[block_size, salt] = block_hashes(list(prompt[: len(prompt) - 1]), block_size, salt=salt)
+            keys[name] = by_chain[block_size, salt]
+            hits[name] = self.matched_blocks(name, keys[name]) * block_size
+        return hits, keys
 
     def size(self, worker: str) -> int:
         return len(self._held.get(worker, ()))

@@ -32,7 +32,6 @@ from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
 from pdserve.engine.sampler import SamplingParams
 from pdserve.sched.backpressure import cluster_signal
-from pdserve.sched.block_manager import block_hashes
 from pdserve.sched.breaker import CircuitBreaker, Outcome
 from pdserve.sched.hedge import HedgePolicy
 from pdserve.sched.prefix_index import PrefixIndex
@@ -83,20 +82,10 @@ class ClusterBackend:
         """Per worker of a pool: prompt tokens its prefix cache holds, and the prompt's block keys as
         that worker computes them (its block size and salt); empty without prefix_aware routing.
         The last token is left out, as the worker's own lookup does (it always computes one)."""
-        hits: dict[str, int] = {}
-        keys: dict[str, list[bytes]] = {}
         if self.index is None:
-            return hits, keys
-        by_chain: dict[tuple[int, bytes], list[bytes]] = {}
-        for w in self.workers:
-            if w.role != role or w.block_size <= 0:
-                continue
-            chain = (w.block_size, w.cache_salt)
-            if chain not in by_chain:
-                by_chain[chain] = block_hashes(prompt[: len(prompt) - 1], w.block_size, salt=w.cache_salt)
-            keys[w.name] = by_chain[chain]
-            hits[w.name] = self.index.matched_blocks(w.name, keys[w.name]) * w.block_size
-        return hits, keys
+            return {}, {}
+        return self.index.lookup(prompt, ((w.name, w.block_size, w.cache_salt) for w in self.workers
+                                          if w.role == role and w.block_size > 0))
 
     def _placed(self, w: Worker, prompt: list[int], hits: dict[str, int], keys: dict[str, list[bytes]],
                 generates: bool) -> Placement:

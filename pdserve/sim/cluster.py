@@ -28,7 +28,6 @@ from typing import Any
 
 from pdserve.config.model import ModelShape
 from pdserve.sched.backpressure import cluster_signal
-from pdserve.sched.block_manager import block_hashes
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.request import Request
@@ -156,18 +155,10 @@ class Simulator:
         """Per instance: cached prompt tokens and the prompt's block keys (prefix_aware with prompts)."""
         if self.index is None or self.prompts is None:
             return {}, {}
-        prompt = self.prompts[i]
-        hits, keys, by_chain = {}, {}, {}
-        for inst in insts:
-            bm = inst.policy.block_manager
-            stored, evicted, cleared = bm.take_events()  # the reports, as if every heartbeat were now
-            self.index.apply(inst.name, stored, evicted, cleared)
-            chain = (bm.block_size, bm.salt)
-            if chain not in by_chain:
-                by_chain[chain] = block_hashes(prompt[: len(prompt) - 1], bm.block_size, salt=bm.salt)
-            keys[inst.name] = by_chain[chain]
-            hits[inst.name] = self.index.matched_blocks(inst.name, keys[inst.name]) * bm.block_size
-        return hits, keys
+        for inst in insts:  # the reports, as if every heartbeat were now
+            self.index.apply(inst.name, *inst.policy.block_manager.take_events())
+        return self.index.lookup(self.prompts[i], ((inst.name, inst.policy.block_manager.block_size,
+                                                    inst.policy.block_manager.salt) for inst in insts))
 
     def _place(self, i: int, inst: SimInstance, hits: dict[str, int], keys: dict[str, list[bytes]]) -> None:
         """The router's own count: the prompt's uncached tokens weigh on `inst` until its first token."""
