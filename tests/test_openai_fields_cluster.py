@@ -30,7 +30,8 @@ LONG_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["it
 def cluster(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     folder = str(tiny_models["llama"])
     cfg = tmp_path_factory.mktemp("openai-fields") / "cluster.yaml"
-    cfg.write_text("router: {first_token_timeout_s: 10, token_timeout_s: 10}\n")
+    # A decode step slowed by 10 ms: the SIGKILL test must find its stream still being generated.
+    cfg.write_text("router: {first_token_timeout_s: 10, token_timeout_s: 10}\nfault_decode_step_delay_ms: 10\n")
     args = ["up", "--config", str(cfg), "--model", folder, "--threads", "1", "--port", "0",
             "--prefill", "1", "--decode", "2"]
     with running_server(args, env={"PDSERVE_CLUSTER_SECRET": SECRET}, port_flag=None,

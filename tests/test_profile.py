@@ -65,7 +65,7 @@ def test_profile_command_on_the_real_engine_writes_a_profile_the_sim_uses(tmp_pa
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["profile", "--model", "demo", "--out", str(out), "--prefill-tokens", "4,8,16",
-                              "--batch-sizes", "1,2", "--contexts", "4,8", "--warmup", "1", "--repeats", "1",
+                              "--batch-sizes", "1,2", "--contexts", "4,8", "--warmup", "1", "--repeats", "3",
                               "--block-size", "4"])
     assert args.func(args) == 0
     prof = json.loads(out.read_text())
