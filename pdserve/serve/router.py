@@ -8,7 +8,9 @@ the attempt's path, then:
     stream on.
   local: the whole request on one worker (short prompts, no usable prefill pool, failed transfers).
 Each exchange with a worker is a `Call` (`worker_link.py`: a worker's connection, heartbeat and
-breaker), which ends its breaker dispatch in exactly one outcome however the request ends.
+breaker), which ends its breaker dispatch in exactly one outcome however the request ends. A late
+first token may be raced by a duplicate attempt (`hedged.py`); `attempt_streams.py` bounds an
+attempt by the request's deadline and watches its KV transfer.
 
 Failures (see README, "Failure semantics"): the router remembers every token it streamed. A lost
 or silent worker, or a failed KV transfer, ends that attempt; the next attempt re-prefills
@@ -25,8 +27,8 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from contextlib import aclosing, suppress
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 from pdserve.config.model import ModelShape
 from pdserve.config.schema import RouterConfig  # its settings, defaults and help live in the schema
@@ -37,10 +39,12 @@ from pdserve.sched.hedge import HedgePolicy
 from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
 from pdserve.serve import messages as m
+from pdserve.serve.attempt_streams import watch_transfer, with_deadline
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
+from pdserve.serve.hedged import hedged
 from pdserve.serve.tracing import Tracer
-from pdserve.serve.worker_link import Call, Placement, Retryable, Worker, breaker, ending
+from pdserve.serve.worker_link import Call, Placement, Retryable, Worker, breaker, ending, queue_gauges
 
 log = logging.getLogger("pdserve.router")
 
@@ -225,7 +229,7 @@ class ClusterBackend:
                 self.unassigned.add(sub_rid)
                 if attempt == 0:
                     self.hedge.arrived()
-                stream = (self._hedged(sub_rid, make, frozenset(avoid)) if self.hedge.enabled
+                stream = (hedged(self, sub_rid, make, frozenset(avoid)) if self.hedge.enabled
                           else make(sub_rid, frozenset(avoid), []))
                 try:
                     # aclosing: however this request ends (a stop string, a client gone), the
@@ -272,63 +276,6 @@ class ClusterBackend:
             chosen.append(route.worker)
             return self._local(rid, prompt, params, self._worker(route.worker), hits, keys)
         return self._disagg(rid, prompt, params, route, avoid, chosen)
-
-    async def _hedged(self, rid: str, make: Callable[[str, frozenset[str], list[str]], AsyncGenerator[TokenEvent, None]],
-                      avoid: frozenset[str]) -> AsyncGenerator[TokenEvent, None]:
-        """One attempt, and a duplicate on another worker if its first token is late (`HedgePolicy`):
-        the first to stream its first token is the one the client hears from; the other is
-        cancelled (its Calls close: the workers are told to drop it, blocks and reservation freed)."""
-        chosen: list[str] = []
-        t0 = time.monotonic()
-        a = make(rid, avoid, chosen)
-        fa: asyncio.Future[TokenEvent] = asyncio.ensure_future(anext(a))
-        b: AsyncGenerator[TokenEvent, None] | None = None
-        fb: asyncio.Future[TokenEvent] | None = None
-        try:
-            delay = self.hedge.delay()
-            done, _ = await asyncio.wait({fa}, timeout=delay if delay != float("inf") else None)
-            if not done and self.hedge.try_hedge(time.monotonic() - t0):
-                try:
-                    b = make(f"{rid}~h", avoid | frozenset(chosen), [])
-                except BackendError:
-                    b = None  # no other worker can take it: keep waiting on the first
-                else:
-                    fb = asyncio.ensure_future(anext(b))
-                    self.hedges += 1
-            winner, ev = a, None
-            if fb is None or b is None:
-                ev = await fa
-                self.hedge.observe(time.monotonic() - t0)
-            else:
-                first, _ = await asyncio.wait({fa, fb}, return_when=asyncio.FIRST_COMPLETED)
-                lead = fa if fa in first else fb
-                other = fb if lead is fa else fa
-                if lead.exception() is not None:  # the first to answer failed: the other may still succeed
-                    await asyncio.wait({other})
-                    if other.exception() is not None:
-                        raise fa.exception()  # type: ignore[misc]  # the primary's failure drives the retry
-                    lead, other = other, lead
-                winner = a if lead is fa else b
-                loser = b if lead is fa else a
-                if winner is b:
-                    self.hedge_wins += 1
-                other.cancel()
-                with suppress(BaseException):
-                    await other
-                await loser.aclose()
-                ev = lead.result()
-                ev.timings = {**ev.timings, "hedged": 1.0, "hedge_won": float(winner is b)}
-            yield ev
-            async for ev in winner:
-                yield ev
-        finally:
-            for f, g in ((fa, a), (fb, b)):
-                if f is not None and not f.done():
-                    f.cancel()
-                    with suppress(BaseException):
-                        await f
-                if g is not None:
-                    await g.aclose()
 
     async def _local(self, rid: str, prompt: list[int], params: SamplingParams, w: Worker,
                      hits: dict[str, int], keys: dict[str, list[bytes]]) -> AsyncGenerator[TokenEvent, None]:
@@ -449,38 +396,3 @@ class ClusterBackend:
                             return
                 finally:
                     watcher.cancel()
-
-
-def queue_gauges(s: m.Stats | None) -> dict[str, float]:
-    """A worker's queues by stage and KV use, from its last heartbeat."""
-    if s is None:
-        return {}
-    return {"num_requests_waiting": float(s.waiting), "num_requests_running": float(s.running),
-            "queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_reservations": float(s.reserved),
-            "kv_transfers_in_flight": float(s.transfers_in_flight),
-            "kv_cache_usage": 1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0}
-
-
-async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue[m.ToRouter | None],
-                         rid: str) -> None:
-    """After the first token: if the prefill side reports the KV push failed (or its connection
-    drops before confirming it), fail this attempt at once rather than when the decode worker's
-    wait for the missing KV times out."""
-    while True:
-        msg = await pq.get()
-        if isinstance(msg, m.TransferDone) and msg.ok:
-            return
-        if msg is None or isinstance(msg, m.TransferDone):
-            why = msg.error if msg is not None else "prefill worker lost before the KV was confirmed"
-            dq.put_nowait(m.Tokens(rid, [], error=f"KV transfer failed: {why}", error_kind="transfer"))
-            return
-
-
-async def with_deadline(stream: AsyncGenerator[TokenEvent, None], deadline: float) -> AsyncIterator[TokenEvent]:
-    """Ends the request with an error once its overall deadline has passed. Waits between events
-    are bounded by the first-token and token timeouts, so checking between events suffices."""
-    async with aclosing(stream):
-        async for ev in stream:
-            if time.monotonic() > deadline:
-                raise BackendError("request deadline exceeded", 504)
-            yield ev

@@ -261,3 +261,13 @@ class Placement:
         elif self.state == "generating" and self.generates:
             self.load.decoding -= 1
         self.state = "closed"
+
+
+def queue_gauges(s: m.Stats | None) -> dict[str, float]:
+    """A worker's queues by stage and KV use, from its last heartbeat."""
+    if s is None:
+        return {}
+    return {"num_requests_waiting": float(s.waiting), "num_requests_running": float(s.running),
+            "queued_prompt_tokens": float(s.queued_prompt_tokens), "kv_reservations": float(s.reserved),
+            "kv_transfers_in_flight": float(s.transfers_in_flight),
+            "kv_cache_usage": 1.0 - s.free_blocks / s.total_blocks if s.total_blocks else 0.0}
