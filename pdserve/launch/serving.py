@@ -29,7 +29,7 @@ FOLLOW_S = 0.5
 
 async def follow(backend: Any, launcher: Launcher, interval: float = FOLLOW_S) -> None:
     """Keep the router's launcher-started workers equal to the launcher's, forever (cancel to stop)."""
-    known: set[tuple[str, str]] = set()
+    known: set[str] = set()
     while True:
         await asyncio.sleep(interval)
         try:
@@ -38,21 +38,24 @@ async def follow(backend: Any, launcher: Launcher, interval: float = FOLLOW_S) -
             log.exception("could not sync the router's pools with the launcher")
 
 
-async def sync_pools(backend: Any, launcher: Launcher, known: set[tuple[str, str]] | None = None) -> None:
+async def sync_pools(backend: Any, launcher: Launcher, known: set[str] | None = None) -> None:
     """One round of `follow`: add the launcher's new workers to the router, remove its gone ones.
 
-    `known` (kept across rounds) holds what the launcher has reported: only those are removed when
-    it stops reporting them, so a worker joined through POST /admin/workers stays."""
-    wanted = {(h.role, h.address) for h in await asyncio.to_thread(launcher.workers)}
-    have = {(w.role, w.client.address) for w in backend.workers}
-    for role, address in sorted(wanted - have):
-        await backend.add_worker(role, address)
-    gone = have - wanted if known is None else (have & known) - wanted
-    for _, address in sorted(gone):
+    Workers are matched by address, not (role, address): a worker that switched roles at runtime
+    (POST /admin/workers/{name}/role) is the same worker, in the pool its heartbeat names, however
+    the launcher started it. `known` (kept across rounds) holds the addresses the launcher has
+    reported: only those are removed when it stops reporting them, so a worker joined through
+    POST /admin/workers stays."""
+    wanted = {h.address: h.role for h in await asyncio.to_thread(launcher.workers)}
+    have = {w.client.address for w in backend.workers}
+    for address in sorted(wanted.keys() - have):
+        await backend.add_worker(wanted[address], address)
+    gone = have - wanted.keys() if known is None else (have & known) - wanted.keys()
+    for address in sorted(gone):
         await backend.remove_worker(address)
     if known is not None:
         known -= gone
-        known |= wanted
+        known |= wanted.keys()
 
 
 def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:

@@ -25,6 +25,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_cluster_flags(u)
     u.set_defaults(func=_run_up)
 
+    from pdserve.serve.admin import ROLES, SWITCH_GRACE_S
+
+    s = sub.add_parser("role", help="switch a running cluster worker's role (prefill, decode, colocated) "
+                                    "without restarting it")
+    s.add_argument("--router", required=True, help="the router's URL, e.g. http://127.0.0.1:8000")
+    s.add_argument("--api-key", default="", help="the router's API key, if it requires one")
+    s.add_argument("--grace-s", type=float, default=SWITCH_GRACE_S,
+                   help="seconds the worker lets what it holds finish before handing it back to the router")
+    s.add_argument("name", help="the worker, as the router names it (role@host:port; see /health)")
+    s.add_argument("role", choices=ROLES, help="its new role")
+    s.set_defaults(func=_run_role)
+
 
 def _run_up(args: argparse.Namespace) -> int:
     from pdserve.config.flags import cluster_from_args
@@ -68,4 +80,30 @@ def _run_router(args: argparse.Namespace) -> int:
     backend = ClusterBackend(shape, args.prefill, args.decode, args.colocated, secret=cluster_secret(), config=r)
     front = OpenAIFront(backend, load_tokenizer(cfg.model), cfg.public_model_name, api_key=r.api_key or None)
     uvicorn.run(front.app(), host=r.host, port=r.port, log_level="warning")
+    return 0
+
+
+def _run_role(args: argparse.Namespace) -> int:
+    """POST /admin/workers/{name}/role; prints the router's answer, exit 1 if it refused."""
+    from urllib.parse import quote
+
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = f"{args.router.rstrip('/')}/admin/workers/{quote(args.name, safe='')}/role"
+    try:
+        r = httpx.post(url, json={"role": args.role, "grace_s": args.grace_s}, headers=headers,
+                       timeout=args.grace_s + 660)
+    except httpx.HTTPError as e:
+        print(f"pdserve role: cannot reach {args.router}: {e}", file=sys.stderr)
+        return 1
+    if r.status_code != 200:
+        try:
+            why = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = r.text
+        print(f"pdserve role: {r.status_code}: {why}", file=sys.stderr)
+        return 1
+    body = r.json()
+    print(f"{body['worker']} now serves as {body['role']}")
     return 0

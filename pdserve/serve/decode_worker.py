@@ -19,7 +19,7 @@ from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import CacheSink
 from pdserve.serve.rpc import Peer
-from pdserve.serve.worker_base import WorkerBase
+from pdserve.serve.worker_base import Shared, WorkerBase
 from pdserve.transfer import KVPoll, KVReceiver
 from pdserve.transfer.pairing import advertised
 
@@ -30,8 +30,8 @@ EXPIRY_EVERY_S = 0.5
 class DecodeWorker(WorkerBase[DecodeScheduler]):
     role = "decode"
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
+    def __init__(self, args: argparse.Namespace, shared: Shared | None = None) -> None:
+        super().__init__(args, shared)
         self.awaiting: dict[str, tuple[int, float]] = {}  # first token came, KV awaited: (token, since)
         self.transfer_wait: dict[str, float] = {}  # KV still arriving after the first token, seconds
         self._last_expiry = 0.0

@@ -131,6 +131,10 @@ class OpenAIFront:
                     return front._error(e)
                 up = dict((n, v["up"]) for n, _, v in front.backend.worker_stats())  # type: ignore[attr-defined]
                 return JSONResponse({"worker": name, "up": bool(up.get(name))})
+        if hasattr(front.backend, "switch_role"):  # POST /admin/workers/{name}/role (serve/admin_http.py)
+            from pdserve.serve.admin_http import add_admin_routes
+
+            add_admin_routes(app, front)
 
         @app.exception_handler(APIError)
         async def _api_error(request: Request, exc: APIError) -> Response:

@@ -3,7 +3,8 @@
 A request is served either disaggregated (a prefill and a decode worker) or whole, by a
 colocated worker, or by a decode worker when the cluster has no colocated workers (the router's
 `_local` path). The cluster can serve while either way has an available worker for each role it
-needs; availability is the heartbeat's (answered its last stats query and is not draining).
+needs; availability is the heartbeat's (answered its last stats query and is not draining). A
+worker switching roles counts in its old role's total until it serves in its new one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class WorkerView(Protocol):
     role: str
     healthy: bool
     draining: bool
+    switching: str
 
     @property
     def name(self) -> str: ...
@@ -28,6 +30,8 @@ class WorkerView(Protocol):
 def _state(w: WorkerView) -> str:
     if w.healthy:
         return "up"
+    if w.switching:
+        return "switching"
     return "draining" if w.draining else "down"
 
 
@@ -42,7 +46,8 @@ def cluster_health(workers: Sequence[WorkerView]) -> tuple[bool, dict[str, Any]]
     body: dict[str, Any] = {
         "status": "ok",
         "roles": {r: {"available": up[r], "total": total[r]} for r in ROLES if total[r]},
-        "workers": [{"name": w.name, "role": w.role, "state": _state(w)} for w in workers],
+        "workers": [{"name": w.name, "role": w.role, "state": _state(w),
+                     **({"switching_to": w.switching} if w.switching else {})} for w in workers],
     }
     missing = [r for r in ROLES if total[r] and not up[r]]
     if disagg or whole:

@@ -122,6 +122,20 @@ class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
     kv_events: bool = False  # the router's heartbeat: also hand over the block-hash events since the last one
 
 
+class SwitchRole(msgspec.Struct, tag="switch_role", frozen=True):
+    """Router to worker: become `role`, keeping weights and KV memory; answered by RoleSwitched once
+    done. New work is refused meanwhile; what is still held after `grace_s` is handed back."""
+    nonce: str
+    role: str
+    grace_s: float = 30.0
+
+
+class RoleSwitched(msgspec.Struct, tag="role_switched", frozen=True):
+    nonce: str
+    role: str  # the role the worker now runs
+    error: str = ""  # why it could not switch (it then runs `role`, its old one)
+
+
 class Reserved(msgspec.Struct, tag="reserved", frozen=True):
     request_id: str
     ok: bool
@@ -192,10 +206,11 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     cache_salt: bytes = b""  # the chain's salt, so the router hashes prompts as this worker does
     transfers_in_flight: int = 0
     metrics: list[MetricFamily] = []
+    switching: str = ""  # the role it is switching to (it refuses new work meanwhile), else empty
 
 
-ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery
-ToRouter = Reserved | Tokens | TransferDone | Stats
+ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery | SwitchRole
+ToRouter = Reserved | Tokens | TransferDone | Stats | RoleSwitched
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

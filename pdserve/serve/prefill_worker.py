@@ -24,7 +24,7 @@ from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import KVPush
 from pdserve.serve.rpc import Peer
 from pdserve.serve.telemetry import overlap_share
-from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
+from pdserve.serve.worker_base import Shared, WorkerBase, first_token_finish, prefill_timings, send_all
 from pdserve.transfer import KVPoll, KVSender, faults
 from pdserve.transfer.pairing import pair_address, scheme
 
@@ -32,8 +32,8 @@ from pdserve.transfer.pairing import pair_address, scheme
 class PrefillWorker(WorkerBase[PrefillBatcher]):
     role = "prefill"
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        super().__init__(args)
+    def __init__(self, args: argparse.Namespace, shared: Shared | None = None) -> None:
+        super().__init__(args, shared)
         self.kv_dest: dict[str, m.Prefill] = {}  # where each request's KV goes
         self.sending: dict[str, float] = {}  # requests whose transfer is in flight, since when
         self.kv_sent: Counter[str] = Counter()  # completed transfers by transport
@@ -108,6 +108,10 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
 
     def _busy(self) -> bool:
         return bool(self.sending)
+
+    def _handed_back(self) -> list[str]:
+        """A switch waits for KV pushes under way (their decode worker is waiting on them)."""
+        return [rid for rid in self.requests if rid not in self.sending]
 
     def _poll_transfers_once(self) -> None:
         for rid, started in list(self.sending.items()):

@@ -39,6 +39,7 @@ from pdserve.sched.hedge import HedgePolicy
 from pdserve.sched.prefix_index import PrefixIndex
 from pdserve.sched.routing import Route, RoutingPolicy, WorkerLoad, retry_backoff_s
 from pdserve.serve import messages as m
+from pdserve.serve.admin import PoolAdmin
 from pdserve.serve.attempt_streams import watch_transfer, with_deadline
 from pdserve.serve.backend import BackendError, TokenEvent
 from pdserve.serve.health import cluster_health
@@ -49,7 +50,7 @@ from pdserve.serve.worker_link import Call, Placement, Retryable, Worker, breake
 log = logging.getLogger("pdserve.router")
 
 
-class ClusterBackend:
+class ClusterBackend(PoolAdmin):
     """Implements the front's `Backend` over prefill, decode and colocated workers."""
 
     def __init__(self, shape: ModelShape, prefill: list[str], decode: list[str], colocated: list[str],
@@ -159,29 +160,6 @@ class ClusterBackend:
     def worker_metrics(self) -> list[tuple[str, str, list[m.MetricFamily]]]:
         """Per worker: the counters and histograms it reported in its last heartbeat."""
         return [(w.name, w.role, w.stats.metrics) for w in self.workers if w.stats is not None]
-
-    async def add_worker(self, role: str, address: str) -> str:
-        """A worker started after the router joins the pool (it needs the cluster secret)."""
-        if role not in ("prefill", "decode", "colocated"):
-            raise ValueError("role must be prefill, decode or colocated")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError("address must be host:port")
-        existing = next((w for w in self.workers if w.role == role and w.client.address == address), None)
-        if existing is None:
-            existing = Worker(role, address, self.secret, self.config, self.index)
-            self.workers.append(existing)
-        await existing.heartbeat()
-        return existing.name
-
-    async def remove_worker(self, address: str) -> bool:
-        """A worker stopped (or moved) leaves the pool; its requests still in flight fail over.
-        False if no worker has that address."""
-        gone = [w for w in self.workers if w.client.address == address]
-        self.workers = [w for w in self.workers if w.client.address != address]
-        for w in gone:
-            await w.client.close()
-        return bool(gone)
 
     def link_stats(self) -> list[tuple[str, str, float]]:
         """Breaker state of every (prefill, decode) link used so far."""

@@ -14,9 +14,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
+from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import msgspec
@@ -55,35 +54,64 @@ class WorkerPolicy(Policy, Protocol):
 P = TypeVar("P", bound=WorkerPolicy)
 
 
+@dataclass
+class Shared:
+    """What a worker keeps across role switches: weights, KV memory (and its prefix cache), the
+    RPC server the router talks to, its identity and its counters."""
+
+    runner: ModelRunner
+    bm: BlockManager
+    rpc: RpcServer
+    secret: bytes | None
+    node_id: str
+    telemetry: WorkerTelemetry
+
+    @classmethod
+    def load(cls, args: argparse.Namespace, ea: EngineArgs) -> Shared:
+        runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
+        bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
+                          ea.cache.eviction, runner.cache_salt)
+        if ea.cache.enable_prefix_caching:
+            bm.record_events()  # published to the router's prefix index with each heartbeat
+        secret = cluster_secret()
+        rpc = RpcServer(_unset_handler, args.host, args.port, secret)  # the role sets its handler
+        return cls(runner, bm, rpc, secret, node_identity(), WorkerTelemetry())
+
+
+async def _unset_handler(msg: m.ToWorker, peer: Peer) -> None:
+    raise RuntimeError("no role is serving yet")
+
+
 class WorkerBase(Generic[P]):
     """One worker process's state and message loop; subclasses are the roles."""
 
     role = ""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, shared: Shared | None = None) -> None:
+        """`shared`: the model, KV memory and RPC server of the role this one replaces (a role
+        switch, serve/role_host.py); None: load them."""
         ea = EngineArgs.from_namespace(args)
-        ea.apply_threads()
-        self.runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
-        self.bm = BlockManager(self.runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
-                               ea.cache.eviction, self.runner.cache_salt)
-        if ea.cache.enable_prefix_caching:
-            self.bm.record_events()  # published to the router's prefix index with each heartbeat
-        self.secret = cluster_secret()
-        self.node_id = node_identity()
+        if shared is None:
+            ea.apply_threads()
+            shared = Shared.load(args, ea)
+        self.args, self.shared = args, shared
+        self.runner, self.bm, self.rpc = shared.runner, shared.bm, shared.rpc
+        self.secret, self.node_id, self.telemetry = shared.secret, shared.node_id, shared.telemetry
         self.transfer = args.cluster.transfer  # the settings, from pdserve.config.schema
         self.policy: P = self._make_policy(args, ea)
         shape = self.runner.shape
         self.core = EngineCore(self.runner, self.policy, sampler=BatchSampler(  # openai: grammar needs the tokenizer
             compiler_factory(ea.model, shape.vocab_size, list(shape.eos_token_ids))))
         self.thread = EngineThread(self.core, self._on_step)
-        self.rpc = RpcServer(self._handle, args.host, args.port, self.secret, on_close=self._peer_gone)
+        self.rpc.handler, self.rpc.on_close = self._handle, self._peer_gone  # this role answers from now on
         self.owners: dict[str, Peer] = {}  # request id -> the router connection to answer on
         self.requests: dict[str, Request] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.draining = False
+        self.switching = ""  # the role a switch is turning this worker into (it drains meanwhile)
         self.max_waiting = args.cluster.max_waiting  # queue bound: beyond it new work is refused (overload)
         self._transfer_started = asyncio.Event()  # wakes the idle transfer poller
-        self.telemetry = WorkerTelemetry()  # reported to the router in every Stats
+        self._poller: asyncio.Task[None] | None = None
         c = args.cluster
         self.step_delay = StepDelay(self.role, c.fault_prefill_delay_ms, c.fault_decode_step_delay_ms,
                                     c.fault_delay_file)
@@ -146,25 +174,54 @@ class WorkerBase(Generic[P]):
         self.core.layer_hook = hook
 
     async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and stop; a role switch keeps the process (RoleHost)."""
+        from pdserve.serve.role_host import RoleHost
+
+        await RoleHost(self).run()
+
+    def start_role(self) -> None:
+        """Start this role's engine, transfer plane and poller (in the event loop)."""
         self.loop = asyncio.get_running_loop()
         if self.step_delay.configured:
             self._delay_steps()
         self._start_transfers()
         self.thread.start()
-        await self.rpc.start()
-        stop = asyncio.Event()
-        self.loop.add_signal_handler(signal.SIGTERM, stop.set)
-        self.loop.add_signal_handler(signal.SIGINT, stop.set)
-        poller = asyncio.create_task(self._poll_transfers())
-        log.info("%s worker ready on %s:%d (%d KV blocks)", self.role, self.rpc.host, self.rpc.port, self.bm.num_blocks)
-        print(f"READY {self.role} {self.rpc.host}:{self.rpc.port} pid={os.getpid()}", flush=True)
-        await stop.wait()
-        await self.drain()
-        poller.cancel()
-        await self.rpc.close()
-        self.thread.stop()
+        self._poller = asyncio.create_task(self._poll_transfers())
+
+    async def stop_role(self) -> None:
+        """Stop what `start_role` started; the model, KV memory and RPC server stay (`shared`)."""
+        if self._poller is not None:
+            self._poller.cancel()
+        await asyncio.to_thread(self.thread.stop)
         self._close_transfers()
         self.tracer.shutdown()
+
+    async def hand_back(self, grace_s: float, timeout: float = 60.0) -> None:
+        """Drain for a role switch: take no new work, let what is held finish for `grace_s`, then
+        end what is left with a `draining` error (the router retries it elsewhere, with the tokens
+        it already streamed: nothing is lost) and wait until nothing is held at all."""
+        self.draining = True
+        log.info("switching to %s: %d requests in flight", self.switching, len(self.requests))
+        deadline = time.monotonic() + grace_s
+        while (self.requests or self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        back = self._handed_back()
+        if back:
+            log.info("switching to %s: handing back %d requests to the router", self.switching, len(back))
+        for rid in back:
+            self._abort(rid)
+            self._error_now(rid, f"worker is switching to {self.switching or 'another role'}", "draining")
+        deadline = time.monotonic() + timeout
+        while (self.requests or self._busy()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert self.loop is not None
+        done = self.loop.create_future()  # the engine thread ran every abort submitted before this
+        self.thread.submit(lambda: self.loop.call_soon_threadsafe(done.set_result, None))  # type: ignore[union-attr]
+        await done
+
+    def _handed_back(self) -> list[str]:
+        """The requests a switch ends rather than waits for (all it still holds, by default)."""
+        return list(self.requests)
 
     async def drain(self, timeout: float = 60.0) -> None:
         """Take no new work; let in-flight requests and transfers finish. Stats say draining meanwhile."""
@@ -351,7 +408,7 @@ class WorkerBase(Generic[P]):
             busy_fraction=self.thread.busy_time / elapsed,
             block_size=self.bm.block_size, draining=self.draining, node_id=self.node_id, kv_stored=stored, kv_evicted=evicted,
             kv_cleared=cleared, cache_salt=self.bm.salt, metrics=self.telemetry.families(),
-            **self._stats_extra(),
+            switching=self.switching, **self._stats_extra(),
         )
 
 

@@ -82,6 +82,7 @@ class Worker:
         self.breaker = breaker(config)
         self.healthy = False  # answered its last heartbeat and is not draining
         self.draining = False  # its last heartbeat said it is draining
+        self.switching = ""  # the role it is switching to (out of every pool meanwhile), else empty
         self.inflight = 0
         self.busy_fraction = 0.0
         self.stats: m.Stats | None = None  # its last heartbeat's answer (queues, metrics for /metrics)
@@ -116,9 +117,12 @@ class Worker:
             if self.index is not None:
                 self.index.apply(self.name, s.kv_stored, s.kv_evicted, s.kv_cleared)
             self.stats = s
+            if s.role and s.role != self.role:  # a switch: its pool is the role it runs now
+                log.info("%s now serves as %s (was %s)", self.name, s.role, self.role)
+                self.role = s.role
             if not self.healthy and not s.draining:
-                log.info("%s joined the pool", self.name)
-            self.healthy, self.draining = not s.draining, s.draining
+                log.info("%s joined the %s pool", self.name, self.role)
+            self.healthy, self.draining, self.switching = not s.draining, s.draining, s.switching
         except (TimeoutError, OSError, ConnectionError) as e:
             if self.healthy:
                 log.warning("%s left the pool: %s", self.name, e or type(e).__name__)
@@ -127,6 +131,29 @@ class Worker:
             self.healthy = self.draining = False
         finally:
             self.client.close_queue(nonce)
+
+    async def switch_role(self, role: str, grace_s: float, timeout_s: float) -> None:
+        """Ask the worker to become `role` and wait for its answer; it is out of every pool from
+        now until a heartbeat shows it serving again (in its new role)."""
+        self._nonce += 1
+        nonce = f"switch-{self._nonce}"
+        self.healthy, self.switching = False, role  # no new work from this moment, not a heartbeat later
+        q = self.client.open(nonce)
+        try:
+            try:
+                await self.client.send(m.SwitchRole(nonce, role, grace_s))
+                reply = await asyncio.wait_for(q.get(), timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"{self.name} did not switch to {role} within {timeout_s:.0f}s") from None
+            except (OSError, ConnectionError) as e:
+                raise ConnectionError(f"cannot reach {self.name}: {e}") from e
+            if not isinstance(reply, m.RoleSwitched):
+                raise ConnectionError(f"lost the connection to {self.name} while it switched to {role}")
+            if reply.error:
+                raise RuntimeError(f"{self.name} could not switch to {role}: {reply.error}")
+        finally:
+            self.client.close_queue(nonce)
+            await self.heartbeat()  # its role and state as it reports them now (pools follow)
 
     def call(self, rid: str) -> Call:
         return Call(self, rid)
