@@ -46,16 +46,17 @@ async def sync_pools(backend: Any, launcher: Launcher, known: set[str] | None = 
     the launcher started it. `known` (kept across rounds) holds the addresses the launcher has
     reported: only those are removed when it stops reporting them, so a worker joined through
     POST /admin/workers stays."""
-    wanted = {h.address: h.role for h in await asyncio.to_thread(launcher.workers)}
+    roles = {h.address: h.role for h in await asyncio.to_thread(launcher.workers)}
+    wanted = set(roles)
     have = {w.client.address for w in backend.workers}
-    for address in sorted(wanted.keys() - have):
-        await backend.add_worker(wanted[address], address)
-    gone = have - wanted.keys() if known is None else (have & known) - wanted.keys()
+    for address in sorted(wanted - have):
+        await backend.add_worker(roles[address], address)
+    gone = have - wanted if known is None else (have & known) - wanted
     for address in sorted(gone):
         await backend.remove_worker(address)
     if known is not None:
         known -= gone
-        known |= wanted.keys()
+        known |= wanted
 
 
 def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:

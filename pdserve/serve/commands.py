@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("role", help="switch a running cluster worker's role (prefill, decode, colocated) "
                                     "without restarting it")
     s.add_argument("--router", required=True, help="the router's URL, e.g. http://127.0.0.1:8000")
-    s.add_argument("--api-key", default="", help="the router's API key, if it requires one")
+    s.add_argument("--api-key", default="", help="the router's API key, if it requires one (default: none)")
     s.add_argument("--grace-s", type=float, default=SWITCH_GRACE_S,
                    help="seconds the worker lets what it holds finish before handing it back to the router")
     s.add_argument("name", help="the worker, as the router names it (role@host:port; see /health)")
