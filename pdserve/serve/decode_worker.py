@@ -19,7 +19,8 @@ from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import CacheSink
 from pdserve.serve.rpc import Peer
-from pdserve.serve.worker_base import Shared, WorkerBase
+from pdserve.serve.worker_base import WorkerBase
+from pdserve.serve.worker_shared import Shared
 from pdserve.transfer import KVPoll, KVReceiver
 from pdserve.transfer.pairing import advertised
 

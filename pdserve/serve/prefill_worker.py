@@ -24,7 +24,8 @@ from pdserve.serve.engine_args import EngineArgs
 from pdserve.serve.kv_bridge import KVPush
 from pdserve.serve.rpc import Peer
 from pdserve.serve.telemetry import overlap_share
-from pdserve.serve.worker_base import Shared, WorkerBase, first_token_finish, prefill_timings, send_all
+from pdserve.serve.worker_base import WorkerBase, first_token_finish, prefill_timings, send_all
+from pdserve.serve.worker_shared import Shared
 from pdserve.transfer import KVPoll, KVSender, faults
 from pdserve.transfer.pairing import pair_address, scheme
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from pdserve.serve import messages as m
@@ -95,7 +96,7 @@ class RoleHost:
                 return
             log.info("switching from %s to %s (grace %.1fs)", old.role, role, grace_s)
             old.switching = role
-            await old.hand_back(max(0.0, grace_s))
+            await hand_back(old, max(0.0, grace_s))
             await old.stop_role()
             try:
                 new = ROLES[role](self.args, old.shared)
@@ -112,3 +113,29 @@ class RoleHost:
         self.worker = worker
         worker.start_role()
         self._route_switches()
+
+
+async def hand_back(w: WorkerBase, grace_s: float, timeout: float = 60.0) -> None:  # type: ignore[type-arg]
+    """Drain for a role switch: take no new work, let what is held finish for `grace_s`, then
+    end what is left with a `draining` error (the router retries it elsewhere, with the tokens
+    it already streamed: nothing is lost) and wait until nothing is held at all."""
+    w.draining = True
+    log.info("switching to %s: %d requests in flight", w.switching, len(w.requests))
+    deadline = time.monotonic() + grace_s
+    while (w.requests or w._busy()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    back = w._handed_back()
+    if back:
+        log.info("switching to %s: handing back %d requests to the router", w.switching, len(back))
+    for rid in back:
+        w._abort(rid)
+        w._error_now(rid, f"worker is switching to {w.switching or 'another role'}", "draining")
+    deadline = time.monotonic() + timeout
+    while (w.requests or w._busy()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert w.loop is not None
+    done = w.loop.create_future()  # the engine thread ran every abort submitted before this
+    loop = w.loop
+    w.thread.submit(lambda: loop.call_soon_threadsafe(done.set_result, None))
+    await done
+

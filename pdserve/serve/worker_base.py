@@ -15,26 +15,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
 from pdserve.engine.core import EngineCore, Policy, StepResult
 from pdserve.engine.grammar import compiler_factory
-from pdserve.engine.model_runner import ModelRunner
 from pdserve.engine.sampler import BatchSampler
 from pdserve.sched.admission import admission_error, limits_for
-from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.request import Request, RequestStatus
 from pdserve.serve import messages as m
 from pdserve.serve.async_engine import EngineThread
 from pdserve.serve.engine_args import EngineArgs
-from pdserve.serve.rpc import Peer, RpcServer, cluster_secret
+from pdserve.serve.rpc import Peer
 from pdserve.serve.step_delay import StepDelay
-from pdserve.serve.telemetry import WorkerTelemetry
 from pdserve.serve.tracing import Tracer
-from pdserve.transfer.pairing import node_identity
+from pdserve.serve.worker_shared import Shared
 
 log = logging.getLogger("pdserve.worker")
 POLL_S = 0.002  # transfer state polling while transfers are in flight
@@ -52,34 +48,6 @@ class WorkerPolicy(Policy, Protocol):
 
 
 P = TypeVar("P", bound=WorkerPolicy)
-
-
-@dataclass
-class Shared:
-    """What a worker keeps across role switches: weights, KV memory (and its prefix cache), the
-    RPC server the router talks to, its identity and its counters."""
-
-    runner: ModelRunner
-    bm: BlockManager
-    rpc: RpcServer
-    secret: bytes | None
-    node_id: str
-    telemetry: WorkerTelemetry
-
-    @classmethod
-    def load(cls, args: argparse.Namespace, ea: EngineArgs) -> Shared:
-        runner = ModelRunner(ea.model, ea.cache, device=ea.device, dtype=ea.dtype, seed=ea.seed)
-        bm = BlockManager(runner.num_blocks, ea.cache.block_size, ea.cache.enable_prefix_caching,
-                          ea.cache.eviction, runner.cache_salt)
-        if ea.cache.enable_prefix_caching:
-            bm.record_events()  # published to the router's prefix index with each heartbeat
-        secret = cluster_secret()
-        rpc = RpcServer(_unset_handler, args.host, args.port, secret)  # the role sets its handler
-        return cls(runner, bm, rpc, secret, node_identity(), WorkerTelemetry())
-
-
-async def _unset_handler(msg: m.ToWorker, peer: Peer) -> None:
-    raise RuntimeError("no role is serving yet")
 
 
 class WorkerBase(Generic[P]):
@@ -195,29 +163,6 @@ class WorkerBase(Generic[P]):
         await asyncio.to_thread(self.thread.stop)
         self._close_transfers()
         self.tracer.shutdown()
-
-    async def hand_back(self, grace_s: float, timeout: float = 60.0) -> None:
-        """Drain for a role switch: take no new work, let what is held finish for `grace_s`, then
-        end what is left with a `draining` error (the router retries it elsewhere, with the tokens
-        it already streamed: nothing is lost) and wait until nothing is held at all."""
-        self.draining = True
-        log.info("switching to %s: %d requests in flight", self.switching, len(self.requests))
-        deadline = time.monotonic() + grace_s
-        while (self.requests or self._busy()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        back = self._handed_back()
-        if back:
-            log.info("switching to %s: handing back %d requests to the router", self.switching, len(back))
-        for rid in back:
-            self._abort(rid)
-            self._error_now(rid, f"worker is switching to {self.switching or 'another role'}", "draining")
-        deadline = time.monotonic() + timeout
-        while (self.requests or self._busy()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert self.loop is not None
-        done = self.loop.create_future()  # the engine thread ran every abort submitted before this
-        self.thread.submit(lambda: self.loop.call_soon_threadsafe(done.set_result, None))  # type: ignore[union-attr]
-        await done
 
     def _handed_back(self) -> list[str]:
         """The requests a switch ends rather than waits for (all it still holds, by default)."""
