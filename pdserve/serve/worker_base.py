@@ -6,6 +6,8 @@ serving RPC, answering stats and aborts, refusing work while draining, turning a
 `Request` (or a reason to refuse it), and streaming the engine's tokens back to the router. Each
 role (`colocated_worker`, `prefill_worker`, `decode_worker`) says which messages it takes, how it
 admits them, and what happens around its KV transfers; `pd_worker` picks the class for a role.
+A role switch (`role_host.py`) stops one role's engine and builds the next over the same `Shared`
+(weights, KV memory, RPC server): `start_role`/`stop_role` are each role's own part of that.
 """
 
 from __future__ import annotations
