@@ -61,7 +61,6 @@ import engine_kernels  # noqa: E402  (beside this file)
 from pdserve import LLM, SamplingParams  # noqa: E402
 from pdserve.config import CATALOG  # noqa: E402
 from pdserve.config.model import ModelShape  # noqa: E402
-from pdserve.model import attention  # noqa: E402
 from pdserve.model.loader import hf_state_dict  # noqa: E402
 
 GB = 1e9
@@ -654,27 +653,7 @@ def main() -> None:
         log(f"  batch {b:>2} ctx {contexts[0]} (fragmented): {d['step_s_median'] * 1e3:7.2f} ms, roofline "
             f"{d['roofline_s'] * 1e3:6.2f} ms -> {d['roofline_over_achieved']:.0%} of roofline")
     result["decode_steps"] = steps
-    # The fragmented batch-16 step with the decode gather copying GATHER_BYTES at a time (L2-sized,
-    # today) and the whole group at once (before), alternated.
     kb = min(16, max(batches))
-    ab: dict[str, list[dict[str, float]]] = {"l2_sized": [], "whole_group": []}
-    for _ in range(3):
-        for key, nbytes in (("l2_sized", attention.GATHER_BYTES), ("whole_group", 1 << 62)):
-            old, attention.GATHER_BYTES = attention.GATHER_BYTES, nbytes
-            try:
-                d = model_decode(runner, kb, contexts[0], args.step_decode_steps, bw["gbps_read_plus_write"],
-                                 mm["flops_per_s"], args.seed + kb, fragmented=True)
-            finally:
-                attention.GATHER_BYTES = old
-            ab[key].append({"step_s_median": d["step_s_median"], "step_cpu_s_median": d["step_cpu_s_median"]})
-    result["gather_ab"] = {
-        "batch": kb, "context": contexts[0], "layout": "fragmented", "runs": ab,
-        "cpu_ratio_l2_over_whole_per_round": [a["step_cpu_s_median"] / b["step_cpu_s_median"]
-                                              for a, b in zip(ab["l2_sized"], ab["whole_group"], strict=True)],
-        "wall_ratio_l2_over_whole_per_round": [a["step_s_median"] / b["step_s_median"]
-                                               for a, b in zip(ab["l2_sized"], ab["whole_group"], strict=True)]}
-    log("  gather A/B (L2-sized / whole group), CPU-time ratio per round: "
-        + ", ".join(f"{x:.2f}" for x in result["gather_ab"]["cpu_ratio_l2_over_whole_per_round"]))
     log("kernels of the batched step on their own (bench/engine_kernels.py)")
     kern = {"decode_attention": engine_kernels.decode_attention_variants(shape, kb, contexts[0] + 4),
             "projections": [engine_kernels.projection_costs(shape, b, bw["gbps_read_plus_write"])

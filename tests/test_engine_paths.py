@@ -117,27 +117,6 @@ def test_decode_batch_of_different_lengths(heads, kv_heads) -> None:
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("seqs_per_gather", [1, 3])
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_decode_group_gathered_a_few_sequences_at_a_time(monkeypatch, seqs_per_gather, interleaved) -> None:
-    """One padded decode group copied `GATHER_BYTES` at a time (1 or 3 of 7 sequences per copy, the
-    last copy partial), with its rows consecutive or split by a prefill chunk packed between them;
-    shuffled blocks, partial last blocks, GQA."""
-    import pdserve.model.attention as attention
-
-    rng = random.Random(seqs_per_gather + 10 * interleaved)
-    ctx = [16, 15, 14, 13, 11, 10, 9]  # longest first: the group keeps the packing order
-    tables = _shuffled_tables(ctx + [9], rng)
-    spans = [(t, c - 1, 1) for t, c in zip(tables[:-1], ctx, strict=True)]
-    if interleaved:
-        spans.insert(3, (tables[-1], 3, 6))
-    width = max(len(t) for t in tables[:-1])
-    monkeypatch.setattr(attention, "GATHER_BYTES", seqs_per_gather * 2 * width * BS * 2 * 8 * 4)
-    ours, ref, meta = _attend(spans, 6, 2, 8, seed=seqs_per_gather, slack=1000)
-    assert len(meta.decode) == 1 and (meta.decode[0].row_slice is None) == interleaved
-    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-
-
 def test_single_decode_in_place_and_gathered() -> None:
     """One sequence whose blocks are consecutive is read in place; one whose are not is gathered."""
     for table in ([3, 4, 5], [5, 3, 4]):

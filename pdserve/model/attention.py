@@ -7,10 +7,9 @@ Everything that depends only on the step (which blocks to read, masks, rows) is 
 step in `AttentionMetadata` and reused by every layer:
 * a prefill chunk that starts at position 0 attends to its own new K/V with the causal fast path
   (no gather, no mask); a later chunk gathers its context's blocks and uses a mask built once;
-* decode sequences are grouped by context length (`group_decodes`), each group gathered with
-  `index_select` into a reused buffer, `GATHER_BYTES` at a time, and attended one SDPA call per
-  gather, so the cost follows the sum of context lengths (plus a bounded padding per group), not
-  batch x longest context.
+* decode sequences are grouped by context length (`group_decodes`), each group gathered with one
+  `index_select` into a reused buffer and attended in one SDPA call, so the cost follows the sum
+  of context lengths (plus a bounded padding per group), not batch x longest context.
 """
 
 from __future__ import annotations
@@ -25,9 +24,6 @@ from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
 # Padding (in keys) a decode sequence may add to a group rather than start its own SDPA call: one
 # call costs about as much as attending to this many extra keys on a CPU.
 GROUP_SLACK_KEYS = 256
-# Bytes of K and V one gather copies before SDPA reads them (at least one sequence): about half
-# the L2 of one core (2 MiB on the Xeon measured in bench/results/engine_cpu*.json).
-GATHER_BYTES = 1 << 20
 
 
 @dataclass
@@ -132,31 +128,19 @@ def paged_attention(
         if g.blocks is None:
             assert g.first_block is not None
             kv = cache[:, g.first_block : g.first_block + g.width].reshape(2, 1, -1, n_kv, d)
-            _decode_sdpa(q, kv, g, 0, 1, out, scale)
-            continue
-        # Gather a few sequences at a time, so the copy is still in L2 when SDPA reads it back
-        # (one buffer for the whole group goes out to L3 or memory and is read from there).
-        per_seq = 2 * g.width * meta.block_size * n_kv * d * cache.element_size()
-        step = max(1, GATHER_BYTES // per_seq)
-        for j in range(0, b, step):
-            n = min(step, b - j)
-            kv = _gather(cache, g.blocks[j * g.width : (j + n) * g.width], meta)
-            _decode_sdpa(q, kv.view(2, n, g.width * meta.block_size, n_kv, d), g, j, n, out, scale)
+        else:
+            kv = _gather(cache, g.blocks, meta).view(2, b, g.width * meta.block_size, n_kv, d)
+        if g.ctx is not None:
+            kv = kv[:, :, : g.ctx]  # one sequence: drop the last block's unused slots, no mask
+        k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [b, kv, W, d]
+        # A query head group shares one KV head: as g queries of that head, GQA needs no expansion.
+        qg = (q[g.row_slice] if g.row_slice is not None else q[g.rows]).view(b, n_kv, group, d)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=g.mask, scale=scale).reshape(b, n_heads, d)
+        if g.row_slice is not None:
+            out[g.row_slice] = o
+        else:
+            out[g.rows] = o
     return out
-
-
-def _decode_sdpa(q: torch.Tensor, kv: torch.Tensor, g: DecodeGroup, j: int, n: int, out: torch.Tensor,
-                 scale: float) -> None:
-    """Rows j .. j + n of decode group `g` attend to kv ([2, n, keys, kv_heads, d]); into `out`."""
-    n_kv, d = kv.shape[3], kv.shape[4]
-    if g.ctx is not None:
-        kv = kv[:, :, : g.ctx]  # one sequence: drop the last block's unused slots, no mask
-    k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [n, kv, W, d]
-    rows = slice(g.row_slice.start + j, g.row_slice.start + j + n) if g.row_slice is not None else g.rows[j : j + n]
-    # A query head group shares one KV head: as g queries of that head, GQA needs no expansion.
-    qg = q[rows].view(n, n_kv, -1, d)
-    mask = g.mask[j : j + n] if g.mask is not None else None
-    out[rows] = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale).reshape(n, -1, d)
 
 
 def reference_attention(
