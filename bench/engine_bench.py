@@ -654,16 +654,17 @@ def main() -> None:
             f"{d['roofline_s'] * 1e3:6.2f} ms -> {d['roofline_over_achieved']:.0%} of roofline")
     result["decode_steps"] = steps
     kb = min(16, max(batches))
-    log("kernels of the batched step on their own (bench/engine_kernels.py)")
-    kern = {"decode_attention": engine_kernels.decode_attention_variants(shape, kb, contexts[0] + 4),
-            "projections": [engine_kernels.projection_costs(shape, b, bw["gbps_read_plus_write"])
-                            for b in sorted({1, kb})]}
-    log(f"  decode attention, batch {kb}, CPU ms: " + ", ".join(
-        f"{k} {v:.1f}" for k, v in kern["decode_attention"]["cpu_ms_per_step"].items()))
-    for p in kern["projections"]:
-        log(f"  projections, batch {p['batch']}, CPU ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_step"].items())
-            + f" (weights at copy bandwidth {p['weights_read_ms_at_copy_bw']:.1f} ms)")
-    result["kernels"] = kern
+    if dev == "cpu":  # CPU kernels (MKL, the CPU flash kernel): meaningless beside a GPU run
+        log("kernels of the batched step on their own (bench/engine_kernels.py)")
+        kern = {"decode_attention": engine_kernels.decode_attention_variants(shape, kb, contexts[0] + 4),
+                "projections": [engine_kernels.projection_costs(shape, b, bw["gbps_read_plus_write"])
+                                for b in sorted({1, kb})]}
+        log(f"  decode attention, batch {kb}, CPU ms: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in kern["decode_attention"]["cpu_ms_per_step"].items()))
+        for p in kern["projections"]:
+            log(f"  projections, batch {p['batch']}, CPU ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_step"].items())
+                + f" (weights at copy bandwidth {p['weights_read_ms_at_copy_bw']:.1f} ms)")
+        result["kernels"] = kern
     # The older summary (bench/gpu_check.py reads it): the steps at the first context.
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
                          "bound_over_achieved": d["roofline_over_achieved"]} for d in steps if d["context"] == contexts[0] and d["layout"] == "contiguous"]
