@@ -11,7 +11,14 @@ are model steps (`ModelRunner.execute` + greedy argmax) on sequences whose KV bl
 as the engine would (zeros: the values do not change the time), so 2k-context batches need no
 prefill first. The 512-context batches of 16 (and the largest) are also run with the blocks past the first 256
 tokens of context interleaved across sequences (`layout: fragmented`: those are gathered, not read
-in place), and profiled per op. `--quick` runs a subset in about a minute.
+in place), and profiled per op (the batch-1 step at the first context too): the top ops, and every
+op's self time summed by category (`op_categories`: matmul, attention, KV gather, ...). Each step
+also records this thread's CPU time (`step_cpu_s_*`), which leaves out the waits for a core on a
+loaded machine. `kernels` (from `engine_kernels.py`) times the batched step's kernels alone: the
+decode-attention variants over a fragmented cache and the projections against MKL's prepacked GEMM.
+`offline_breakdown` splits one offline run into prefill steps, decode steps and the time outside
+steps, at the batch budget and with the whole batch in one step, and gives the ratio to
+`transformers` each part's roofline would allow. `--quick` runs a subset in a few minutes.
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
 `transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
@@ -48,6 +55,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine_kernels  # noqa: E402  (beside this file)
 
 from pdserve import LLM, SamplingParams  # noqa: E402
 from pdserve.config import CATALOG  # noqa: E402
@@ -340,12 +349,14 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
         out = SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])
         runner.execute(out).argmax(-1).tolist()
 
+    cpu = []  # this thread's CPU time: on a loaded machine, without the waits for a core
     step(0)  # warm-up (buffers, kernels)
     for k in range(1, steps + 1):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         step(k)
         sync(runner.device.type)
         times.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
     med = statistics.median(times)
     ctx_mean = ctx + (steps + 1) / 2
     kv_bytes = batch * ctx_mean * shape.kv_bytes_per_token()
@@ -355,25 +366,90 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
     roof = max(bytes_s, flops_s)
     rec: dict[str, Any] = {
         "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous", "steps": steps, "step_s_median": med, "step_s_min": min(times),
-        "step_s_all": times, "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
+        "step_s_all": times, "step_cpu_s_median": statistics.median(cpu), "step_cpu_s_all": cpu,
+        "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
         "kv_bytes_read": kv_bytes, "flops": step_flops, "bound_bytes_s": bytes_s, "bound_flops_s": flops_s,
         "roofline_s": roof, "roofline_over_achieved": roof / med, "achieved_over_roofline": med / roof,
     }
     if profile_ops:
-        rec["op_profile"] = op_profile(lambda: step(steps + 1), 3)
+        rec["op_profile"], rec["op_categories"] = op_profile(lambda: step(steps + 1), 3)
     return rec
 
 
-def op_profile(fn, reps: int, top: int = 14) -> list[dict[str, Any]]:  # type: ignore[no-untyped-def]
-    """torch.profiler's top ops by self CPU time, per call of `fn`."""
+# What each op's self time is spent on, for the per-op breakdown (first match wins).
+OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    ("kv_gather", ("aten::index_select",)),
+    ("kv_write", ("aten::index_copy",)),
+    ("norm_rope_act", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu",
+                       "aten::cat", "aten::neg", "aten::div", "aten::sub", "aten::where")),
+    ("alloc", ("aten::empty",)),
+    ("views", ("aten::transpose", "aten::as_strided", "aten::slice", "aten::reshape", "aten::view",
+               "aten::select", "aten::split", "aten::chunk", "aten::unsqueeze", "aten::t", "aten::expand")),
+]
+
+
+def op_profile(fn, reps: int, top: int = 14) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # type: ignore[no-untyped-def]
+    """torch.profiler's top ops by self CPU time per call of `fn`, and every op's self time summed
+    by category (`OP_CATEGORIES`); `unattributed_ms` is the profiled wall time no op accounts for
+    (Python, the profiler itself)."""
     from torch.profiler import ProfilerActivity, profile
 
+    t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(reps):
             fn()
-    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
-    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / reps,
-             "calls_per_step": e.count / reps} for e in rows]
+    wall_ms = (time.perf_counter() - t) * 1e3 / reps
+    ops = prof.key_averages()
+    rows = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]
+    cats: dict[str, float] = {name: 0.0 for name, _ in OP_CATEGORIES} | {"other": 0.0}
+    for e in ops:
+        name = next((c for c, prefixes in OP_CATEGORIES if e.key.startswith(prefixes)), "other")
+        cats[name] += e.self_cpu_time_total / 1e3 / reps
+    summary = {"ms_per_step": cats, "profiled_wall_ms_per_step": wall_ms,
+               "unattributed_ms": wall_ms - sum(cats.values())}
+    return ([{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1e3 / reps,
+              "calls_per_step": e.count / reps} for e in rows], summary)
+
+
+def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gbps: float,
+                      flops: float) -> dict[str, Any]:
+    """One `LLM.generate` of the offline batch with every engine step timed: time in steps that
+    carry prefill tokens, in pure decode steps, and outside steps (detokenizing, bookkeeping);
+    beside it the same steps' rooflines (prefill: FLOPs / matmul FLOP/s; decode: weights + KV at
+    the mean context / copy bandwidth)."""
+    shape = llm.runner.shape
+    recs: list[tuple[int, int, float]] = []
+    core_step = llm.core.step
+
+    def timed():  # type: ignore[no-untyped-def]
+        r = core_step()
+        recs.append((r.output.num_prefill_tokens, r.output.num_decode_seqs, r.duration))
+        return r
+
+    llm.core.step = timed  # type: ignore[method-assign]
+    try:
+        t = time.perf_counter()
+        ours_generate(llm, prompts, max_tokens)
+        wall = time.perf_counter() - t
+    finally:
+        del llm.core.step
+    pre = [r for r in recs if r[0]]
+    dec = [r for r in recs if not r[0]]
+    mean_ctx = statistics.mean(len(p) for p in prompts) + max_tokens / 2
+    dec_bound = sum((shape.weight_bytes() + n * mean_ctx * shape.kv_bytes_per_token()) / (bw_gbps * GB) for _, n, _ in dec)
+    pre_bound = sum(shape.flops_per_token(len(p) / 2) * len(p) for p in prompts) / flops
+    steps_s = sum(r[2] for r in recs)
+    return {
+        "max_num_batched_tokens": llm.scheduler.config.max_num_batched_tokens, "wall_s": wall,
+        "steps": len(recs), "prefill_steps": len(pre), "decode_steps": len(dec),
+        "prefill_steps_s": sum(r[2] for r in pre), "decode_steps_s": sum(r[2] for r in dec),
+        "outside_steps_s": wall - steps_s, "decode_batch_mean": statistics.mean(r[1] for r in dec) if dec else 0,
+        "decode_step_s_median": statistics.median(r[2] for r in dec) if dec else None,
+        "prefill_roofline_s": pre_bound, "decode_roofline_s_approx": dec_bound,
+        "step_records": recs,
+    }
 
 
 def model_prefill(runner, length: int, flops: float, seed: int, reps: int = 1) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -497,6 +573,45 @@ def main() -> None:
         thr["speedup_median"] = statistics.median(times["transformers"]) / statistics.median(times["pdserve"])
     result["throughput"] = thr
 
+    # Where the offline time goes, at the batch budget above and with the whole batch's prompts
+    # in one step (no chunking), alternated; and the ratio each part's roofline would allow.
+    log("offline breakdown: prefill steps, decode steps, outside steps")
+    whole = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
+                max_num_batched_tokens=sum(lens) + args.num_prompts, max_num_seqs=max(64, args.num_prompts),
+                seed=args.seed)
+    ours_generate(whole, warm, 4)
+    rounds: dict[str, list[dict[str, Any]]] = {"budget": [], "whole_batch": []}
+    for _ in range(2):
+        for key, engine in (("budget", llm), ("whole_batch", whole)):
+            rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
+                                                 mm["flops_per_s"]))
+            b = rounds[key][-1]
+            log(f"  {key} ({b['max_num_batched_tokens']} tokens/step): wall {b['wall_s']:.2f}s = prefill steps "
+                f"{b['prefill_steps_s']:.2f}s ({b['prefill_steps']}) + decode steps {b['decode_steps_s']:.2f}s "
+                f"({b['decode_steps']}, mean batch {b['decode_batch_mean']:.1f}) + outside {b['outside_steps_s']:.2f}s")
+    del whole
+    bd: dict[str, Any] = {"runs": rounds}
+    if times["transformers"]:
+        hf_s = statistics.median(times["transformers"])
+        b0 = rounds["budget"]
+        med = {k: statistics.median(r[k] for r in b0) for k in
+               ("wall_s", "prefill_steps_s", "decode_steps_s", "outside_steps_s", "prefill_roofline_s",
+                "decode_roofline_s_approx")}
+        bd["budget_median"] = med
+        bd["prefill_share_of_wall"] = med["prefill_steps_s"] / med["wall_s"]
+        # The ratio to transformers if one part ran at its roofline and the rest as measured.
+        bd["ratio_measured"] = hf_s / med["wall_s"]
+        bd["ratio_if_decode_free"] = hf_s / (med["prefill_steps_s"] + med["outside_steps_s"])
+        bd["ratio_if_decode_at_roofline"] = hf_s / (med["prefill_steps_s"] + med["outside_steps_s"]
+                                                    + med["decode_roofline_s_approx"])
+        bd["ratio_if_prefill_at_roofline"] = hf_s / (med["prefill_roofline_s"] + med["outside_steps_s"]
+                                                     + med["decode_steps_s"])
+        bd["ratio_if_all_at_roofline"] = hf_s / (med["prefill_roofline_s"] + med["decode_roofline_s_approx"])
+        log(f"  ratio to transformers {bd['ratio_measured']:.2f}x; if decode ran at its roofline "
+            f"{bd['ratio_if_decode_at_roofline']:.2f}x, if decode were free {bd['ratio_if_decode_free']:.2f}x, "
+            f"everything at its roofline {bd['ratio_if_all_at_roofline']:.2f}x")
+    result["offline_breakdown"] = bd
+
     if hf is not None and ours_out is not None and ref_out is not None:
         agr = agreement(ours_out, ref_out)
         # A prompt that differs: is it padding numerics (matches unpadded HF) or a real difference?
@@ -525,7 +640,7 @@ def main() -> None:
     for ctx in contexts:
         for b in batches:
             d = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"],
-                             mm["flops_per_s"], args.seed + b, profile_ops=(b == 16 and ctx == contexts[0]))
+                             mm["flops_per_s"], args.seed + b, profile_ops=(b in (1, 16) and ctx == contexts[0]))
             d["loadavg_1"] = os.getloadavg()[0]
             steps.append(d)
             log(f"  batch {b:>2} ctx {ctx}: {d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
@@ -538,6 +653,18 @@ def main() -> None:
         log(f"  batch {b:>2} ctx {contexts[0]} (fragmented): {d['step_s_median'] * 1e3:7.2f} ms, roofline "
             f"{d['roofline_s'] * 1e3:6.2f} ms -> {d['roofline_over_achieved']:.0%} of roofline")
     result["decode_steps"] = steps
+    kb = min(16, max(batches))
+    if dev == "cpu":  # CPU kernels (MKL, the CPU flash kernel): meaningless beside a GPU run
+        log("kernels of the batched step on their own (bench/engine_kernels.py)")
+        kern = {"decode_attention": engine_kernels.decode_attention_variants(shape, kb, contexts[0] + 4),
+                "projections": [engine_kernels.projection_costs(shape, b, bw["gbps_read_plus_write"])
+                                for b in sorted({1, kb})]}
+        log(f"  decode attention, batch {kb}, CPU ms: " + ", ".join(
+            f"{k} {v:.1f}" for k, v in kern["decode_attention"]["cpu_ms_per_step"].items()))
+        for p in kern["projections"]:
+            log(f"  projections, batch {p['batch']}, CPU ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_step"].items())
+                + f" (weights at copy bandwidth {p['weights_read_ms_at_copy_bw']:.1f} ms)")
+        result["kernels"] = kern
     # The older summary (bench/gpu_check.py reads it): the steps at the first context.
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
                          "bound_over_achieved": d["roofline_over_achieved"]} for d in steps if d["context"] == contexts[0] and d["layout"] == "contiguous"]

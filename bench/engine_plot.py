@@ -1,5 +1,7 @@
 """Plot bench/results/engine_cpu.json: decode model steps against their roofline, prefill against
-the matmul FLOP/s, offline throughput beside `transformers`.
+the matmul FLOP/s, offline throughput beside `transformers`; with `kernels` and
+`offline_breakdown` in the JSON, a second figure (`<name>_breakdown.png`): where the offline time
+goes, the decode-attention variants and the projections, in CPU time.
 
     .venv/bin/python bench/engine_plot.py [bench/results/engine_cpu.json]
 """
@@ -7,6 +9,7 @@ the matmul FLOP/s, offline throughput beside `transformers`.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -43,6 +46,47 @@ def main() -> None:
                  f"load average {load:.1f} at start (shared machine)")
     fig.tight_layout()
     out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+    if "kernels" in r and "offline_breakdown" in r:
+        breakdown(r, path.with_name(path.stem + "_breakdown.png"))
+
+
+def breakdown(r: dict, out: Path) -> None:  # type: ignore[type-arg]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [1.2, 2, 1]})
+    runs = r["offline_breakdown"]["runs"]
+    parts = ("prefill_steps_s", "decode_steps_s", "outside_steps_s")
+    names = [f"{k}\n({runs[k][0]['max_num_batched_tokens']} tok/step)" for k in runs]
+    bottom = [0.0] * len(runs)
+    for part in parts:
+        vals = [statistics.median(x[part] for x in v) for v in runs.values()]
+        a.bar(names, vals, bottom=bottom, label=part.removesuffix("_s").replace("_", " "))
+        bottom = [p + q for p, q in zip(bottom, vals, strict=True)]
+    hf = r["throughput"]["seconds"].get("transformers")
+    if hf:
+        a.axhline(statistics.median(hf), color="k", ls="--", label="transformers (median)")
+    a.set_ylabel("s (median of the alternated runs)")
+    a.set_title("offline batch: where pdserve's time goes")
+    a.legend(fontsize=8)
+    att = r["kernels"]["decode_attention"]
+    b.bar(list(att["cpu_ms_per_step"]), list(att["cpu_ms_per_step"].values()))
+    b.set_xticks(range(len(att["cpu_ms_per_step"])), [k.replace("_", "\n", 1) for k in att["cpu_ms_per_step"]],
+                 fontsize=8)
+    b.set_ylabel("CPU ms per step (all layers)")
+    b.set_title(f"decode attention, batch {att['batch']}, {att['context']} ctx, fragmented")
+    proj = r["kernels"]["projections"]
+    kinds = list(proj[0]["cpu_ms_per_step"])
+    for j, kind in enumerate(kinds):
+        c.bar([i + 0.4 * j for i in range(len(proj))], [p["cpu_ms_per_step"][kind] for p in proj], 0.4, label=kind)
+    c.axhline(proj[0]["weights_read_ms_at_copy_bw"], color="k", ls="--", label="weights / copy bandwidth")
+    c.set_xticks([i + 0.2 for i in range(len(proj))], [f"batch {p['batch']}" for p in proj])
+    c.set_ylabel("CPU ms per step")
+    c.set_title("projections")
+    c.legend(fontsize=8)
+    load = r["machine"]["loadavg_1_5_15"][0]
+    fig.suptitle(f"{r['model']['name']}, {r['machine']['torch_threads']} thread(s), load {load:.1f} at start, "
+                 f"{r['loadavg_at_end'][0]:.1f} at end (shared machine)")
+    fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
 

@@ -1,0 +1,206 @@
+"""What the batched decode step's kernels cost on their own, for `engine_bench.py`.
+
+Two questions the per-op profile of the batch-16 step raises, answered with the model's own shapes:
+
+* Decode attention over a fragmented paged cache: is copying each sequence's blocks into one
+  buffer (today's path) slower than reading them in place? Variants, all giving the same output:
+  `gather_one_sdpa` (today: one `index_select` of every block, one SDPA call with a mask),
+  `gather_per_seq` (a small per-sequence buffer that stays in L2), `runs_lse` (SDPA per
+  contiguous run of blocks, read in place, merged by log-sum-exp), `prefix_lse` (the contiguous
+  prefix in place, only the fragmented tail gathered, merged by log-sum-exp), `gather_only` (the
+  copy alone) and `in_place_contiguous` (SDPA alone on a contiguous layout: the floor the copy
+  sits on top of). Times are per step (all layers), wall and this thread's CPU time.
+* The projections at the decode batch size: `torch.nn.functional.linear` against MKL's prepacked
+  GEMM (`torch.ops.mkl._mkl_linear`, weights packed once for one batch size), whether the two
+  are bitwise equal, and the weights' read time at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pdserve.config.model import ModelShape
+
+
+def _median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """Median wall and thread-CPU milliseconds of `fn` (CPU time leaves out waits for a core)."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(reps):
+        t, c = time.perf_counter(), time.thread_time()
+        fn()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.thread_time() - c)
+    return statistics.median(wall) * 1e3, statistics.median(cpu) * 1e3
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], reps: int, rounds: int) -> dict[str, Any]:
+    """Each of `fns` timed in turn, `rounds` times; medians of the rounds' medians."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            w, c = _median_ms(fn, reps)
+            wall[name].append(w)
+            cpu[name].append(c)
+    return {"ms_per_step": {k: statistics.median(v) for k, v in wall.items()},
+            "cpu_ms_per_step": {k: statistics.median(v) for k, v in cpu.items()},
+            "ms_per_step_rounds": wall, "cpu_ms_per_step_rounds": cpu}
+
+
+def _runs(table: list[int]) -> list[tuple[int, int]]:
+    """(first block, length) of each run of consecutive block ids."""
+    out, s = [], 0
+    for k in range(1, len(table) + 1):
+        if k == len(table) or table[k] != table[k - 1] + 1:
+            out.append((table[s], k - s))
+            s = k
+    return out
+
+
+def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_size: int = 16,
+                              prefix: int = 256, reps: int = 7, rounds: int = 3) -> dict[str, Any]:
+    """Per-step ms of each variant (median of `rounds` interleaved medians) on a cache laid out as
+    `engine_bench._requests(..., prompt=prefix)` lays it out: each sequence's first `prefix` tokens
+    in consecutive blocks, the rest one block at a time round-robin across the sequences."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    kv, d, bs = shape.num_kv_heads, shape.head_dim, block_size
+    g = shape.num_heads // kv
+    need, first = -(-ctx // bs), prefix // bs
+    tables = [[i * first + j for j in range(first)] for i in range(batch)]
+    nxt = batch * first
+    for _ in range(first, need):
+        for t in tables:
+            t.append(nxt)
+            nxt += 1
+    nb = nxt + 1
+    gen = torch.Generator().manual_seed(0)
+    caches = [torch.randn(2, nb, bs, kv, d, generator=gen) for _ in range(shape.num_layers)]
+    contiguous = [torch.randn(2, batch * need, bs, kv, d, generator=gen) for _ in range(shape.num_layers)]
+    q = torch.randn(batch, kv, g, d, generator=gen)
+    scale = d**-0.5
+    row = bs * kv * d
+    every = torch.tensor([b for t in tables for b in t])
+    every2 = torch.cat([every, every + nb])
+    ws = torch.empty(2 * batch * need, row)
+    mask = (torch.arange(need * bs)[None, :] < ctx)[:, None, None, :].expand(batch, 1, 1, need * bs)
+    per_seq = [torch.cat([torch.tensor(t), torch.tensor(t) + nb]) for t in tables]
+    ws1 = torch.empty(2 * need, row)
+    runs = [_runs(t) for t in tables]
+    tail = torch.tensor([b for t in tables for b in t[first:]])
+    tail2 = torch.cat([tail, tail + nb])
+    tw, tail_ctx = need - first, ctx - first * bs
+    wst = torch.empty(2 * batch * tw, row)
+
+    def kv_view(flat: torch.Tensor, n: int, width: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = flat.view(2, n, width * bs, kv, d)[:, :, :keys]
+        return x[0].transpose(1, 2), x[1].transpose(1, 2)
+
+    def gather_one_sdpa() -> list[torch.Tensor]:
+        outs = []
+        for c in caches:
+            torch.index_select(c.view(2 * nb, row), 0, every2, out=ws)
+            k, v = kv_view(ws, batch, need, need * bs)
+            outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
+        return outs
+
+    def gather_per_seq() -> list[torch.Tensor]:
+        outs = []
+        for c in caches:
+            o = torch.empty_like(q)
+            for i in range(batch):
+                torch.index_select(c.view(2 * nb, row), 0, per_seq[i], out=ws1)
+                k, v = kv_view(ws1, 1, need, ctx)
+                o[i] = F.scaled_dot_product_attention(q[i : i + 1], k, v, scale=scale)[0]
+            outs.append(o)
+        return outs
+
+    def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        lse = torch.stack([p[1] for p in parts])  # [r, ..., g]
+        w = torch.softmax(lse, 0)[..., None]
+        return (torch.stack([p[0] for p in parts]) * w).sum(0)
+
+    def runs_lse() -> list[torch.Tensor]:
+        outs = []
+        for c in caches:
+            o = torch.empty_like(q)
+            for i in range(batch):
+                parts, left = [], ctx
+                for b0, n in runs[i]:
+                    m = min(n * bs, left)
+                    left -= m
+                    k = c[0, b0 : b0 + n].reshape(1, n * bs, kv, d)[:, :m].transpose(1, 2)
+                    v = c[1, b0 : b0 + n].reshape(1, n * bs, kv, d)[:, :m].transpose(1, 2)
+                    parts.append(flash(q[i : i + 1], k, v, scale=scale)[:2])
+                o[i] = merge(parts)[0]
+            outs.append(o)
+        return outs
+
+    def prefix_lse() -> list[torch.Tensor]:
+        outs = []
+        for c in caches:
+            po, pl = torch.empty_like(q), torch.empty(batch, kv, g)
+            for i in range(batch):
+                b0 = tables[i][0]
+                k = c[0, b0 : b0 + first].reshape(1, first * bs, kv, d).transpose(1, 2)
+                v = c[1, b0 : b0 + first].reshape(1, first * bs, kv, d).transpose(1, 2)
+                o1, l1 = flash(q[i : i + 1], k, v, scale=scale)[:2]
+                po[i], pl[i] = o1[0], l1[0]
+            torch.index_select(c.view(2 * nb, row), 0, tail2, out=wst)
+            k, v = kv_view(wst, batch, tw, tail_ctx)
+            o2, l2 = flash(q, k, v, scale=scale)[:2]
+            outs.append(merge([(po, pl), (o2, l2)]))
+        return outs
+
+    def gather_only() -> None:
+        for c in caches:
+            torch.index_select(c.view(2 * nb, row), 0, every2, out=ws)
+
+    def in_place_contiguous() -> None:
+        for c in contiguous:
+            k, v = kv_view(c, batch, need, ctx)
+            F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    ref = gather_one_sdpa()
+    agree = {name: max(float((a - b).abs().max()) for a, b in zip(fn(), ref, strict=True))
+             for name, fn in (("gather_per_seq", gather_per_seq), ("runs_lse", runs_lse), ("prefix_lse", prefix_lse))}
+    variants: dict[str, Callable[[], object]] = {
+        "gather_one_sdpa": gather_one_sdpa, "gather_per_seq": gather_per_seq, "runs_lse": runs_lse,
+        "prefix_lse": prefix_lse, "gather_only": gather_only, "in_place_contiguous": in_place_contiguous}
+    kv_bytes = shape.num_layers * batch * ctx * 2 * kv * d * 4
+    return {"batch": batch, "context": ctx, "block_size": bs, "prefix_in_place_tokens": prefix,
+            "runs_per_sequence": len(runs[0]), "kv_bytes_per_step": kv_bytes,
+            **_interleaved(variants, reps, rounds), "max_abs_diff_vs_gather_one_sdpa": agree}
+
+
+def projection_costs(shape: ModelShape, batch: int, bw_gbps: float, reps: int = 7, rounds: int = 3,
+                     ) -> dict[str, Any]:
+    """Every projection of one decode step at `batch` rows (fresh weights of the model's shapes):
+    `F.linear` against MKL's prepacked GEMM, against the weights' read time at `bw_gbps`."""
+    h, i, kvs = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * shape.head_dim
+    per_layer = [(shape.num_heads * shape.head_dim + 2 * kvs, h), (h, shape.num_heads * shape.head_dim),
+                 (2 * i, h), (h, i)]
+    shapes = per_layer * shape.num_layers + [(shape.vocab_size, h)]
+    gen = torch.Generator().manual_seed(0)
+    ws = [torch.randn(n, k, generator=gen) * 0.02 for n, k in shapes]
+    x = {k: torch.randn(batch, k, generator=gen) for k in {k for _, k in shapes}}
+    out: dict[str, Any] = {"batch": batch, "weight_bytes": sum(w.numel() * 4 for w in ws)}
+    out["weights_read_ms_at_copy_bw"] = out["weight_bytes"] / (bw_gbps * 1e9) * 1e3
+    fns: dict[str, Callable[[], object]] = {"linear": lambda: [F.linear(x[w.shape[1]], w) for w in ws]}
+    try:
+        packed = [torch.ops.mkl._mkl_reorder_linear_weight(w, batch) for w in ws]
+        fns["mkl_prepacked"] = lambda: [torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, batch)
+                                        for p, w in zip(packed, ws, strict=True)]
+        out["mkl_prepacked_bitwise_equal"] = all(
+            torch.equal(torch.ops.mkl._mkl_linear(x[w.shape[1]], p, w, None, batch), F.linear(x[w.shape[1]], w))
+            for p, w in zip(packed, ws, strict=True))
+    except (RuntimeError, AttributeError) as e:  # a torch built without MKL
+        out["mkl_prepacked_error"] = repr(e)[:200]
+    out.update(_interleaved(fns, reps, rounds))
+    return out
