@@ -48,7 +48,8 @@ def obs(t: int, rate: float, split: Split, prompt: float = 2000, output: float =
 def settings(**kw: object) -> PlannerSettings:
     base: dict[str, object] = {"slo_ttft_s": 1.0, "slo_tpot_s": 0.05, "predictor": "constant",
                                "cooldown_s": 3 * INTERVAL, "hysteresis": 0.15, "elastic": True,
-                               "max_total": 64, "modes": "disagg"}
+                               "max_total": 64, "modes": "disagg",
+                               "max_utilization": 1.0}
     base.update(kw)
     return PlannerSettings(**base)  # type: ignore[arg-type]
 
@@ -139,6 +140,24 @@ def test_min_max_and_total_respected() -> None:
     assert run(p, [0.1], Split(1, 1))[0] == Split(colocated=3)
 
 
+def test_max_utilization_caps_an_instance_below_saturation() -> None:
+    p = SlaPlanner(ToyCapacity(), settings(max_utilization=0.5))
+    # 4 req/s of 2000-token prompts: 2 prefill at saturation, 4 at half of it
+    assert p.observe(obs(0, 4.0, Split(1, 1))).wanted.prefill == 4
+
+
+def test_corrections_belong_to_the_mix_they_were_learned_on() -> None:
+    p = SlaPlanner(ToyCapacity(), settings())
+    d = p.observe(obs(0, 1.0, Split(2, 1), prompt=500, ttft=1.5))  # short prompts, slow: 1.5 / 0.5
+    assert d.corrections["ttft_disagg"] == pytest.approx(3.0)  # a first mix is taken as it shows
+    from pdserve.sched.sla_planner import Load
+
+    assert p.correction("ttft", "disagg", Load(1.0, 600, 200)) == pytest.approx(3.0)
+    assert p.correction("ttft", "disagg", Load(1.0, 4000, 200)) == 1.0  # 8x longer prompts: not this mix's
+    d = p.observe(obs(1, 1.0, Split(2, 1), prompt=4000, ttft=0.5))  # the new mix replaces it at once
+    assert d.corrections["ttft_disagg"] == pytest.approx(1.0)
+
+
 def test_cool_down_holds_switches_but_not_growth() -> None:
     p = SlaPlanner(ToyCapacity(), settings(elastic=False, modes="disagg", cooldown_s=5 * INTERVAL))
     split = Split(1, 5)
@@ -154,14 +173,16 @@ def test_cool_down_holds_switches_but_not_growth() -> None:
 
 def test_correction_factor_from_observed_latency() -> None:
     p = SlaPlanner(ToyCapacity(), settings())
-    base = p.observe(obs(0, 4.0, Split(2, 1))).need["prefill"]
+    base = p.observe(obs(0, 3.0, Split(2, 1))).need["prefill"]
     # observed TTFT twice what the model expects (queueing bursts): the model is asked about half the SLO
-    slow = p.observe(obs(1, 4.0, Split(2, 1), ttft=1.0))
+    slow = p.observe(obs(1, 3.0, Split(2, 1), ttft=1.0))
     assert slow.corrections["ttft_disagg"] == pytest.approx(1.5)  # smoothed: 0.5 * 2 + 0.5 * 1
     assert slow.need["prefill"] > base
     for t in range(2, 12):
-        d = p.observe(obs(t, 4.0, Split(2, 1), ttft=50.0))
+        d = p.observe(obs(t, 3.0, Split(2, 1), ttft=50.0))
     assert d.corrections["ttft_disagg"] == 4.0  # clamped
+    # past saturation (5 req/s on 2 prefill instances that take 2 each) latency says nothing: kept
+    assert p.observe(obs(12, 5.0, Split(2, 1), ttft=0.1)).corrections["ttft_disagg"] == 4.0
 
 
 def test_manual_edit_is_the_new_starting_point() -> None:

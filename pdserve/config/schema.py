@@ -230,6 +230,8 @@ class PlannerConfig(Section):
     max_workers: H(int, "elastic: most workers in all (0: as many as started)", ge=0) = 0
     cooldown_s: H(float, "no scale-down, mode flip or role switch this soon after the last change "
                   "(scale-up is never delayed)", ge=0) = 180.0
+    max_utilization: H(float, "plan no worker above this share of its saturated rate, whatever the SLO "
+                       "model allows (bursts, spread of lengths)", gt=0, le=1) = 0.8
     hysteresis: H(float, "a change must beat the running split by this share (scale-down: the need must be "
                   "this far below the count)", ge=0, lt=1) = 0.15
     profile: H(str, "step-time profile (pdserve profile) the performance model uses (empty: the roofline of "

@@ -4,11 +4,14 @@ Every interval (Dynamo's SLA planner, adapted):
   1. correction factors: observed p90 TTFT / TPOT over what the performance model expects at the
      load the cluster carried (a measured cluster is slower than its model by queueing bursts,
      serving overheads, transfer; faster by prefix-cache hits). Kept per mode, smoothed, clamped;
-  2. predict the next interval's arrival rate and mean prompt / output lengths (`constant`, or
-     `holt`: double exponential smoothing, which follows a ramp instead of lagging it);
+  2. predict the next interval's arrival rate (`constant`, or `holt`: double exponential
+     smoothing, which follows a ramp instead of lagging it); the mean prompt and output lengths
+     are the last interval's (a mix shifts in steps, where a trend overshoots);
   3. per mode, instances needed: prefill = rate / (one instance's rate at TTFT SLO / correction),
      decode likewise at the TPOT SLO, colocated = rate / (its rate at both); the correction divides
      the SLO the model is asked about, as Dynamo's corrected ITL does;
+     no instance is planned above `max_utilization` of its saturated rate (bursts, length spread);
+     a correction applies to the mix it was learned on (lengths within `mix_tolerance`);
   4. the cheaper mode wins (all colocated when it needs fewer instances), within min/max per role
      and the worker limit; with a fixed number of workers (role switches only) the split that
      leaves the most headroom on its tightest role wins;
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 ROLES = ("prefill", "decode", "colocated")
+OVERLOAD = 0.95  # load over the model's saturated rate beyond which no correction factor is learned
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class CapacityModel(Protocol):
         """(TTFT, TPOT) seconds the model expects at this load; mode 'prefill'/'decode' pools of a
         disaggregated cluster are both given by 'disagg'."""
 
+    # (the rates with math.inf SLOs are the saturated rates)
+
 
 # ---- load predictors ------------------------------------------------------------------------
 
@@ -170,8 +176,10 @@ class PlannerSettings:
     elastic: bool = False  # may add and remove workers (needs a launcher)
     cooldown_s: float = 120.0
     hysteresis: float = 0.15
+    max_utilization: float = 0.8  # of an instance's saturated rate, whatever the SLO allows
     correction_smoothing: float = 0.5  # weight of the newest correction factor
     correction_bounds: tuple[float, float] = (0.5, 4.0)
+    mix_tolerance: float = 2.0  # corrections learned on a mix apply while lengths stay within this factor
 
 
 @dataclass(frozen=True)
@@ -212,12 +220,12 @@ class SlaPlanner:
         self.capacity = capacity
         self.s = settings
         self.rate = make_predictor(settings.predictor)
-        self.prompt = make_predictor(settings.predictor)
-        self.output = make_predictor(settings.predictor)
+        self.prompt = ConstantPredictor()
+        self.output = ConstantPredictor()
         # ttft_disagg, tpot_disagg, ttft_colocated, tpot_colocated
         self.corrections = {f"{k}_{m}": 1.0 for m in ("disagg", "colocated") for k in ("ttft", "tpot")}
+        self.learned_on: dict[str, tuple[float, float]] = {}  # mode -> (prompt, output) its corrections saw
         self.last_change_s: float | None = None
-        self._lengths = (0.0, 0.0)
 
     # ---- 1. corrections
     def _correct(self, o: Observation, cur: Split) -> None:
@@ -226,24 +234,44 @@ class SlaPlanner:
             return  # mid-switch or idle: nothing to learn from
         per = o.rate / max(1, cur.prefill if mode == "disagg" else cur.colocated)
         per_d = o.rate / max(1, cur.decode) if mode == "disagg" else per
+        cap = self.capacity
+        p, out = o.prompt_tokens, max(1.0, o.output_tokens)
+        sat = [per / cap.colocated_rate(p, out, math.inf, math.inf)] if mode == "colocated" else \
+              [per / cap.prefill_rate(p, math.inf), per_d / cap.decode_rate(p, out, math.inf)]
+        if not max(sat) < OVERLOAD:
+            return  # past saturation the model expects no finite latency: nothing to calibrate against
         ttft_e, _ = self.capacity.expected(mode, o.prompt_tokens, o.output_tokens, per)
         _, tpot_e = self.capacity.expected(mode, o.prompt_tokens, o.output_tokens, per_d)
         lo, hi = self.s.correction_bounds
         w = self.s.correction_smoothing
+        if not self._same_mix(mode, p, out):
+            w = 1.0  # a new mix: start from what it shows, not from the last mix's factor
+        self.learned_on[mode] = (p, out)
         for key, seen, want in (("ttft", o.ttft_s, ttft_e), ("tpot", o.tpot_s, tpot_e)):
             if seen is None or not want > 0 or not math.isfinite(want):
                 continue
             k = f"{key}_{mode}"
             self.corrections[k] = min(hi, max(lo, w * seen / want + (1 - w) * self.corrections[k]))
 
+    def _same_mix(self, mode: str, prompt: float, output: float) -> bool:
+        seen = self.learned_on.get(mode)
+        tol = self.s.mix_tolerance
+        return seen is not None and all(1 / tol <= a / b <= tol for a, b in zip((prompt, output), seen, strict=True))
+
+    def correction(self, key: str, mode: str, load: Load) -> float:
+        """The factor for `key` ('ttft'/'tpot') in `mode`, if it was learned on a mix like `load`'s."""
+        return self.corrections[f"{key}_{mode}"] if self._same_mix(mode, load.prompt, load.output) else 1.0
+
     # ---- 3. need per mode
     def need(self, load: Load) -> dict[str, float]:
         """Fractional instances per role: prefill and decode (disaggregated) and colocated."""
-        c, s, cap = self.corrections, self.s, self.capacity
+        s, cap, u, inf = self.s, self.capacity, self.s.max_utilization, math.inf
         p, o = max(1.0, load.prompt), max(1.0, load.output)
-        pr = cap.prefill_rate(p, s.slo_ttft_s / c["ttft_disagg"])
-        dr = cap.decode_rate(p, o, s.slo_tpot_s / c["tpot_disagg"])
-        cr = cap.colocated_rate(p, o, s.slo_ttft_s / c["ttft_colocated"], s.slo_tpot_s / c["tpot_colocated"])
+        c = {f"{k}_{m}": self.correction(k, m, load) for k in ("ttft", "tpot") for m in ("disagg", "colocated")}
+        pr = min(cap.prefill_rate(p, s.slo_ttft_s / c["ttft_disagg"]), u * cap.prefill_rate(p, inf))
+        dr = min(cap.decode_rate(p, o, s.slo_tpot_s / c["tpot_disagg"]), u * cap.decode_rate(p, o, inf))
+        cr = min(cap.colocated_rate(p, o, s.slo_ttft_s / c["ttft_colocated"], s.slo_tpot_s / c["tpot_colocated"]),
+                 u * cap.colocated_rate(p, o, inf, inf))
         return {"prefill": load.rate / pr if pr > 0 else math.inf,
                 "decode": load.rate / dr if dr > 0 else math.inf,
                 "colocated": load.rate / cr if cr > 0 else math.inf}
@@ -298,7 +326,7 @@ class SlaPlanner:
         cur = Split.of(o.counts)
         self._correct(o, cur)
         self.rate.update(o.rate)
-        if o.requests:
+        if o.requests:  # lengths: the last interval's (a mix changes in steps; a trend would overshoot)
             self.prompt.update(o.prompt_tokens)
             self.output.update(o.output_tokens)
         load = Load(self.rate.predict(), self.prompt.predict(), self.output.predict())
@@ -355,6 +383,7 @@ def settings_from(section: object, max_total: int = 0, elastic: bool = False) ->
     return PlannerSettings(
         slo_ttft_s=g("slo_ttft_ms") / 1e3, slo_tpot_s=g("slo_tpot_ms") / 1e3, predictor=g("predictor"),
         modes=g("modes"), cooldown_s=g("cooldown_s"), hysteresis=g("hysteresis"),
+        max_utilization=g("max_utilization"),
         min_workers={r: g(f"min_{r}") for r in ROLES}, max_workers={r: g(f"max_{r}") for r in ROLES},
         max_total=max_total or g("max_workers"), elastic=elastic and g("elastic"))
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pdserve.sim.perf_model import StepTimeModel
 
 BATCHES = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)  # decode_capacity's ladder (sim/planner.py)
 
 
 def _queue_factor(rho: float) -> float:
@@ -68,7 +69,7 @@ class StepCapacity:
         ctx = int(prompt + output / 2)
         cap = self._kv_cap(prompt, output)
         best = 0.0
-        for b in BATCHES:
+        for b in DECODE_BATCHES:
             if b > cap:
                 break
             t = self.step.decode_time([ctx] * b)
@@ -147,3 +148,17 @@ def roofline_capacity(model: str, gpu: str = "h100", tp: int = 0, **kw: int) -> 
     shape, g = resolve_shape(model), get_gpu(gpu)
     tp = tp or min_tp(shape, g) or 1
     return StepCapacity(RooflineModel(shape, g, tp), kv_tokens=kv_capacity_tokens(shape, g, tp), **kw)
+
+
+def for_cluster(cfg) -> StepCapacity:  # type: ignore[no-untyped-def]
+    """The online planner's model of a `ClusterConfig`'s workers: its `planner.profile` (measured with
+    `pdserve profile`), else the roofline of its model on `planner.gpu`; the batch budgets are the
+    cluster's own."""
+    kw = {"batch_tokens": cfg.prefill.max_batch_tokens, "max_seqs": cfg.decode.max_batch_size,
+          "chunk_tokens": cfg.colocated.max_num_batched_tokens}
+    if cfg.planner.profile:
+        from pdserve.sim.profile import ProfiledModel
+
+        kv = cfg.cache.num_blocks * cfg.cache.block_size or None
+        return StepCapacity(ProfiledModel.load(cfg.planner.profile), kv_tokens=kv, **kw)
+    return roofline_capacity(cfg.model, cfg.planner.gpu, cfg.planner.tp, **kw)
