@@ -96,8 +96,8 @@ def test_no_flap_under_noise() -> None:
 
 def test_hysteresis_band_holds_a_small_overcapacity() -> None:
     p = SlaPlanner(ToyCapacity(), settings())
-    # need 3.5 prefill; 4 running is within need * 1.15 = 4.03: kept
-    assert run(p, [7], Split(4, 1)) == [Split(4, 1)]
+    # need 4.5 prefill; 6 running is within need * 1.15 = 5.2 (rounded up): kept, not cut to 5
+    assert run(p, [9], Split(6, 1)) == [Split(6, 1)]
     p = SlaPlanner(ToyCapacity(), settings(hysteresis=0.0))
     assert run(p, [5.5], Split(4, 1)) == [Split(3, 1)]  # need 2.75: without a band, shrink to 3
 
@@ -209,3 +209,21 @@ def test_predictors() -> None:
     for x in (5.0, 5.0, 5.0):
         h2.update(x)
     assert h2.predict() == 5.0
+
+
+def test_no_flap_between_close_splits_with_fixed_workers() -> None:
+    """Two splits within a few percent of each other: the hysteresis keeps the one running."""
+
+    def changes(h: float) -> int:
+        p = SlaPlanner(ToyCapacity(), settings(elastic=False, cooldown_s=0.0, hysteresis=h))
+        split, n = Split(3, 2), 0
+        for t in range(20):
+            prompt = 2000 * (1.05 if t % 2 else 0.95)  # prefill need 1.5 +- 5%, decode need 1.5
+            d = p.observe(obs(t, 3.0, split, prompt=prompt, output=1000))
+            n += d.changed
+            split = d.wanted
+            assert split.total == 5
+        return n
+
+    assert changes(0.15) == 0
+    assert changes(0.0) >= 10  # without the band it would flip every interval
