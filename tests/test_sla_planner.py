@@ -227,3 +227,16 @@ def test_no_flap_between_close_splits_with_fixed_workers() -> None:
 
     assert changes(0.15) == 0
     assert changes(0.0) >= 10  # without the band it would flip every interval
+
+
+def test_an_unreachable_slo_plans_for_throughput() -> None:
+    class Slow(ToyCapacity):
+        def prefill_rate(self, prompt: float, ttft_s: float) -> float:
+            return 2.0 if math.isinf(ttft_s) else 0.0  # one prompt alone takes longer than the TTFT SLO
+
+        def colocated_rate(self, prompt: float, output: float, ttft_s: float, tpot_s: float) -> float:
+            return 0.01
+
+    p = SlaPlanner(Slow(), settings(max_utilization=0.5))
+    d = p.observe(obs(0, 3.0, Split(1, 1)))
+    assert d.need["prefill"] == pytest.approx(3.0) and d.wanted.prefill == 3  # 3 req/s at 1 req/s each

@@ -268,10 +268,10 @@ class SlaPlanner:
         s, cap, u, inf = self.s, self.capacity, self.s.max_utilization, math.inf
         p, o = max(1.0, load.prompt), max(1.0, load.output)
         c = {f"{k}_{m}": self.correction(k, m, load) for k in ("ttft", "tpot") for m in ("disagg", "colocated")}
-        pr = min(cap.prefill_rate(p, s.slo_ttft_s / c["ttft_disagg"]), u * cap.prefill_rate(p, inf))
-        dr = min(cap.decode_rate(p, o, s.slo_tpot_s / c["tpot_disagg"]), u * cap.decode_rate(p, o, inf))
-        cr = min(cap.colocated_rate(p, o, s.slo_ttft_s / c["ttft_colocated"], s.slo_tpot_s / c["tpot_colocated"]),
-                 u * cap.colocated_rate(p, o, inf, inf))
+        pr = _rate(cap.prefill_rate(p, s.slo_ttft_s / c["ttft_disagg"]), u * cap.prefill_rate(p, inf))
+        dr = _rate(cap.decode_rate(p, o, s.slo_tpot_s / c["tpot_disagg"]), u * cap.decode_rate(p, o, inf))
+        cr = _rate(cap.colocated_rate(p, o, s.slo_ttft_s / c["ttft_colocated"], s.slo_tpot_s / c["tpot_colocated"]),
+                   u * cap.colocated_rate(p, o, inf, inf))
         return {"prefill": load.rate / pr if pr > 0 else math.inf,
                 "decode": load.rate / dr if dr > 0 else math.inf,
                 "colocated": load.rate / cr if cr > 0 else math.inf}
@@ -375,6 +375,13 @@ class SlaPlanner:
         if best == cur or not self.pressure(best, need) < now * (1 - h):
             return cur, f"keep {cur} (pressure {now:.2f}; best {best} {self.pressure(best, need):.2f}): {tag}"
         return best, f"{cur} -> {best} (pressure {now:.2f} -> {self.pressure(best, need):.2f}): {tag}"
+
+
+def _rate(at_slo: float, capped: float) -> float:
+    """An instance's planned rate: within the SLO and the utilization cap; where no load meets the
+    SLO (a prompt that alone takes longer than the TTFT target), the capped rate: plan for
+    throughput rather than give up."""
+    return min(at_slo, capped) if at_slo > 0 else capped
 
 
 def settings_from(section: object, max_total: int = 0, elastic: bool = False) -> PlannerSettings:
