@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -77,6 +78,16 @@ def _serve_until_signal(server: Any, backend: Any, launcher: Launcher, planner: 
     asyncio.run(main())
 
 
+def _log_decisions() -> None:
+    """The planner's decisions (INFO, one JSON line each) on stdout, where `pdserve up` prints."""
+    plog = logging.getLogger("pdserve.planner")
+    if not plog.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        plog.addHandler(h)
+        plog.setLevel(logging.INFO)
+
+
 def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
                 serving: Callable[[Any, str], None] | None = None) -> int:
     """Start everything, serve until interrupted, stop everything. `serving(server, url)` is
@@ -123,6 +134,7 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
             from pdserve.sim.capacity import for_cluster  # the performance model `pdserve plan` uses
 
             planner = from_config(cfg, backend, front.metrics.registry, for_cluster(cfg), launcher)
+            _log_decisions()
             print(f"pdserve: SLA planner every {cfg.planner.interval_s:g} s (p90 TTFT {cfg.planner.slo_ttft_ms:g} ms, "
                   f"TPOT {cfg.planner.slo_tpot_ms:g} ms)", flush=True)
         if serving is not None:
