@@ -236,9 +236,10 @@ class SlaPlanner:
         per_d = o.rate / max(1, cur.decode) if mode == "disagg" else per
         cap = self.capacity
         p, out = o.prompt_tokens, max(1.0, o.output_tokens)
-        sat = [per / cap.colocated_rate(p, out, math.inf, math.inf)] if mode == "colocated" else \
-              [per / cap.prefill_rate(p, math.inf), per_d / cap.decode_rate(p, out, math.inf)]
-        if not max(sat) < OVERLOAD:
+        inf = math.inf
+        sat = [(per, cap.colocated_rate(p, out, inf, inf))] if mode == "colocated" else \
+              [(per, cap.prefill_rate(p, inf)), (per_d, cap.decode_rate(p, out, inf))]
+        if not all(x < OVERLOAD * r for x, r in sat):
             return  # past saturation the model expects no finite latency: nothing to calibrate against
         ttft_e, _ = self.capacity.expected(mode, o.prompt_tokens, o.output_tokens, per)
         _, tpot_e = self.capacity.expected(mode, o.prompt_tokens, o.output_tokens, per_d)
