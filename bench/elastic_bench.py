@@ -8,7 +8,8 @@ While a system runs, the router's /metrics is scraped every second for the worke
 (`pdserve:worker_up{worker,role}`) and, for the planner, its decisions. Reported: SLO attainment
 per phase (requests by arrival time) and overall, the roles over time; JSON + PNG.
 
-    python bench/elastic_bench.py                           # all three systems, ~6 min
+    pdserve profile --model demo --out /tmp/profile.json    # the planner's model of this machine, now
+    python bench/elastic_bench.py --profile /tmp/profile.json   # all three systems, ~8 min
     python bench/elastic_bench.py --systems 1p1d,2c --phase-s 10 --out /tmp/eb   # dry run without the planner
 """
 
