@@ -32,7 +32,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "prefill.workers": ("--prefill",), "decode.workers": ("--decode",), "colocated.workers": ("--colocated",),
 }
 # Where the field name alone would be unclear on a command line.
-FLAG_NAMES = {"transfer.timeout_s": "--transfer-timeout-s"}
+FLAG_NAMES = {"transfer.timeout_s": "--transfer-timeout-s", "planner.mode": "--planner",
+              "planner.slo_ttft_ms": "--slo-ttft-ms", "planner.slo_tpot_ms": "--slo-tpot-ms"}
+PREFIXED = (*ROLES, "planner")  # sections whose flags carry the section's name in front
 ROLE_POLICIES: dict[str, type[Section]] = {"prefill": PrefillConfig, "decode": DecodeConfig,
                                            "colocated": SchedulerConfig}
 
@@ -108,7 +110,7 @@ def add_cluster_flags(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) ->
     add_config_flag(p)
     add_section(p, ClusterConfig, "", skip=skip)
     for section, cls in SECTIONS.items():
-        add_section(p, cls, section, f"{section}-" if section in ROLES else "", skip)
+        add_section(p, cls, section, f"{section}-" if section in PREFIXED else "", skip)
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:

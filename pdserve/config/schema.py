@@ -208,6 +208,43 @@ class RouterConfig(ListenConfig):
                             "workers (empty: off)") = ""
 
 
+class PlannerConfig(Section):
+    """The online SLA planner: every interval, the P:D split (or all colocated) the traffic needs."""
+
+    mode: H(Literal["off", "sla"], "sla: switch workers' roles (and, with elastic, add or remove workers) to "
+            "meet the TTFT/TPOT SLOs; off: the split stays as started") = "off"
+    interval_s: H(float, "how often the planner measures and decides", gt=0) = 60.0
+    predictor: H(Literal["constant", "holt"], "next interval's load: the last one, or Holt's linear trend "
+                 "(double exponential smoothing)") = "holt"
+    slo_ttft_ms: H(float, "p90 time-to-first-token target", gt=0) = 2000.0
+    slo_tpot_ms: H(float, "p90 time-per-output-token target", gt=0) = 100.0
+    modes: H(Literal["auto", "disagg", "colocated"], "splits the planner may choose: auto also turns "
+             "disaggregation off (all colocated) and back on") = "auto"
+    min_prefill: H(int, "fewest prefill workers while disaggregated (above 0: never all colocated)", ge=0) = 0
+    max_prefill: H(int, "most prefill workers (0: no limit)", ge=0) = 0
+    min_decode: H(int, "fewest decode workers while disaggregated (above 0: never all colocated)", ge=0) = 0
+    max_decode: H(int, "most decode workers (0: no limit)", ge=0) = 0
+    min_colocated: H(int, "fewest colocated workers (above 0: never disaggregated)", ge=0) = 0
+    max_colocated: H(int, "most colocated workers (0: no limit)", ge=0) = 0
+    elastic: H(bool, "also add and remove workers through the launcher (off: only switch roles)") = False
+    max_workers: H(int, "elastic: most workers in all (0: as many as started)", ge=0) = 0
+    cooldown_s: H(float, "no scale-down, mode flip or role switch this soon after the last change "
+                  "(scale-up is never delayed)", ge=0) = 180.0
+    max_utilization: H(float, "plan no worker above this share of its saturated rate, whatever the SLO "
+                       "model allows (bursts, spread of lengths)", gt=0, le=1) = 0.8
+    hysteresis: H(float, "a change must beat the running split by this share (scale-down: the need must be "
+                  "this far below the count)", ge=0, lt=1) = 0.15
+    profile: H(str, "step-time profile (pdserve profile) the performance model uses (empty: the roofline of "
+               "the model on gpu)") = ""
+    gpu: H(str, "hardware of the roofline model when no profile is given (pdserve sim's catalog)") = "h100"
+    tp: H(int, "tensor-parallel degree of the roofline model (0: the smallest that fits)", ge=0) = 0
+
+    def check(self) -> None:
+        for role in ("prefill", "decode", "colocated"):
+            lo, hi = getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
+            _check(hi == 0 or lo <= hi, f"min_{role}", f"must be <= max_{role}")
+
+
 # ---- the cluster file -------------------------------------------------------------------------
 
 # A role's placement under `--launcher ray` (the same two settings in each role's section).
@@ -282,6 +319,7 @@ class ClusterConfig(Section):
     transfer: TransferConfig = field(default_factory=TransferConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def check(self) -> None:
         _check(self.num_workers > 0, "workers", "the cluster needs at least one worker")
@@ -306,7 +344,8 @@ class ClusterConfig(Section):
 ROLES = ("prefill", "decode", "colocated")
 SECTIONS: dict[str, type[Section]] = {"cache": CacheConfig, "prefill": PrefillSection, "decode": DecodeSection,
                                       "colocated": ColocatedSection, "transfer": TransferConfig,
-                                      "router": RouterConfig, "launch": LaunchConfig}
+                                      "router": RouterConfig, "launch": LaunchConfig,
+                                      "planner": PlannerConfig}
 
 
 def settings(cls: type[Section]) -> list[tuple[str, Any, Any, str]]:

@@ -15,6 +15,7 @@ import logging
 import os
 import secrets
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -59,7 +60,7 @@ async def sync_pools(backend: Any, launcher: Launcher, known: set[str] | None = 
         known |= wanted
 
 
-def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:
+def _serve_until_signal(server: Any, backend: Any, launcher: Launcher, planner: Any = None) -> None:
     """Serve (and follow the launcher) until SIGINT/SIGTERM, then return (uvicorn alone would
     re-raise the signal and kill this process before it could stop the workers)."""
 
@@ -70,12 +71,25 @@ def _serve_until_signal(server: Any, backend: Any, launcher: Launcher) -> None:
                 loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
         server.capture_signals = contextlib.nullcontext  # keep our handlers
         follower = asyncio.create_task(follow(backend, launcher))
+        planning = asyncio.create_task(planner.run()) if planner is not None else None  # --planner sla
         try:
             await server.serve()
         finally:
             follower.cancel()
+            if planning is not None:
+                planning.cancel()
 
     asyncio.run(main())
+
+
+def _log_decisions() -> None:
+    """The planner's decisions (INFO, one JSON line each) on stdout, where `pdserve up` prints."""
+    plog = logging.getLogger("pdserve.planner")
+    if not plog.handlers and not logging.getLogger().handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        plog.addHandler(h)
+        plog.setLevel(logging.INFO)
 
 
 def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
@@ -91,6 +105,10 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
     from pdserve.serve.router import ClusterBackend
 
     # A given secret lets workers started elsewhere join (POST /admin/workers); else a fresh one.
+    if cfg.planner.mode == "sla":  # fail before any worker starts
+        from pdserve.serve.planner_loop import require_switch
+
+        require_switch(ClusterBackend)
     secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
     shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
     r = cfg.router
@@ -114,9 +132,18 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
               f"  Ctrl-C stops the cluster.", flush=True)
         server = uvicorn.Server(uvicorn.Config(front.app(), host=r.host, port=port, log_level="warning",
                                                timeout_graceful_shutdown=30))
+        planner = None
+        if cfg.planner.mode == "sla":
+            from pdserve.serve.planner_loop import from_config
+            from pdserve.sim.capacity import for_cluster  # the performance model `pdserve plan` uses
+
+            planner = from_config(cfg, backend, front.metrics.registry, for_cluster(cfg), launcher)
+            _log_decisions()
+            print(f"pdserve: SLA planner every {cfg.planner.interval_s:g} s (p90 TTFT {cfg.planner.slo_ttft_ms:g} ms, "
+                  f"TPOT {cfg.planner.slo_tpot_ms:g} ms)", flush=True)
         if serving is not None:
             serving(server, url)
-        _serve_until_signal(server, backend, launcher)
+        _serve_until_signal(server, backend, launcher, planner)
     finally:
         print("pdserve: stopping workers (finishing in-flight work)...", flush=True)
         launcher.stop()

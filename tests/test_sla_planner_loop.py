@@ -1,0 +1,166 @@
+"""The planner loop (serve/planner_loop.py): observe the front's registry, decide, act through callables.
+
+The cluster here is an in-process set of named workers whose `switch` callable changes their role
+(the loop's own unit, stepped by hand); the metrics are the front's real `ServerMetrics`."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from prometheus_client import generate_latest
+
+from pdserve.config.schema import ConfigError
+from pdserve.sched.sla_planner import PlannerSettings, SlaPlanner, Split
+from pdserve.serve.metrics import ServerMetrics
+from pdserve.serve.planner_loop import PlannerLoop, moves, observe, quantile, require_switch, snapshot
+
+
+class Capacity:
+    """Prefill 4000 prompt tokens/s, decode 2000 output tokens/s per instance; colocated never better."""
+
+    def prefill_rate(self, prompt: float, ttft_s: float) -> float:
+        return 4000 / prompt
+
+    def decode_rate(self, prompt: float, output: float, tpot_s: float) -> float:
+        return 2000 / output
+
+    def colocated_rate(self, prompt: float, output: float, ttft_s: float, tpot_s: float) -> float:
+        return 0.1 / (1 / self.prefill_rate(prompt, ttft_s) + 1 / self.decode_rate(prompt, output, tpot_s))
+
+    def expected(self, mode: str, prompt: float, output: float, rate: float) -> tuple[float, float]:
+        return 0.5, 0.03
+
+
+class Cluster:
+    def __init__(self, roles: list[str]) -> None:
+        self.roles = {f"w{i}": r for i, r in enumerate(roles)}
+        self.calls: list[tuple[str, str]] = []
+
+    def workers(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [(n, r, {"busy_fraction": 0.5, "inflight": float(i)}) for i, (n, r) in enumerate(self.roles.items())]
+
+    async def switch(self, name: str, role: str) -> None:
+        self.calls.append((name, role))
+        self.roles[name] = role
+
+
+class Launcher:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.log: list[str] = []
+
+    def add_worker(self, role: str) -> None:
+        self.log.append(f"+{role}")
+        self.cluster.roles[f"w{len(self.cluster.roles)}"] = role
+
+    def remove_worker(self, role: str) -> None:
+        self.log.append(f"-{role}")
+        name = [n for n, r in self.cluster.roles.items() if r == role][-1]
+        del self.cluster.roles[name]
+
+
+def traffic(m: ServerMetrics, n: int, prompt: int, output: int, ttft: float = 0.2, tpot: float = 0.02) -> None:
+    for _ in range(n):
+        m.requests.labels("length").inc()
+        m.prompt_tokens.inc(prompt)
+        m.generation_tokens.inc(output)
+        m.ttft.observe(ttft)
+        m.tpot.observe(tpot)
+
+
+def test_quantile_of_what_a_histogram_gained() -> None:
+    prev = [(0.1, 5.0), (0.5, 5.0), (1.0, 5.0), (math.inf, 5.0)]
+    cur = [(0.1, 5.0), (0.5, 15.0), (1.0, 25.0), (math.inf, 25.0)]  # +10 in (0.1, 0.5], +10 in (0.5, 1]
+    assert quantile(0.5, prev, cur) == pytest.approx(0.5)
+    assert quantile(0.9, prev, cur) == pytest.approx(0.5 + 0.5 * 0.8)
+    assert quantile(0.9, cur, cur) is None
+
+
+def test_observation_from_two_scrapes() -> None:
+    m = ServerMetrics(lambda: {})
+    a = snapshot(m.registry)
+    traffic(m, 30, prompt=100, output=50, ttft=0.3)
+    o = observe(a, snapshot(m.registry), now=10.0, interval_s=10.0, kv_usage=0.4,
+                workers=[("p", "prefill", {"busy_fraction": 0.2, "num_requests_waiting": 3}),
+                         ("d", "decode", {"busy_fraction": 0.6})])
+    assert (o.requests, o.rate, o.prompt_tokens, o.output_tokens) == (30, 3.0, 100.0, 50.0)
+    assert 0.25 < o.ttft_s <= 0.5 and 0.015 < o.tpot_s <= 0.025  # p90 within the observed value's bucket
+    assert o.counts == {"prefill": 1, "decode": 1, "colocated": 0}
+    assert o.busy == {"prefill": 0.2, "decode": 0.6} and o.queued["prefill"] == 3 and o.kv_usage == 0.4
+
+
+def test_moves_switch_least_loaded_first_decode_before_prefill() -> None:
+    ws = [("a", "colocated", 3.0), ("b", "colocated", 0.0), ("c", "colocated", 1.0), ("d", "colocated", 2.0)]
+    out, rest = moves(ws, Split(2, 2))
+    assert out == [("b", "decode"), ("c", "prefill"), ("d", "decode"), ("a", "prefill")] and rest == {}
+    out, rest = moves([("a", "prefill", 0.0), ("b", "decode", 0.0)], Split(3, 2))
+    assert out == [] and rest == {"prefill": 2, "decode": 1}
+    out, rest = moves([("a", "prefill", 0.0), ("b", "prefill", 1.0), ("c", "decode", 0.0)], Split(1, 1))
+    assert out == [] and rest == {"prefill": -1}
+
+
+def _loop(cluster: Cluster, m: ServerMetrics, clock: list[float], elastic: bool = False,
+          launcher: Launcher | None = None) -> PlannerLoop:
+    s = PlannerSettings(slo_ttft_s=1.0, slo_tpot_s=0.05, predictor="constant", cooldown_s=0.0, hysteresis=0.1,
+                        elastic=elastic, max_total=8, max_utilization=1.0)
+    return PlannerLoop(SlaPlanner(Capacity(), s), m.registry, 10.0, cluster.workers, lambda: 0.3, cluster.switch,
+                       launcher, clock=lambda: clock[0])
+
+
+def test_loop_switches_roles_to_the_traffic_and_exports_metrics() -> None:
+    cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    loop = _loop(cluster, m, clock)
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)  # 4 req/s x 2000 = 2 prefill; 0.2 decode: prefill-bound
+    d = asyncio.run(loop.step())
+    assert d.changed and d.wanted == Split(3, 1)
+    assert sorted(cluster.roles.values()) == ["decode", "prefill", "prefill", "prefill"]
+    assert len(cluster.calls) == 2 and cluster.calls[0][0] == "w1"  # the least loaded decode worker first
+    text = generate_latest(m.registry).decode()
+    assert 'pdserve:planner_workers{kind="wanted",role="prefill"} 3.0' in text
+    assert 'pdserve:planner_decisions_total{changed="true"} 1.0' in text
+    assert "pdserve:planner_predicted_rate 4.0" in text
+    assert 'pdserve:planner_correction_factor{factor="ttft_disagg"}' in text
+    assert 'pdserve:planner_actions_total{action="switch",outcome="ok"} 2.0' in text
+    clock[0] = 20.0
+    traffic(m, 40, prompt=100, output=1000)  # now decode-bound: 4 x 1000 / 2000 = 2 decode
+    d = asyncio.run(loop.step())
+    assert d.wanted == Split(1, 3) and sorted(cluster.roles.values()) == ["decode", "decode", "decode", "prefill"]
+
+
+def test_loop_adds_and_removes_through_the_launcher_when_elastic() -> None:
+    cluster, m, clock = Cluster(["prefill", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    launcher = Launcher(cluster)
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher)
+    clock[0] = 10.0
+    traffic(m, 60, prompt=2000, output=100)  # 6 req/s: 3 prefill
+    assert asyncio.run(loop.step()).wanted == Split(3, 1)
+    assert launcher.log == ["+prefill", "+prefill"] and cluster.calls == []
+    clock[0] = 20.0
+    traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
+    asyncio.run(loop.step())
+    assert launcher.log[2:] == ["-prefill", "-prefill"]
+
+
+def test_a_failed_action_is_counted_and_the_loop_goes_on() -> None:
+    cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
+
+    async def broken(name: str, role: str) -> None:
+        raise RuntimeError("worker unreachable")
+
+    loop = _loop(cluster, m, clock)
+    loop.switch = broken
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)
+    asyncio.run(loop.step())
+    assert 'pdserve:planner_actions_total{action="switch",outcome="error"} 2.0' in generate_latest(m.registry).decode()
+
+
+def test_no_switch_role_is_a_clear_error() -> None:
+    class OldBackend:
+        pass
+
+    with pytest.raises(ConfigError, match="switch_role"):
+        require_switch(OldBackend)
