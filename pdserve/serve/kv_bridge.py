@@ -6,7 +6,8 @@ engine thread only enqueues work on a side stream (wait for the layer, gather th
 into a pinned host buffer) and records an event; a pusher thread waits for each event in push
 order and hands the pinned buffer, as a numpy array, to the KV sender. The buffer returns to its
 pool when the sender drops the array. The decode side copies incoming KV through pinned buffers
-on a side stream and waits for that copy on the receiver's thread, not the engine's.
+on a side stream and waits for that copy on the receiver's thread, not the engine's. On CPU the
+decode side hands the receiver views of the reserved blocks, which it fills straight from the wire.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.model.loader import TORCH_DTYPES
+from pdserve.transfer.blocks import block_views
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +203,18 @@ class CacheSink:
             warnings.simplefilter("ignore")  # a read-only buffer is fine: write_blocks copies it
             raw = torch.frombuffer(data, dtype=torch.uint8)
         self.runner.write_blocks(layer, block_ids, raw.view(TORCH_DTYPES[dtype]).view(shape))
+
+    def views(self, layer: int, block_ids: list[int], dtype: str, shape: tuple[int, ...]) -> list[memoryview] | None:
+        """CPU: writable byte views of the blocks (see `transfer.blocks`), so the receiver puts the
+        bytes there itself and `write` is not called; CUDA: None (bytes go through `write`)."""
+        if self.stream is not None:
+            return None
+        if dtype != self.runner.shape.dtype:
+            raise ValueError(f"KV of dtype {dtype} sent to a {self.runner.shape.dtype} cache")
+        cache = self.runner.kv_caches[layer]
+        if tuple(shape[2:]) != tuple(cache.shape[2:]):
+            raise ValueError(f"KV of shape {list(shape)} sent to a cache of blocks {list(cache.shape[2:])}")
+        return block_views(_as_wire(cache, dtype), block_ids)
 
     def _write_pinned(self, layer: int, block_ids: list[int], dt: torch.dtype, shape: tuple[int, ...],
                       data: memoryview) -> None:  # pragma: no cover - needs CUDA
