@@ -4,13 +4,16 @@ written through the buffered path."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from pdserve.config import TransferConfig
 from pdserve.transfer import KVPoll, faults, make_transfer_pair
-from pdserve.transfer.blocks import MAX_VIEWS, Check, block_views, copy_into_views, runs
+from pdserve.transfer.blocks import MAX_VIEWS, Blocks, Check, block_views, copy_into_views, runs
 from pdserve.transfer.protocol import payload_digest, payload_key
+from pdserve.transfer.shm import ShmRing
 from tests.test_transfer import SHAPE, CacheSink, make_kv, settle, wait_for
 
 SECRET = b"cluster-secret"
@@ -166,3 +169,81 @@ def test_the_decode_cache_sink_offers_its_blocks(tiny_models) -> None:  # type: 
     assert torch.equal(runner.kv_caches[0][:, [2, 3, 6]], runner.kv_caches[1][:, [5, 1, 5]])
     with pytest.raises(ValueError):
         sink.views(0, [2], "float32", (2, 1, *arr.shape[2:]))
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm", "fake"])
+@pytest.mark.parametrize("secret", [None, SECRET])
+def test_ungathered_blocks_are_gathered_by_the_sender(kind: str, secret: bytes | None) -> None:
+    """The prefill side hands over its cache blocks; the link thread gathers them (shm: into the ring)."""
+    src = np.stack(make_kv(1, 16, seed=6)[0:1])[0]  # a prefill cache: [2, 16 blocks, ...]
+    blocks = [11, 2, 3, 4, 15, 7]
+    block_bytes = 2 * int(np.prod(SHAPE)) * 4
+    config = TransferConfig(max_frame_bytes=4 * block_bytes + 64 * 1024)  # two chunks, 4 + 2 blocks
+    sink = ViewSink(1)
+    sender, receiver = make_transfer_pair(kind, sink, config, secret=secret, timeout_s=5.0)
+    try:
+        receiver.expect("r", 1, [0, 1, 2, 3, 4, 5])
+        sender.send_layer("r", receiver.address(), 0, 1, [0, 1, 2, 3, 4, 5], Blocks(src, blocks))
+        assert settle(sender, receiver, "r") == (KVPoll.SUCCESS, KVPoll.SUCCESS)
+        assert sink.kv[0][:, :6].tobytes() == src[:, blocks].tobytes()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+@pytest.mark.parametrize("kind", ["tcp", "shm"])
+def test_corrupted_ring_bytes_of_ungathered_blocks_are_refused(kind: str) -> None:
+    src = make_kv(1, 4, seed=2)[0]
+    sink = ViewSink(1)
+    sender, receiver = make_transfer_pair(kind, sink, secret=SECRET, timeout_s=5.0)
+    injector = faults.install(sender, corrupt_prob=1.0)
+    try:
+        receiver.expect("r", 1, [0, 1])
+        sender.send_layer("r", receiver.address(), 0, 1, [0, 1], Blocks(src, [3, 1]))
+        assert settle(sender, receiver, "r") == (KVPoll.FAILED, KVPoll.FAILED)
+        assert injector.corrupted == 1 and "payload authentication failed" in receiver.error("r")
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_failed_request_is_not_reported_while_its_blocks_are_read() -> None:
+    """The caller frees its blocks on FAILED: until the link thread has stopped reading them, poll()
+    must not say so, or a reused block could be gathered into a transfer."""
+    started, release = threading.Event(), threading.Event()
+
+    class SlowBlocks(Blocks):
+        def gather(self, out: np.ndarray | None = None) -> np.ndarray:
+            started.set()
+            assert release.wait(5)
+            return super().gather(out)
+
+    sink = ViewSink(1)
+    sender, receiver = make_transfer_pair("tcp", sink, timeout_s=5.0)
+    try:
+        receiver.expect("r", 1, [0, 1])
+        sender.send_layer("r", receiver.address(), 0, 1, [0, 1], SlowBlocks(make_kv(1, 2)[0], [0, 1]))
+        assert started.wait(5)
+        sender.abort("r")
+        assert sender.poll("r") is KVPoll.TRANSFERRING  # aborted, but its blocks are being read
+        release.set()
+        assert wait_for(lambda: sender.poll("r") is KVPoll.FAILED)
+    finally:
+        release.set()
+        sender.close()
+        receiver.close()
+
+
+def test_the_ring_takes_back_its_newest_region() -> None:
+    ring = ShmRing(100)
+    try:
+        assert ring.alloc(60) == 0 and ring.alloc(30) == 60
+        ring.free_oldest()
+        assert ring.alloc(50) == 0  # wrapped
+        ring.free_newest()  # back to one live region [60, 90): the next one goes after it
+        assert ring.alloc(10) == 90
+        ring.free_newest()
+        ring.free_newest()
+        assert ring.empty and ring.alloc(100) == 0
+    finally:
+        ring.destroy()

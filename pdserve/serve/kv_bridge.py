@@ -1,6 +1,8 @@
 """Between the engine's KV cache (torch) and the transfer plane (bytes).
 
-On CPU a layer's blocks are gathered into a numpy array on the caller's thread, as they always were.
+On CPU the prefill side hands the sender the layer's blocks ungathered (`transfer.blocks.Blocks`):
+the sender's link thread gathers them, straight into the shm ring or its reused tcp buffer, so the
+engine thread copies nothing.
 On CUDA the prefill side never synchronises the engine thread: when a layer's K/V are written, the
 engine thread only enqueues work on a side stream (wait for the layer, gather the blocks, copy them
 into a pinned host buffer) and records an event; a pusher thread waits for each event in push
@@ -26,12 +28,12 @@ import torch
 
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.model.loader import TORCH_DTYPES
-from pdserve.transfer.blocks import block_views
+from pdserve.transfer.blocks import Blocks, block_views
 
 log = logging.getLogger(__name__)
 
-# Receives one layer's KV ([2, blocks, block_size, kv_heads, head_dim]) and the dtype name to send.
-Deliver = Callable[[np.ndarray, str], None]
+# Receives one layer's KV ([2, blocks, block_size, kv_heads, head_dim], or its blocks ungathered) and the dtype name.
+Deliver = Callable[[np.ndarray | Blocks, str], None]
 
 
 def _as_wire(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -131,7 +133,7 @@ class Pusher:
 class KVPush:
     """The prefill side's way out of the cache: `push(layer, block_ids, deliver)` from the engine thread.
 
-    CPU: gathers and delivers at once. CUDA: enqueues a side-stream gather into a pinned buffer and
+    CPU: delivers the blocks ungathered at once (the sender gathers them). CUDA: enqueues a side-stream gather into a pinned buffer and
     returns; the pusher thread delivers once the copy is done (see the module docstring).
     """
 
@@ -143,8 +145,9 @@ class KVPush:
         self.stream = torch.cuda.Stream(runner.device) if self.cuda else None
 
     def push(self, layer: int, block_ids: list[int], deliver: Deliver) -> None:
-        if self.pusher is None:
-            deliver(*blocks_as_array(self.runner, layer, block_ids))
+        if self.pusher is None:  # CPU: the blocks themselves; the sender's link thread gathers them
+            dtype = self.runner.shape.dtype
+            deliver(Blocks(_as_wire(self.runner.kv_caches[layer], dtype), block_ids), dtype)
             return
         self.pusher.submit(self._start_copy(layer, block_ids, deliver))  # pragma: no cover - needs CUDA
 

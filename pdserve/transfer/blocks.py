@@ -96,3 +96,63 @@ def copy_into_views(src: memoryview, views: list[memoryview], check: Check) -> N
             np.copyto(np.frombuffer(dst, np.uint8), np.frombuffer(src[off:off + dst.nbytes], np.uint8))
             off += dst.nbytes
             check.update(dst)
+
+
+class Blocks:
+    """Some blocks of a cache array `[2, num_blocks, ...]`, not yet gathered: what the prefill side
+    hands the sender on CPU, so the gather runs on the link thread (not the engine's) and lands
+    where the bytes go next (the shm ring, or the link's reused staging buffer), one copy in all.
+
+    The caller must not write these blocks until the transfer ends (the prefill worker frees a
+    request's blocks only then). `np.asarray` gathers, so code that wants an array still gets one.
+    """
+
+    __slots__ = ("cache", "block_ids")
+
+    def __init__(self, cache: np.ndarray, block_ids: list[int]) -> None:
+        if cache.ndim < 2 or cache.shape[0] != 2 or not cache.flags.c_contiguous:
+            raise ValueError("Blocks needs a C-contiguous [2, num_blocks, ...] cache")
+        self.cache, self.block_ids = cache, list(block_ids)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (2, len(self.block_ids), *self.cache.shape[2:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.cache.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.cache.itemsize
+
+    def part(self, start: int, stop: int) -> Blocks:
+        return Blocks(self.cache, self.block_ids[start:stop])
+
+    def views(self) -> list[memoryview] | None:
+        """The blocks' bytes in payload order, in place (None when too scattered)."""
+        return block_views_readonly(self.cache, self.block_ids)
+
+    def gather(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The KV as one `[2, n, ...]` array, into `out` (same shape and dtype) when given."""
+        if out is None:
+            out = np.empty(self.shape, self.cache.dtype)
+        np.take(self.cache, self.block_ids, axis=1, out=out)
+        return out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        arr = self.gather()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        return self.gather().tobytes()
+
+
+def block_views_readonly(cache: np.ndarray, block_ids: list[int]) -> list[memoryview] | None:
+    """`block_views` for reading: no writability needed."""
+    if any(not 0 <= b < cache.shape[1] for b in block_ids):
+        raise ValueError(f"block ids outside the cache's {cache.shape[1]} blocks")
+    rs = runs(block_ids)
+    if 2 * len(rs) > MAX_VIEWS:
+        return None
+    return [memoryview(cache[kv, first:first + n]).cast("B") for kv in (0, 1) for first, n in rs]
