@@ -1,12 +1,15 @@
 """Between the engine's KV cache (torch) and the transfer plane (bytes).
 
-On CPU a layer's blocks are gathered into a numpy array on the caller's thread, as they always were.
+On CPU the prefill side hands the sender the layer's blocks ungathered (`transfer.blocks.Blocks`):
+the sender's link thread gathers them, straight into the shm ring or its reused tcp buffer, so the
+engine thread copies nothing.
 On CUDA the prefill side never synchronises the engine thread: when a layer's K/V are written, the
 engine thread only enqueues work on a side stream (wait for the layer, gather the blocks, copy them
 into a pinned host buffer) and records an event; a pusher thread waits for each event in push
 order and hands the pinned buffer, as a numpy array, to the KV sender. The buffer returns to its
 pool when the sender drops the array. The decode side copies incoming KV through pinned buffers
-on a side stream and waits for that copy on the receiver's thread, not the engine's.
+on a side stream and waits for that copy on the receiver's thread, not the engine's. On CPU the
+decode side hands the receiver views of the reserved blocks, which it fills straight from the wire.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import torch
 
 from pdserve.engine.model_runner import ModelRunner
 from pdserve.model.loader import TORCH_DTYPES
+from pdserve.transfer.blocks import Blocks, block_views
 
 log = logging.getLogger(__name__)
 
-# Receives one layer's KV ([2, blocks, block_size, kv_heads, head_dim]) and the dtype name to send.
-Deliver = Callable[[np.ndarray, str], None]
+# Receives one layer's KV ([2, blocks, block_size, kv_heads, head_dim], or its blocks ungathered) and the dtype name.
+Deliver = Callable[[np.ndarray | Blocks, str], None]
 
 
 def _as_wire(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -129,7 +133,7 @@ class Pusher:
 class KVPush:
     """The prefill side's way out of the cache: `push(layer, block_ids, deliver)` from the engine thread.
 
-    CPU: gathers and delivers at once. CUDA: enqueues a side-stream gather into a pinned buffer and
+    CPU: delivers the blocks ungathered at once (the sender gathers them). CUDA: enqueues a side-stream gather into a pinned buffer and
     returns; the pusher thread delivers once the copy is done (see the module docstring).
     """
 
@@ -141,8 +145,9 @@ class KVPush:
         self.stream = torch.cuda.Stream(runner.device) if self.cuda else None
 
     def push(self, layer: int, block_ids: list[int], deliver: Deliver) -> None:
-        if self.pusher is None:
-            deliver(*blocks_as_array(self.runner, layer, block_ids))
+        if self.pusher is None:  # CPU: the blocks themselves; the sender's link thread gathers them
+            dtype = self.runner.shape.dtype
+            deliver(Blocks(_as_wire(self.runner.kv_caches[layer], dtype), block_ids), dtype)
             return
         self.pusher.submit(self._start_copy(layer, block_ids, deliver))  # pragma: no cover - needs CUDA
 
@@ -201,6 +206,18 @@ class CacheSink:
             warnings.simplefilter("ignore")  # a read-only buffer is fine: write_blocks copies it
             raw = torch.frombuffer(data, dtype=torch.uint8)
         self.runner.write_blocks(layer, block_ids, raw.view(TORCH_DTYPES[dtype]).view(shape))
+
+    def views(self, layer: int, block_ids: list[int], dtype: str, shape: tuple[int, ...]) -> list[memoryview] | None:
+        """CPU: writable byte views of the blocks (see `transfer.blocks`), so the receiver puts the
+        bytes there itself and `write` is not called; CUDA: None (bytes go through `write`)."""
+        if self.stream is not None:
+            return None
+        if dtype != self.runner.shape.dtype:
+            raise ValueError(f"KV of dtype {dtype} sent to a {self.runner.shape.dtype} cache")
+        cache = self.runner.kv_caches[layer]
+        if tuple(shape[2:]) != tuple(cache.shape[2:]):
+            raise ValueError(f"KV of shape {list(shape)} sent to a cache of blocks {list(cache.shape[2:])}")
+        return block_views(_as_wire(cache, dtype), block_ids)
 
     def _write_pinned(self, layer: int, block_ids: list[int], dt: torch.dtype, shape: tuple[int, ...],
                       data: memoryview) -> None:  # pragma: no cover - needs CUDA

@@ -6,6 +6,7 @@
   docstring walks a request through its states. Transports: `tcp` (across hosts, the default),
   `shm` (same host: bytes go through a shared-memory ring, headers over the socket; `shm` holds
   both ends of the segment and says what it trusts) and `fake` (in-process, for tests; `fake`).
+- `blocks`: a chunk's payload laid over the cache blocks it belongs in, filled and checked in one pass.
 - `faults`: injected corruption and cuts, a wrapper around the sender's transmit step.
 """
 

@@ -130,6 +130,9 @@ class KVSink(Protocol):
     """Where a receiver puts KV: the decode engine's cache. Called from the receiver's threads.
 
     `write` must copy `data` out before returning (the buffer is reused) and must not block for long.
+    A sink may also offer `views(layer, block_ids, dtype, shape) -> list[memoryview] | None`:
+    writable byte views of the blocks in payload order (`transfer.blocks.block_views`), which the
+    receiver then fills itself, checking the bytes as they land, instead of calling `write`.
     """
 
     def write(self, layer: int, block_ids: list[int], dtype: str, shape: tuple[int, ...],

@@ -9,13 +9,21 @@ Lifecycle of one request on a decode worker::
     drop(), connection lost, or no
     progress for timeout_s
 
-A chunk is written only if its request was expected, it is not terminal, its blocks are among the
+A chunk counts only if its request was expected, it is not terminal, its blocks are among the
 reserved ones and its bytes check out; so a SUCCESS request's KV is complete and intact, and
 blocks of a FAILED (or dropped) request are never touched again once `drop()` returns. The bytes
 check is the CRC without a cluster secret; with one, it is the keyed BLAKE3 digest the
-(authenticated) header carries, for frame payloads and shm alike; bytes in shared memory are
-copied out of the segment first, so another process writing the segment cannot inject KV.
-Frame payloads are received into one reused buffer per connection (no allocation per chunk).
+(authenticated) header carries, for frame payloads and shm alike.
+
+When the sink offers `views` of its blocks (`blocks`), an admitted chunk goes straight into them:
+tcp receives the payload into the blocks, shm copies the segment into them, and the check is fed
+piece by piece from the blocks as they fill (one pass over the bytes, not receive + verify +
+scatter). The header is authentic before that (PDS2: its tag covers only prefix + header), the
+blocks are the request's own, and a failed check fails the request, so unverified bytes there are
+never used; bytes are hashed from the blocks, not the segment, so another process writing the
+segment cannot inject KV. Otherwise (no views, a PDS1 frame under a secret, a chunk that will be
+refused) the payload goes into one reused buffer per connection, is checked, and `sink.write`
+copies it; shm bytes are copied out of the segment first under a secret.
 One thread accepts connections and one thread serves each connection (one per prefill worker).
 """
 
@@ -30,7 +38,8 @@ import msgspec
 
 from pdserve.config import TransferConfig
 from pdserve.transfer import fake
-from pdserve.transfer.frames import FrameError, read_frame_split, write_frame_sync
+from pdserve.transfer.blocks import Check, copy_into_views, recv_into_views
+from pdserve.transfer.frames import FrameError, FrameHead, read_frame_head, recv_payload, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
     KVAbort,
@@ -187,6 +196,11 @@ class KVReceiver:
             err = ""
         except Exception as e:  # the engine's problem, but it must fail the request, not the thread
             err = f"sink.write failed: {e!r}"
+        return self._settle(st, chunk, err)
+
+    def _settle(self, st: _Req, chunk: KVChunk, err: str) -> KVAck:
+        """A chunk's write (or its direct receive) is over: record it and say how it went."""
+        rid = chunk.request_id
         with self._cond:
             st.writing -= 1
             self._cond.notify_all()
@@ -200,6 +214,58 @@ class KVReceiver:
             if st.complete():
                 st.state = KVPoll.SUCCESS
             return KVAck(rid, chunk.layer, ok=True, done=st.state is KVPoll.SUCCESS)
+
+    def _admit_direct(self, chunk: KVChunk, nbytes: int, seen: set[str]) -> tuple[_Req, list[memoryview]] | None:
+        """The request and the views of its blocks when `chunk` may be received straight into them,
+        else None (the caller takes the buffered path, whose checks then answer)."""
+        views_of = getattr(self.sink, "views", None)
+        if views_of is None or chunk_error(chunk, nbytes):
+            return None
+        if (self._payload_key is not None) != bool(chunk.digest):
+            return None  # a digest without a secret here, or a secret without a digest: refused there
+        with self._cond:
+            st = self._reqs.get(chunk.request_id)
+            if (st is None or self._closed or st.state in TERMINAL or chunk.num_layers != st.num_layers
+                    or not st.blocks.issuperset(chunk.block_ids)):
+                return None
+            st.writing += 1  # from here drop() waits for the bytes to land
+            seen.add(chunk.request_id)
+            st.state, st.last = KVPoll.TRANSFERRING, time.monotonic()
+        try:
+            views = views_of(chunk.layer, list(chunk.block_ids), chunk.dtype, tuple(chunk.shape))
+        except Exception as e:  # noqa: BLE001 - the sink refused: fail the request like a failed write
+            self._settle(st, chunk, f"sink.views failed: {e!r}")
+            return None
+        if views is None or sum(v.nbytes for v in views) != nbytes:
+            with self._cond:
+                st.writing -= 1
+                self._cond.notify_all()
+            return None
+        return st, views
+
+    def _verdict(self, chunk: KVChunk, check: Check) -> str:
+        if chunk.digest:
+            return "" if hmac.compare_digest(check.digest(), chunk.digest) else "payload authentication failed"
+        return "" if check.crc() == chunk.checksum else "checksum mismatch"
+
+    def _receive_direct(self, conn: socket.socket, chunk: KVChunk, st: _Req, views: list[memoryview]) -> KVAck:
+        """tcp: the payload goes from the socket into the blocks, hashed piece by piece as it lands."""
+        check = Check(self._payload_key)
+        try:
+            recv_into_views(conn, views, check)
+        except BaseException:
+            self._settle(st, chunk, "connection lost mid-chunk")
+            raise
+        return self._settle(st, chunk, self._verdict(chunk, check))
+
+    def _copy_direct(self, src: memoryview, chunk: KVChunk, st: _Req, views: list[memoryview]) -> KVAck:
+        """shm: the segment's bytes are copied into the blocks and hashed from the blocks."""
+        check = Check(self._payload_key)
+        try:
+            copy_into_views(src, views, check)
+        except Exception as e:  # noqa: BLE001
+            return self._settle(st, chunk, f"copy from shared memory failed: {e!r}")
+        return self._settle(st, chunk, self._verdict(chunk, check))
 
     def fail(self, request_id: str, reason: str) -> None:
         with self._cond:
@@ -260,26 +326,10 @@ class KVReceiver:
         reason = "connection closed by the sender"
         try:
             while True:
-                header, payload, covered = read_frame_split(conn, scratch.take, self.config.max_frame_bytes,
-                                                            self.secret)
-                msg = decode_to_receiver(header)
-                if isinstance(msg, KVAbort):
-                    self.fail(msg.request_id, f"aborted by the sender: {msg.reason}")
-                    continue
-                if msg.shm_name and self._payload_key is not None:
-                    # Copied out before it is checked: a later write to the segment cannot
-                    # change what was verified.
-                    data = segments.copy(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
-                    ack = self.handle_chunk(msg, data, seen)
-                elif msg.shm_name:  # no secret: same-user processes are trusted; read in place
-                    view = segments.view(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
-                    try:
-                        ack = self.handle_chunk(msg, view, seen)
-                    finally:
-                        view.release()  # a segment cannot close while a view of it lives
-                else:
-                    ack = self.handle_chunk(msg, payload, seen, tag_covered=covered)
-                write_frame_sync(conn, encode(ack), secret=self.secret)
+                fh = read_frame_head(conn, self.config.max_frame_bytes, self.secret)
+                ack = self._serve_frame(conn, fh, seen, segments, scratch)
+                if ack is not None:
+                    write_frame_sync(conn, encode(ack), secret=self.secret)
         except (EOFError, OSError) as e:
             reason = f"connection lost: {e!r}" if not isinstance(e, EOFError) else reason
         except (FrameError, msgspec.DecodeError, ValueError) as e:
@@ -291,6 +341,49 @@ class KVReceiver:
             with self._cond:
                 self._conns.discard(conn)
             conn.close()
+
+
+    def _serve_frame(self, conn: socket.socket, fh: FrameHead, seen: set[str], segments: Segments,
+                     scratch: _Scratch) -> KVAck | None:
+        """One frame whose head is read: receive its payload, handle it, and return the ack (None: abort)."""
+        msg = decode_to_receiver(fh.header)
+        # Straight into the blocks only once the header is authentic (PDS2 tag checked) or no
+        # secret is set; a PDS1 frame's header is trusted only after its payload is in.
+        direct = (isinstance(msg, KVChunk) and (fh.split or self.secret is None)
+                  and self._admit_direct(msg, msg.nbytes if msg.shm_name else fh.payload_len, seen))
+        if direct and not msg.shm_name and fh.payload_len:
+            return self._receive_direct(conn, msg, *direct)
+        payload = memoryview(b"")
+        if fh.payload_len:
+            payload = scratch.take(fh.header, fh.payload_len)
+            recv_payload(conn, fh, payload)
+        fh.check_payload(self.secret, payload)
+        covered = bool(self.secret) and not fh.split
+        if isinstance(msg, KVAbort):
+            self.fail(msg.request_id, f"aborted by the sender: {msg.reason}")
+            return None
+        if direct:  # shm, admitted: the one copy out of the segment is the scatter into the blocks
+            try:
+                view = segments.view(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
+            except BaseException as e:
+                self._settle(direct[0], msg, f"bad shared-memory chunk: {e}")
+                raise
+            try:
+                return self._copy_direct(view, msg, *direct)
+            finally:
+                view.release()
+        if msg.shm_name and self._payload_key is not None:
+            # Copied out before it is checked: a later write to the segment cannot
+            # change what was verified.
+            data = segments.copy(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
+            return self.handle_chunk(msg, data, seen)
+        if msg.shm_name:  # no secret: same-user processes are trusted; read in place
+            view = segments.view(msg.shm_name, msg.shm_offset, msg.nbytes, msg.sender_pid)
+            try:
+                return self.handle_chunk(msg, view, seen)
+            finally:
+                view.release()  # a segment cannot close while a view of it lives
+        return self.handle_chunk(msg, payload, seen, tag_covered=covered)
 
 
 class _Scratch:

@@ -9,7 +9,9 @@ Lifecycle of one request on a prefill worker::
     connection lost, or no progress for timeout_s
 
 The caller frees its own KV blocks only after SUCCESS or FAILED. `send_layer` does not copy
-`data`: pass an array nobody writes to until then (a gather such as `kv[:, block_ids]` is one).
+`data`: pass an array nobody writes to until then (a gather such as `kv[:, block_ids]` is one), or
+the blocks themselves (`Blocks`): poll() reports neither SUCCESS nor FAILED while a link thread
+is still reading them, so blocks freed on a terminal state are never read again.
 Link emulation (`TransferConfig.bandwidth_gbps`, `latency_ms`) sleeps before each chunk for
 latency + bytes * 8 / bandwidth, on the link thread, so the caller never waits for it.
 
@@ -17,7 +19,10 @@ Each chunk leaves through `KVSender.transmit` (an `Outgoing` in, frame out): tes
 inject faults (`transfer.faults`), so the send path itself has none. Without a cluster secret the
 bytes are CRC32-checked; with one they get a keyed BLAKE3 digest in the header (frame payload or
 shm alike), and the frame's tag covers the header only, so each byte is hashed once here. tcp
-sends straight from the caller's gathered array; shm copies it once into the ring.
+sends straight from the caller's gathered array; shm copies it once into the ring. A caller may
+pass `transfer.blocks.Blocks` (cache blocks not yet gathered) instead: the link thread then
+gathers them, into the ring for shm (the digest taken from the cache blocks, which no other
+process can write) or into one reused staging buffer for tcp, so the caller's thread copies nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import numpy as np
 
 from pdserve.config import TransferConfig
 from pdserve.transfer import fake
+from pdserve.transfer.blocks import Blocks, Check
 from pdserve.transfer.frames import encode_frame, read_frame_sync, write_frame_parts, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
@@ -77,11 +83,12 @@ def send_chunk(out: Outgoing) -> None:
 
 
 class _Req:
-    __slots__ = ("dest", "num_layers", "state", "last", "error", "started")
+    __slots__ = ("dest", "num_layers", "state", "last", "error", "started", "reading")
 
     def __init__(self, dest: str, num_layers: int, now: float) -> None:
         self.dest, self.num_layers, self.last = dest, num_layers, now
         self.state, self.error, self.started = KVPoll.BOOTSTRAPPING, "", False
+        self.reading = 0  # link threads delivering this request's ungathered `Blocks` right now
 
 
 class _Conn:
@@ -116,10 +123,10 @@ class KVSender:
 
         `dtype` names the element type when `data` holds it as raw words (bf16 as uint16).
         """
-        arr = np.asarray(data)
-        if arr.ndim < 2 or arr.shape[0] != 2 or arr.shape[1] != len(block_ids):
+        arr = data if isinstance(data, Blocks) else np.asarray(data)
+        if len(arr.shape) < 2 or arr.shape[0] != 2 or arr.shape[1] != len(block_ids):
             raise ValueError(f"KV of shape {arr.shape} is not [2, {len(block_ids)}, ...]")
-        if not arr.flags.c_contiguous:
+        if isinstance(arr, np.ndarray) and not arr.flags.c_contiguous:
             raise ValueError("KV data must be C-contiguous")
         now = time.monotonic()
         with self._cond:
@@ -142,7 +149,12 @@ class KVSender:
         room = self.config.max_frame_bytes - min(_HEADER_SLACK, self.config.max_frame_bytes // 2)
         step = max(1, room // per_block)
         for i in range(0, len(block_ids), step):  # a layer above the frame limit goes in block runs
-            part = arr if step >= len(block_ids) else np.ascontiguousarray(arr[:, i:i + step])
+            if step >= len(block_ids):
+                part = arr
+            elif isinstance(arr, Blocks):
+                part = arr.part(i, i + step)
+            else:
+                part = np.ascontiguousarray(arr[:, i:i + step])
             link.queue.put(("chunk", request_id, layer, num_layers, block_ids[i:i + step],
                             dtype or arr.dtype.name, part))
 
@@ -156,6 +168,8 @@ class KVSender:
                 conn = link.conn if link else None
                 if conn is not None and any(r == request_id for r, _ in conn.pending):
                     _shutdown(conn.sock)  # the link is stuck; its reader thread fails the rest
+            if st.state in TERMINAL and st.reading:
+                return KVPoll.TRANSFERRING  # a link thread still reads the caller's blocks: not free yet
             return st.state
 
     def error(self, request_id: str) -> str:
@@ -241,6 +255,7 @@ class _Link(threading.Thread):
         self.where = where
         self.queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self.conn: _Conn | None = None
+        self._stage = np.empty(0, np.uint8)
         self.start()
 
     def run(self) -> None:
@@ -259,10 +274,12 @@ class _Link(threading.Thread):
                     except OSError as e:
                         s._conn_lost(conn, f"connection lost: {e!r}")
                 continue
+            reads = isinstance(item[-1], Blocks)  # the caller's blocks are read until delivered
             with s._cond:
                 st = s._reqs.get(rid)
                 if st is None or st.state in TERMINAL:
                     continue
+                st.reading += reads
             try:
                 self._deliver(st, *item[1:])
             except Exception as e:  # noqa: BLE001 - any failure of one link fails its requests, not the thread
@@ -270,6 +287,9 @@ class _Link(threading.Thread):
                     s._fail(st, f"send failed: {e!r}")
                 if self.conn is not None:
                     s._conn_lost(self.conn, f"connection lost: {e!r}")
+            finally:
+                with s._cond:
+                    st.reading -= reads
 
     def _deliver(self, st: _Req, rid: str, layer: int, num_layers: int, block_ids: list[int],
                  dtype: str, arr: np.ndarray) -> None:
@@ -277,11 +297,23 @@ class _Link(threading.Thread):
         if cfg.latency_ms or cfg.bandwidth_gbps:
             bw = arr.nbytes * 8 / (cfg.bandwidth_gbps * 1e9) if cfg.bandwidth_gbps else 0.0
             time.sleep(cfg.latency_ms / 1e3 + bw)
-        data = memoryview(arr).cast("B") if arr.nbytes else memoryview(b"")
         key = s._payload_key
-        digest = payload_digest(key, data) if key is not None else b""
-        chunk = KVChunk(rid, layer, num_layers, list(block_ids), dtype, list(arr.shape), arr.nbytes,
-                        0 if digest else checksum(data), digest=digest)
+        into_ring = isinstance(arr, Blocks) and self.scheme == "shm" and arr.nbytes and arr.views() is not None
+        if isinstance(arr, Blocks) and not into_ring:
+            arr = arr.gather(self._staging(arr))  # tcp: one copy, into a buffer reused per link
+        if into_ring:  # digest from the cache's own (private) blocks; the gather goes into the ring
+            assert isinstance(arr, Blocks)
+            check = Check(key)
+            for view in arr.views() or []:
+                check.update(view)
+            digest = check.digest()
+            data = memoryview(b"")
+        else:
+            data = memoryview(arr).cast("B") if arr.nbytes else memoryview(b"")
+            digest = payload_digest(key, data) if key is not None else b""
+        crc = 0 if digest else (check.crc() if into_ring else checksum(data))
+        chunk = KVChunk(rid, layer, num_layers, list(block_ids), dtype, list(arr.shape), arr.nbytes, crc,
+                        digest=digest)
         if self.scheme == "fake":
             receiver = fake.lookup(self.where)
             if receiver is None:
@@ -296,17 +328,34 @@ class _Link(threading.Thread):
             off = self._reserve(conn, st, arr.nbytes)
             if off is None:
                 return
-            conn.ring.put(off, arr)
+            if isinstance(arr, Blocks):
+                data = conn.ring.gather(off, arr)
+            else:
+                conn.ring.put(off, arr)
             chunk = KVChunk(rid, layer, num_layers, chunk.block_ids, dtype, chunk.shape, chunk.nbytes,
                             chunk.checksum, conn.ring.name, off, os.getpid(), digest)
         with s._cond:
             if conn.dead:
                 raise ConnectionError("connection lost")
+            if st.state in TERMINAL:  # aborted or failed while this chunk was being prepared
+                if off is not None:
+                    conn.ring.free_newest()
+                return
             conn.pending.append((rid, off))  # before writing: the ack may beat us back
             conn.rids.add(rid)
             st.started, st.state, st.last = True, KVPoll.TRANSFERRING, time.monotonic()
-        s.transmit(Outgoing(conn.sock, chunk, b"" if off is not None else data, data, conn.ring, s.secret))
+        try:
+            s.transmit(Outgoing(conn.sock, chunk, b"" if off is not None else data, data, conn.ring, s.secret))
+        finally:
+            if into_ring:
+                data.release()  # a view of the segment keeps it from closing
         s.chunks_sent[self.dest] = s.chunks_sent.get(self.dest, 0) + 1
+
+    def _staging(self, blocks: Blocks) -> np.ndarray:
+        """This link's gather buffer, grown on demand: a fresh array per chunk would be paged in anew."""
+        if self._stage.nbytes < blocks.nbytes:
+            self._stage = np.empty(blocks.nbytes, np.uint8)
+        return self._stage[:blocks.nbytes].view(blocks.dtype).reshape(blocks.shape)
 
     def _reserve(self, conn: _Conn, st: _Req, n: int) -> int | None:
         """Room for n bytes in the ring, growing it when n alone does not fit; None if st ended."""

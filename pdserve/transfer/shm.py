@@ -1,6 +1,7 @@
 """Shared memory for the shm transport, both ends: the sender's staging ring, the receiver's mappings.
 
-The sender copies a chunk into its ring (`ShmRing`) and sends only the header over the socket; the
+The sender copies a chunk into its ring (`ShmRing.put`, or gathers cache blocks straight into it:
+`ShmRing.gather`) and sends only the header over the socket; the
 receiver maps the segment the header names (`Segments`) and copies the bytes out. Ring regions are
 handed out in FIFO order and freed in the same order (the receiver acknowledges the chunks of one
 connection in order), so the free space is always one or two runs at the ends.
@@ -20,6 +21,8 @@ from collections import deque
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
+
+from pdserve.transfer.blocks import Blocks
 
 SHM_PREFIX = "pdkv_"  # every segment pdserve creates is named so; a receiver maps no other
 DEFAULT_RING_BYTES = 64 * 1024 * 1024
@@ -64,11 +67,24 @@ class ShmRing:
     def free_oldest(self) -> None:
         self._live.popleft()
 
+    def free_newest(self) -> None:
+        """Give back the region just allocated (its chunk was not sent)."""
+        self._live.pop()
+        self._head = sum(self._live[-1]) if self._live else 0  # the head is the newest region's end
+
     def put(self, off: int, data: np.ndarray) -> None:
         """The one copy on the sending side."""
         dst = np.ndarray((data.nbytes,), dtype=np.uint8, buffer=self.shm.buf, offset=off)
         dst[:] = data.reshape(-1).view(np.uint8)
         del dst
+
+    def gather(self, off: int, blocks: Blocks) -> memoryview:
+        """The one copy on the sending side, from the cache blocks straight into the ring; returns
+        the region (for the fault injector, which rewrites it)."""
+        dst = np.ndarray(blocks.shape, dtype=blocks.dtype, buffer=self.shm.buf, offset=off)
+        blocks.gather(dst)
+        del dst
+        return self.shm.buf[off:off + blocks.nbytes]
 
     def destroy(self) -> None:
         self._live.clear()
