@@ -129,10 +129,15 @@ class Simulator:
         if self._disagg(i, order, now):
             return
         if now + self.stats_interval_s <= give_up:  # the router waits for room, as `_reserve` does
-            self.loop.at(now + self.stats_interval_s, self._try_disagg, i, order, give_up)
+            self.loop.at(now + self.stats_interval_s, self._retry_disagg, i, order, give_up)
             return
         self.routing.refused()  # every decode instance refused: what the router answers
         self.num_rejected += 1
+
+    def _retry_disagg(self, now: float, i: int, order: tuple[str, ...], give_up: float) -> None:
+        """A retry, as `_reserve`'s: in the order of the loads reported now, among the route's."""
+        fresh = tuple(w.name for w in self.routing.rank_decode(self._view(self.decode, now)) if w.name in order)
+        self._try_disagg(now, i, fresh or order, give_up)
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
         """The loads the router sees (its own counts, and reports as `Stats` would give them),
