@@ -48,23 +48,30 @@ def check_run(compare: dict[str, Any], mode: str, profile: str, link: str) -> Ch
                     prefill=w["prefill"] or 1, profile=profile, link=link)
 
 
-def simulate(compare: dict[str, Any], mode: str, rate_index: int, profile: str, link: str,
+def simulate(compare: dict[str, Any], mode: str, rate_index: int, profile: str | dict[str, str], link: str,
              serving_overheads: bool = True) -> dict[str, Any]:
-    """One (mode, rate) of the compare through the simulator: its summary, scored with the run's SLOs."""
+    """One (mode, rate) of the compare through the simulator: its summary, scored with the run's SLOs.
+    profile: a path, or a path per mode."""
     run = compare["modes"][mode]["runs"][rate_index]
+    profile = profile if isinstance(profile, str) else profile[mode]
     cfg = sim_config(MODES[mode], check_run(compare, mode, profile, link), serving_overheads)
     r = build(cfg).run(specs_of(run["requests"]))
     return summarize(r, slo_of(compare["config"]))
+
+
+def temp_profile(profile: dict[str, Any]) -> str:
+    """`profile` written to a temporary file (the caller removes it); returns its path."""
+    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdserve-simcompare-", delete=False)
+    with f:
+        json.dump(profile, f)
+    return f.name
 
 
 def with_overheads(profile: str, overheads: dict[str, dict[str, float]]) -> str:
     """A temporary copy of `profile` with these serving overheads per sim mode; returns its path."""
     p = json.loads(Path(profile).read_text())
     p["serving"] = {**(p.get("serving") or {}), **overheads}
-    f = tempfile.NamedTemporaryFile("w", suffix=".json", prefix="pdserve-simcompare-", delete=False)
-    with f:
-        json.dump(p, f)
-    return f.name
+    return temp_profile(p)
 
 
 def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index: int = 0
@@ -87,6 +94,38 @@ def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index:
     return out
 
 
+def scaled(profile: dict[str, Any], factor: float) -> dict[str, Any]:
+    """The profile with every measured step time times `factor` (a machine that slow)."""
+    return {**profile, "prefill": [[n, t * factor] for n, t in profile["prefill"]],
+            "decode": [[b, c, t * factor] for b, c, t in profile["decode"]]}
+
+
+def slowdown_from(compare: dict[str, Any], profile: str, link: str, rate_index: int = 0
+                  ) -> dict[str, dict[str, Any]]:
+    """Per mode, on one rate's run: how much slower the served steps ran than the profile's (real /
+    simulated median TPOT: the machine's contention during the run, a factor on every step, where
+    `overheads_from` adds a constant), then the request overhead left in median TTFT (floored at 0).
+    Returns, per mode, the factor, the overhead and the path of the profile with both (a temporary
+    file: the caller removes it)."""
+    base = json.loads(Path(profile).read_text())
+    out: dict[str, dict[str, Any]] = {}
+    for mode in compare["modes"]:
+        real = compare["modes"][mode]["runs"][rate_index]["summary"]
+        bare = simulate(compare, mode, rate_index, profile, link, serving_overheads=False)
+        factor = real["median_tpot_ms"] / bare["median_tpot_ms"]
+        path = temp_profile({**scaled(base, factor), "serving": {}})
+        try:
+            slowed = simulate(compare, mode, rate_index, path, link)
+        finally:
+            Path(path).unlink()
+        request = max(0.0, (real["median_ttft_ms"] - slowed["median_ttft_ms"]) / 1e3)
+        serving = {MODES[mode]: {"step_overhead_s": 0.0, "request_overhead_s": request}}
+        out[mode] = {"factor": factor, "request_overhead_s": request,
+                     "from_rate": compare["modes"][mode]["runs"][rate_index]["rate"],
+                     "profile": temp_profile({**scaled(base, factor), "serving": serving})}
+    return out
+
+
 def winner(goodput: dict[str, float]) -> str:
     (a, ga), (b, gb) = goodput.items()
     if max(ga, gb) <= 0 or abs(ga - gb) <= TIE * max(ga, gb):
@@ -98,7 +137,7 @@ def rel(sim: float, real: float) -> float | None:
     return None if not real else sim / real - 1.0
 
 
-def predict(compare: dict[str, Any], profile: str, link: str, serving_overheads: bool = True) -> dict[str, Any]:
+def predict(compare: dict[str, Any], profile: str | dict[str, str], link: str, serving_overheads: bool = True) -> dict[str, Any]:
     """Every (mode, rate) simulated beside its measurement; per-rate winners; errors per metric."""
     modes = list(compare["modes"])
     rates = [r["rate"] for r in compare["modes"][modes[0]]["runs"]]
