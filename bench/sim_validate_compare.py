@@ -11,9 +11,11 @@ Variants, each on every compare:
   profile    the profile alone, attention as the engine computes it now ("grouped")
   calibrated the same plus the serving overheads measured on the calibration run (a constant per
              step and per request, as `pdserve calibrate` measures them)
-  scaled     the profile's step times times the slowdown measured on the calibration run (real /
-             simulated median TPOT: the machine's contention, a factor rather than a constant),
-             plus the request overhead left in median TTFT
+  scaled     the profile's step times times the slowdown measured on the calibration run (the
+             factor that gives its real median TPOT: the machine's contention, a factor rather
+             than a constant), plus the request overhead that gives its median TTFT
+  load       as scaled, the factor times each run's load average over the calibration run's
+             (the machine's contention moved between the runs of one sweep)
 
     .venv/bin/python bench/sim_validate_compare.py --profile P.json REAL_longprompt.json REAL_chatbot.json
 
@@ -98,11 +100,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for row, name in enumerate(names):
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
-            for variant, style in (("before", ":"), ("scaled", "--")):
+            for variant, style in (("before", ":"), ("load", "--")):
                 rows = result["variants"][variant][name]["rates"]
                 for mode, c in colors.items():
                     xs = [r["rate"] for r in rows]
-                    if variant == "scaled":
+                    if variant == "load":
                         ax.plot(xs, [r["modes"][mode]["real"][key] for r in rows], "-o", color=c, label=f"{mode} real")
                     ax.plot(xs, [r["modes"][mode]["sim"][key] for r in rows], style, marker="x", color=c,
                             label=f"{mode} sim ({variant})")
@@ -110,7 +112,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("rate (req/s)")
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle("simulator vs real bench compare (loaded 2-core machine): solid real, dashed sim scaled, "
+    fig.suptitle("simulator vs real bench compare (loaded 2-core machine): solid real, dashed sim load-scaled, "
                  "dotted sim as before", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -137,9 +139,19 @@ def main() -> int:
                              "calibrated": variant_profile(args.profile, "grouped", overheads),
                              "scaled": {m: s.pop("profile") for m, s in slowdown.items()}}
     variants: dict[str, Any] = {}
+    load_factors: dict[str, Any] = {}
     try:
         for v, path in paths.items():
             variants[v] = {name: sc.predict(c, path, link) for name, c in compares.items()}
+        variants["load"] = {}
+        for name, c in compares.items():
+            ls = sc.LoadScaled(c, grouped, {m: {k: x for k, x in s.items() if k != "profile"} | {}
+                                            for m, s in slowdown.items()}, compares[first], args.calibrate_rate_index)
+            try:
+                variants["load"][name] = sc.predict(c, ls, link)
+                load_factors[name] = ls.factors
+            finally:
+                ls.close()
     finally:
         for path in paths.values():
             for p in [path] if isinstance(path, str) else path.values():
@@ -156,7 +168,7 @@ def main() -> int:
                 for p in [args.profile, *args.profiles_beside]}
     payload = {**header({"compares": args.compares, "profile": args.profile}),
                "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
-               "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown,
+               "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown, "load_factors": load_factors,
                "calibrated_on": f"{first} rate index {args.calibrate_rate_index}",
                "profiles": profiles,
                "compares": {name: {"command": c.get("command"), "date": c.get("date"),

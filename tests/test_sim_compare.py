@@ -72,3 +72,33 @@ def test_winner_ties_within_five_percent() -> None:
     assert sc.winner({"colocated": 0.5, "disaggregated": 1.0}) == "disaggregated"
     assert [s.arrival_s for s in sc.specs_of([{"arrival_s": 2, "prompt_tokens": 5, "output_tokens": 2},
                                               {"arrival_s": 1, "prompt_tokens": 6, "output_tokens": 3}])] == [1, 2]
+
+
+def test_a_machine_twice_as_slow_is_found_as_a_factor_of_two(setup) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import os
+
+    bare, link = setup
+    cmp_ = _compare((1.0, 3.0))
+    slow = sc.temp_profile(sc.scaled(json.loads(open(bare).read()), 2.0))
+    try:
+        for mode, m in cmp_["modes"].items():
+            for k, run in enumerate(m["runs"]):
+                run["summary"] = sc.simulate(cmp_, mode, k, slow, link)
+                run["summary"]["load_average"] = [4.0 * (k + 1)] * 3  # the second run at twice the load
+    finally:
+        os.unlink(slow)
+    found = sc.slowdown_from(cmp_, bare, link, 0)
+    try:
+        for s in found.values():
+            assert s["factor"] == pytest.approx(2.0, rel=0.02) and s["request_overhead_s"] < 0.01
+    finally:
+        for s in found.values():
+            os.unlink(s.pop("profile"))
+    ls = sc.LoadScaled(cmp_, bare, found, cmp_)
+    try:
+        sc.predict(cmp_, ls, link)
+        assert {m: [round(f, 1) for f in fs] for m, fs in ls.factors.items()} == {
+            "colocated": [2.0, 4.0], "disaggregated": [2.0, 4.0]}
+    finally:
+        ls.close()

@@ -48,12 +48,15 @@ def check_run(compare: dict[str, Any], mode: str, profile: str, link: str) -> Ch
                     prefill=w["prefill"] or 1, profile=profile, link=link)
 
 
-def simulate(compare: dict[str, Any], mode: str, rate_index: int, profile: str | dict[str, str], link: str,
+def simulate(compare: dict[str, Any], mode: str, rate_index: int, profile: Any, link: str,
              serving_overheads: bool = True) -> dict[str, Any]:
     """One (mode, rate) of the compare through the simulator: its summary, scored with the run's SLOs.
-    profile: a path, or a path per mode."""
+    profile: a path, a path per mode, or a function of (mode, rate index) giving one."""
     run = compare["modes"][mode]["runs"][rate_index]
-    profile = profile if isinstance(profile, str) else profile[mode]
+    if callable(profile):
+        profile = profile(mode, rate_index)
+    elif not isinstance(profile, str):
+        profile = profile[mode]
     cfg = sim_config(MODES[mode], check_run(compare, mode, profile, link), serving_overheads)
     r = build(cfg).run(specs_of(run["requests"]))
     return summarize(r, slo_of(compare["config"]))
@@ -100,30 +103,75 @@ def scaled(profile: dict[str, Any], factor: float) -> dict[str, Any]:
             "decode": [[b, c, t * factor] for b, c, t in profile["decode"]]}
 
 
+def _bisect(f: Any, target: float, lo: float, hi: float, steps: int = 14, log: bool = False) -> float:
+    """x in [lo, hi] with f(x) == target, f increasing (the end it reaches if the target is outside)."""
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5 if log else (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo * hi) ** 0.5 if log else (lo + hi) / 2
+
+
 def slowdown_from(compare: dict[str, Any], profile: str, link: str, rate_index: int = 0
                   ) -> dict[str, dict[str, Any]]:
-    """Per mode, on one rate's run: how much slower the served steps ran than the profile's (real /
-    simulated median TPOT: the machine's contention during the run, a factor on every step, where
-    `overheads_from` adds a constant), then the request overhead left in median TTFT (floored at 0).
-    Returns, per mode, the factor, the overhead and the path of the profile with both (a temporary
-    file: the caller removes it)."""
+    """Per mode, on one rate's run: the factor on every profiled step time (the machine's contention
+    during the run: a factor, where `overheads_from` adds a constant) that makes the simulated
+    median TPOT the real one, then the request overhead that does the same for median TTFT (both
+    solved by bisection, as queueing makes neither linear). Returns per mode the factor, the
+    overhead and the path of the profile with both (a temporary file: the caller removes it)."""
     base = json.loads(Path(profile).read_text())
     out: dict[str, dict[str, Any]] = {}
-    for mode in compare["modes"]:
-        real = compare["modes"][mode]["runs"][rate_index]["summary"]
-        bare = simulate(compare, mode, rate_index, profile, link, serving_overheads=False)
-        factor = real["median_tpot_ms"] / bare["median_tpot_ms"]
-        path = temp_profile({**scaled(base, factor), "serving": {}})
+
+    def run(mode: str, factor: float, request: float, key: str) -> float:
+        serving = {MODES[mode]: {"step_overhead_s": 0.0, "request_overhead_s": request}}
+        path = temp_profile({**scaled(base, factor), "serving": serving})
         try:
-            slowed = simulate(compare, mode, rate_index, path, link)
+            return float(simulate(compare, mode, rate_index, path, link)[key])
         finally:
             Path(path).unlink()
-        request = max(0.0, (real["median_ttft_ms"] - slowed["median_ttft_ms"]) / 1e3)
+
+    for mode in compare["modes"]:
+        real = compare["modes"][mode]["runs"][rate_index]["summary"]
+        factor = _bisect(lambda x, m=mode: run(m, x, 0.0, "median_tpot_ms"), real["median_tpot_ms"], 0.25, 8.0, log=True)
+        request = _bisect(lambda x, m=mode, f=factor: run(m, f, x, "median_ttft_ms"), real["median_ttft_ms"], 0.0, 5.0)
         serving = {MODES[mode]: {"step_overhead_s": 0.0, "request_overhead_s": request}}
         out[mode] = {"factor": factor, "request_overhead_s": request,
                      "from_rate": compare["modes"][mode]["runs"][rate_index]["rate"],
                      "profile": temp_profile({**scaled(base, factor), "serving": serving})}
     return out
+
+
+def run_load(compare: dict[str, Any], mode: str, rate_index: int) -> float:
+    """The 1-minute load average over one real run (the mean of its start and end readings)."""
+    la = compare["modes"][mode]["runs"][rate_index]["summary"].get("load_average") or []
+    return float(np.mean(la[:1] + la[-1:])) if la else float("nan")
+
+
+class LoadScaled:
+    """Per (mode, rate): the calibration's slowdown times that run's load over the calibration
+    run's (contention on a shared machine grows with its load), with the calibrated request
+    overhead. Call `close` to remove the temporary profiles."""
+
+    def __init__(self, compare: dict[str, Any], profile: str, slowdown: dict[str, dict[str, Any]],
+                 calibration: dict[str, Any], rate_index: int = 0) -> None:
+        self.base = json.loads(Path(profile).read_text())
+        self.compare, self.slowdown = compare, slowdown
+        self.ref = {m: run_load(calibration, m, rate_index) for m in calibration["modes"]}
+        self.paths: dict[tuple[str, int], str] = {}
+        self.factors: dict[str, list[float]] = {}
+
+    def __call__(self, mode: str, rate_index: int) -> str:
+        key = (mode, rate_index)
+        if key not in self.paths:
+            s = self.slowdown[mode]
+            factor = s["factor"] * run_load(self.compare, mode, rate_index) / self.ref[mode]
+            self.factors.setdefault(mode, []).append(factor)
+            serving = {MODES[mode]: {"step_overhead_s": 0.0, "request_overhead_s": s["request_overhead_s"]}}
+            self.paths[key] = temp_profile({**scaled(self.base, factor), "serving": serving})
+        return self.paths[key]
+
+    def close(self) -> None:
+        for p in self.paths.values():
+            Path(p).unlink()
 
 
 def winner(goodput: dict[str, float]) -> str:
@@ -137,7 +185,7 @@ def rel(sim: float, real: float) -> float | None:
     return None if not real else sim / real - 1.0
 
 
-def predict(compare: dict[str, Any], profile: str | dict[str, str], link: str, serving_overheads: bool = True) -> dict[str, Any]:
+def predict(compare: dict[str, Any], profile: Any, link: str, serving_overheads: bool = True) -> dict[str, Any]:
     """Every (mode, rate) simulated beside its measurement; per-rate winners; errors per metric."""
     modes = list(compare["modes"])
     rates = [r["rate"] for r in compare["modes"][modes[0]]["runs"]]
