@@ -122,7 +122,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compares", nargs="+", help="compare JSONs; the first is the calibration workload")
     ap.add_argument("--profile", required=True)
-    ap.add_argument("--profiles-beside", nargs="*", default=[], help="other profiles taken between the runs (recorded)")
+    ap.add_argument("--profile-beside", action="append", default=[], help="another profile taken between the runs (recorded)")
     ap.add_argument("--transfer", default="bench/results/transfer.json")
     ap.add_argument("--calibrate-rate-index", type=int, default=0)
     ap.add_argument("--out", default="bench/results/sim_validation_compare.json")
@@ -165,7 +165,7 @@ def main() -> int:
             lines.append("")
     table = "\n".join(lines)
     profiles = {p: {k: v for k, v in json.loads(Path(p).read_text()).items() if k not in ("prefill", "decode")}
-                for p in [args.profile, *args.profiles_beside]}
+                for p in [args.profile, *args.profile_beside]}
     payload = {**header({"compares": args.compares, "profile": args.profile}),
                "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
                "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown, "load_factors": load_factors,
