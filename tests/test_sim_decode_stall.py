@@ -79,3 +79,18 @@ def test_the_simulated_instance_schedules_again_after_a_step_that_only_preempted
     loop.run()
     assert p.num_preemptions >= 1
     assert sorted(finished) == ["a", "b"] and not p.has_work()
+
+
+def test_a_request_that_outgrows_the_whole_cache_alone_does_not_spin_the_simulator() -> None:
+    # 4 blocks of 4 tokens: 7 prompt + 20 output tokens never fit. Alone, it preempts itself each
+    # time it fills the cache (recomputing in 4-token chunks, each of which fits); the simulator
+    # stops there instead of polling forever.
+    cfg = DecodeConfig(max_batch_size=1, max_num_seqs=4, min_batch_size=1, max_num_batched_tokens=4)
+    p = DecodeScheduler(cfg, BlockManager(4, 4, False))
+    loop = EventLoop()
+    inst = SimInstance("d0", "decode", p, FixedModel(), Port("d0", 1e9))
+    inst.attach(loop, lambda *_: None)
+    _ready(p, "a", 7, 20, 0.0)
+    inst.kick(0.0)
+    loop.run(until=60.0)
+    assert p.num_preemptions >= 1 and len(loop) == 0 and p.has_work()
