@@ -110,3 +110,25 @@ def test_attention_costs_follow_the_engine_padded_decode_and_dense_chunks() -> N
     assert varlen.mixed_time([(100, 900)], []) - padded.mixed_time([(100, 900)], []) == pytest.approx(cp * 100 * 900)
     assert padded.decode_run_times([100, 300], 3) == pytest.approx([padded.decode_time([100 + j, 300 + j])
                                                                     for j in range(3)])
+
+
+def test_grouped_attention_costs_each_length_group_padded_plus_a_call() -> None:
+    """The engine's CPU decode groups sequences by context (model/attention.py group_decodes):
+    within GROUP_SLACK_KEYS of the longest they share one padded call, farther apart each group
+    pays its own padding and a call worth GROUP_SLACK_KEYS keys. Checked against group_decodes."""
+    from pdserve.model.attention import GROUP_SLACK_KEYS, group_decodes
+    from pdserve.sim.profile import GROUP_SLACK_KEYS as SIM_SLACK
+
+    assert SIM_SLACK == GROUP_SLACK_KEYS
+    points = {"prefill": [[n, 0.01 + 1e-5 * n + 1e-8 * n * n] for n in (16, 64, 256, 1024)],
+              "decode": [[b, c, 0.02 + 1e-4 * b + 1e-7 * b * c] for b in (1, 4, 16) for c in (64, 256, 1024)],
+              "attention": "grouped"}
+    m = ProfiledModel.fit(points)
+    for ctx in ([500], [1000, 900, 800], [1000, 100], [900, 880, 300, 290, 40], [64] * 5 + [1024] * 3):
+        groups = group_decodes(ctx)
+        want = sum(len(g) * max(ctx[i] for i in g) for g in groups) + GROUP_SLACK_KEYS * (len(groups) - 1)
+        assert m._ctx_total(ctx) == want
+    padded = ProfiledModel.fit({k: v for k, v in points.items() if k != "attention"})
+    assert m.decode_time([1000, 100]) < padded.decode_time([1000, 100])
+    assert m.decode_time([1000, 900]) == pytest.approx(padded.decode_time([1000, 900]))
+    assert m.decode_run_times([100, 900], 3) == pytest.approx([m.decode_time([100 + j, 900 + j]) for j in range(3)])

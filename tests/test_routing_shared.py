@@ -102,11 +102,12 @@ def test_simulator_rejects_what_no_decode_instance_can_reserve_and_finishes_the_
     from pdserve.sim.metrics import summarize
     from pdserve.workload import generate
 
+    # The router's default wait for room (5 s): requests the decode pool cannot take at once are
+    # retried there; under this KV thrash a decode instance used to stall for good with a preempted
+    # request at the head of its queue behind the blocks of ready ones (sched/decode.py).
     cfg = SimConfig.of(model="llama-3.1-8b", mode="disagg", num_prefill=1, num_decode=3,
-                       serving={**GPU_SCALE, "cache": {"num_blocks": 600},
-                                # No wait for room: with one (5 s) a few requests here are left
-                                # unfinished under KV thrash, a known simulator defect (README).
-                                "router": {"reserve_wait_s": 0.0}})
+                       serving={**GPU_SCALE, "cache": {"num_blocks": 600}})
+    assert cfg.cluster.router.reserve_wait_s > 0
     specs = generate("chatbot", 300, rate=20.0, seed=3)
     r = build(cfg).run(specs)
     res = summarize(r)

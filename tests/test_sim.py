@@ -46,6 +46,7 @@ def test_one_request_colocated_hand_checked() -> None:
     assert r.first_token[0] == pytest.approx(0.100)
     assert r.finish[0] == pytest.approx(0.140)
     assert list(r.itls) == pytest.approx([0.010] * 4)
+    assert r.max_itl == pytest.approx([0.010])
 
 
 def test_same_policy_object_is_stepped() -> None:
@@ -191,6 +192,7 @@ def test_runs_equal_step_by_step(cfg: SimConfig) -> None:
     assert b.num_events < a.num_events
     assert _same(a.first_token, b.first_token) and _same(a.finish, b.finish)
     assert sorted(a.itls) == sorted(b.itls)
+    assert _same(a.max_itl, b.max_itl)  # each request's worst gap, through runs or step by step
     assert a.instances == b.instances and a.ports == b.ports
     assert a.num_preemptions == b.num_preemptions
     if cfg.mode == "colocated":

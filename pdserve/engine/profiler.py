@@ -143,6 +143,9 @@ def profile_model(model: str = "demo", device: str = "cpu", dtype: str | None = 
         dev = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s) of {os.cpu_count()}"
     return {"model": model, "device": dev, "tp": 1, "dtype": runner.shape.dtype, "block_size": block_size,
             "torch": torch.__version__, "warmup": plan.warmup, "repeats": plan.repeats,
+            # How the decode attention cost grows, for the simulator (pdserve/sim/profile.py):
+            # the CUDA kernel reads each sequence's own context, the CPU path groups by length.
+            "attention": "varlen" if runner.device.type == "cuda" else "grouped",
             "statistic": "median", "load_average_1min": [load0, os.getloadavg()[0] if load0 is not None else None],
             "prefill": prefill, "decode": decode}
 

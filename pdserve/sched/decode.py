@@ -107,6 +107,23 @@ class DecodeScheduler(ColocatedScheduler):
             return entry[0]
         return super().abort(request_id, now)
 
+    def _ready_before_recompute(self) -> None:
+        """Requests whose KV arrived go ahead of preempted ones waiting to be recomputed.
+
+        A ready request holds its blocks while it waits; a preempted one needs blocks anew. With
+        the preempted one first, it can wait for blocks that only the ready ones behind it would
+        free by running, forever (it preempts itself each time it outgrows what is left). Reservations
+        are refused while it waits, so the ready ones drain and it gets the memory.
+        """
+        waiting = self.waiting
+        if len(waiting) < 2 or waiting[0].status is not RequestStatus.PREEMPTED:
+            return
+        ready = [r for r in waiting if r.status is not RequestStatus.PREEMPTED]
+        if ready:
+            rest = [r for r in waiting if r.status is RequestStatus.PREEMPTED]
+            waiting.clear()
+            waiting.extend(ready + rest)
+
     # ---- adaptive batch size ----------------------------------------------------------------
     def running_limit(self) -> int:
         cfg = self.decode_config
@@ -132,6 +149,7 @@ class DecodeScheduler(ColocatedScheduler):
         return my - b * mx, b
 
     def schedule(self, now: float) -> SchedulerOutput:
+        self._ready_before_recompute()
         out = super().schedule(now)
         # A pure decode step (every chunk one sampled token) is an observation for the fit.
         n = len(out.chunks)

@@ -56,6 +56,7 @@ class SimResult:
     ports: dict[str, dict[str, float]] = field(default_factory=dict)
     num_preemptions: int = 0
     num_rejected: int = 0  # refused at the router (503): no decode instance could reserve KV
+    max_itl: list[float] = field(default_factory=list)  # each request's worst gap (NaN: < 2 tokens)
 
 
 class Simulator:
@@ -129,10 +130,15 @@ class Simulator:
         if self._disagg(i, order, now):
             return
         if now + self.stats_interval_s <= give_up:  # the router waits for room, as `_reserve` does
-            self.loop.at(now + self.stats_interval_s, self._try_disagg, i, order, give_up)
+            self.loop.at(now + self.stats_interval_s, self._retry_disagg, i, order, give_up)
             return
         self.routing.refused()  # every decode instance refused: what the router answers
         self.num_rejected += 1
+
+    def _retry_disagg(self, now: float, i: int, order: tuple[str, ...], give_up: float) -> None:
+        """A retry, as `_reserve`'s: in the order of the loads reported now, among the route's."""
+        fresh = tuple(w.name for w in self.routing.rank_decode(self._view(self.decode, now)) if w.name in order)
+        self._try_disagg(now, i, fresh or order, give_up)
 
     def _view(self, insts: list[SimInstance], now: float) -> list[WorkerLoad]:
         """The loads the router sees (its own counts, and reports as `Stats` would give them),
@@ -240,7 +246,10 @@ class Simulator:
             self.first_token[i] = now
             self._first_token(i)
         else:
-            self.itls.append(now - self.last_token[i])
+            gap = now - self.last_token[i]
+            self.itls.append(gap)
+            if not gap <= self.max_gap[i]:
+                self.max_gap[i] = gap
         self.last_token[i] = now
         self.seen[i] = n
 
@@ -249,7 +258,7 @@ class Simulator:
             for req in finished:
                 self._prefilled(inst, req, out, now)
             return
-        seen, last, itls = self.seen, self.last_token, self.itls
+        seen, last, itls, worst = self.seen, self.last_token, self.itls, self.max_gap
         for c in out.chunks:
             if c.sample:  # self._token, inlined: this runs for every generated token
                 req = c.request
@@ -260,7 +269,10 @@ class Simulator:
                     self.first_token[i] = now
                     self._first_token(i)
                 else:
-                    itls.append(now - last[i])
+                    gap = now - last[i]
+                    itls.append(gap)
+                    if not gap <= worst[i]:  # (NaN before the second token)
+                        worst[i] = gap
                 last[i] = now
                 seen[i] = n
         bm = inst.policy.block_manager
@@ -272,13 +284,18 @@ class Simulator:
 
     def _on_run(self, inst: SimInstance, reqs: list[Request], ends: list[float]) -> None:
         """A run of decode steps was applied: every request got one token at each of `ends`."""
-        seen, last, itls = self.seen, self.last_token, self.itls
+        seen, last, itls, worst = self.seen, self.last_token, self.itls, self.max_gap
         gaps = array("d", [b - a for a, b in zip(ends, ends[1:], strict=False)])
+        run_worst = max(gaps, default=0.0)
         first = ends[0]
         for req in reqs:
             i = req.payload
-            itls.append(first - last[i])  # every request here has streamed a token before
+            gap = first - last[i]  # every request here has streamed a token before
+            itls.append(gap)
             itls.extend(gaps)
+            gap = gap if gap > run_worst else run_worst
+            if not gap <= worst[i]:
+                worst[i] = gap
             last[i] = ends[-1]
             seen[i] = len(req.output_token_ids)
 
@@ -336,6 +353,7 @@ class Simulator:
         self.seen = [0] * n
         self.first_token = [nan] * n
         self.last_token = [nan] * n
+        self.max_gap = [nan] * n
         self.finish = [nan] * n
         self.itls = array("d")
         self.num_finished = 0
@@ -358,7 +376,7 @@ class Simulator:
             instances={x.name: x.stats(duration) for x in self.instances},
             ports={x.name: x.port.utilization(duration) for x in self.instances if x.role != "colocated"},
             num_preemptions=sum(getattr(x.policy, "num_preemptions", 0) for x in self.instances),
-            num_rejected=self.num_rejected,
+            num_rejected=self.num_rejected, max_itl=self.max_gap,
         )
 
 

@@ -36,6 +36,10 @@ StepHook = Callable[["SimInstance", SchedulerOutput, list[Request], float], None
 # on_run(instance, requests, step_ends): after a run of decode steps is applied.
 RunHook = Callable[["SimInstance", list[Request], list[float]], None]
 
+# How long the real engine thread waits before it schedules again after a step that computed
+# nothing while the policy has work (serve/async_engine.py `EngineThread._run`, its 0.05 s drain).
+IDLE_POLL_S = 0.05
+
 # Steps planned at once at most (a longer run is planned again when this one ends). Most runs are
 # cut short by the next request, but computing unused step times costs less than planning again.
 MAX_RUN = 1024
@@ -132,6 +136,11 @@ class SimInstance:
         out = self.policy.schedule(now)
         if not out.chunks:
             wake = self.policy.next_wakeup(now)
+            if out.preempted and wake is None and self._other_work(out):
+                # The step computed nothing but changed the policy (a request preempted itself):
+                # the engine thread polls again, and that poll may admit another request. A poll
+                # after one that changed nothing would change nothing either: no need to model it.
+                wake = now + IDLE_POLL_S
             if wake is not None and (self._wake_at is None or wake < self._wake_at):
                 self._wake_at = max(wake, now + 1e-9)
                 self.loop.at(self._wake_at, self._wake)  # type: ignore[union-attr]
@@ -142,6 +151,14 @@ class SimInstance:
         self.num_steps += 1
         self.num_batched_tokens += tokens
         self.loop.at(now + dt, self._step_done, out)  # type: ignore[union-attr]
+
+    def _other_work(self, out: SchedulerOutput) -> bool:
+        """Work besides the requests `out` preempted. Without any, a poll would only re-admit
+        them to preempt themselves again (a request that outgrows the whole cache): the engine
+        spins on that until the router gives up; the simulator waits for the next event instead
+        of spinning forever."""
+        gone = {r.request_id for r in out.preempted}
+        return bool(self.policy.running) or any(r.request_id not in gone for r in self.policy.waiting)
 
     # ---- runs of decode steps ------------------------------------------------------------------
     def _plan_run(self, now: float) -> bool:

@@ -37,8 +37,9 @@ def summarize(r: SimResult, slo: SLO | None = None, extra: dict[str, Any] | None
     m = per_request_ms(r)
     itl = np.frombuffer(r.itls, dtype=float) * 1e3 if len(r.itls) else np.zeros(0)
     res: dict[str, Any] = {"date": None}
+    worst = np.asarray(r.max_itl, dtype=float) * 1e3 if r.max_itl else None
     res.update(_summarize(m["ttft"], m["e2el"], itl, np.asarray(r.prompt), np.asarray(r.output),
-                          r.duration, slo, backend="pdserve-sim"))
+                          r.duration, slo, backend="pdserve-sim", max_itl_ms=worst))
     res["instances"] = r.instances
     res["links"] = r.ports
     res["num_preemptions"] = r.num_preemptions

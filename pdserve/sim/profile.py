@@ -18,7 +18,11 @@ under a mask): a decode batch is padded to its longest context, so it reads B x 
 sum c_i; a prefill chunk of n tokens after `prior` cached ones scores n x (prior + n) pairs, not
 the causal n^2/2 + n x prior (one-shot n^2 either way, which is what the profile measures). A
 profile whose "attention" is "varlen" (an engine whose kernels skip the padding and the masked
-half) uses sum c_i and n^2 + 2 n prior instead.
+half) uses sum c_i and n^2 + 2 n prior instead. "grouped" is this engine on a CPU since its decode
+attention groups sequences by context length (`pdserve/model/attention.py` `group_decodes`): each
+group pads to its longest context, a group costs an SDPA call worth GROUP_SLACK_KEYS keys, so a
+batch reads sum over groups of (size x longest) + GROUP_SLACK_KEYS x (groups - 1); prefill chunks
+as padded. A profile without the key is "padded" (profiles written before the grouping).
 Serving overheads (optional, written by `pdserve calibrate`): what a served step and a served
 request cost beyond the engine steps above (engine thread to event loop, a message per token, HTTP,
 router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
@@ -38,6 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The engine's `pdserve.model.attention.GROUP_SLACK_KEYS` (that module imports torch; this one may not).
+GROUP_SLACK_KEYS = 256
+ATTENTION = ("padded", "grouped", "varlen")
 
 
 def _nnls(x: np.ndarray, y: np.ndarray, relative: bool = True) -> np.ndarray:
@@ -71,7 +79,7 @@ class ProfiledModel:
     # Measured decode grid: (batch sizes, contexts, seconds[i][j]); None: the fitted plane only.
     decode_grid: tuple[list[float], list[float], list[list[float]]] | None = None
     step_overhead_s: float = 0.0  # serving cost per step beyond the engine's (see module doc)
-    padded: bool = True  # attention as this engine computes it (module doc); False: "varlen"
+    attention: str = "padded"  # how the engine's attention cost grows (module doc): one of ATTENTION
 
     @classmethod
     def fit(cls, profile: dict[str, Any], mode: str | None = None) -> ProfiledModel:
@@ -86,8 +94,10 @@ class ProfiledModel:
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
         step = serving_overheads(profile, mode)[0] if mode else 0.0
-        padded = profile.get("attention", "padded") != "varlen"
-        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, padded)  # type: ignore[arg-type]
+        attention = profile.get("attention", "padded")
+        if attention not in ATTENTION:
+            raise ValueError(f"profile attention {attention!r}: expected one of {', '.join(ATTENTION)}")
+        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, attention)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | Path, mode: str | None = None) -> ProfiledModel:
@@ -113,8 +123,19 @@ class ProfiledModel:
         return [((0.0 + (self._decode_total(b, total + j * b) - ad)) + ad) + so for j in range(steps)]
 
     def _ctx_total(self, contexts: list[int]) -> int:
-        """The context tokens a decode batch's attention reads (padded: B x the longest)."""
-        return len(contexts) * max(contexts) if self.padded else sum(contexts)
+        """The context tokens a decode batch's attention costs (module doc)."""
+        if self.attention == "varlen":
+            return sum(contexts)
+        if self.attention == "padded":
+            return len(contexts) * max(contexts)
+        total, head, size, groups = 0, 0, 0, 0  # group_decodes: longest first, greedy
+        for c in sorted(contexts, reverse=True):
+            if size and head - c <= GROUP_SLACK_KEYS:
+                size += 1
+                continue
+            total += size * head
+            head, size, groups = c, 1, groups + 1
+        return total + size * head + GROUP_SLACK_KEYS * (groups - 1)
 
     def _decode_total(self, b: int, total: int) -> float:
         """Decode part of a step, fixed cost included: the measured grid where it reaches, else the plane."""
@@ -140,7 +161,7 @@ class ProfiledModel:
         t = 0.0
         if prefill_chunks:
             # A chunk of n after `prior` cached tokens scores n^2 + k n prior attention pairs (module doc).
-            k = 1 if self.padded else 2  # scored pairs per (query, cached key): dense mask vs causal
+            k = 2 if self.attention == "varlen" else 1  # scored pairs per (query, cached key): dense mask vs causal
             t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + k * n * p for n, p in prefill_chunks)
         if decode_contexts:
             t += self._decode_total(len(decode_contexts), self._ctx_total(decode_contexts)) - ad

@@ -1,0 +1,189 @@
+"""The simulator against real `pdserve bench compare` runs: winners per rate, goodput, TTFT/TPOT/ITL.
+
+Inputs: a step profile from `pdserve profile` taken beside the real runs (the machine's speed drifts
+with its load, so profile and runs are interleaved: profile, compare, profile, compare, profile),
+and the compare JSONs (each mode, each rate, every request's arrival and lengths). The first
+compare is the calibration workload: its lowest rate (requests mostly alone) gives the serving
+overheads per mode (`simcompare.overheads_from`); every other compare is validation only.
+Variants, each on every compare:
+  before     the simulator as a new user runs it (README workflow): the profile alone, the decode
+             attention cost as the engine had it before its grouping ("padded")
+  profile    the profile alone, attention as the engine computes it now ("grouped")
+  calibrated the same plus the serving overheads measured on the calibration run (a constant per
+             step and per request, as `pdserve calibrate` measures them)
+  scaled     the profile's step times times the slowdown measured on the calibration run (the
+             factor that gives its real median TPOT: the machine's contention, a factor rather
+             than a constant), plus the request overhead that gives its median TTFT
+  load       as scaled, the factor times each run's load average over the calibration run's
+             (the machine's contention moved between the runs of one sweep)
+
+    .venv/bin/python bench/sim_validate_compare.py --profile P.json REAL_longprompt.json REAL_chatbot.json
+
+Writes bench/results/sim_validation_compare.json (+ .png): the inputs' commands and load averages,
+the overheads, per variant, compare, rate and mode the real and simulated metrics and errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pdserve.bench import simcompare as sc  # noqa: E402
+from pdserve.bench.report import header, write_json  # noqa: E402
+from pdserve.bench.simcheck import fit_link, loadavg, register_link  # noqa: E402
+
+KEYS = ("request_goodput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
+        "median_itl_ms", "p99_itl_ms", "p99_max_itl_ms")
+
+
+def variant_profile(profile: str, attention: str, overheads: dict[str, Any] | None) -> str:
+    p = json.loads(Path(profile).read_text())
+    p["attention"] = attention
+    p["serving"] = overheads or {}
+    return sc.temp_profile(p)
+
+
+def diagnose(compare: dict[str, Any], profile: str) -> dict[str, Any]:
+    """Per mode and rate: how much slower the real phases ran than the profile's fit of them
+    (median real prefill phase / fit of that prompt alone; median real ITL / fit batch-1 step at
+    the request's context), the phases' real means, and the real load average."""
+    import numpy as np
+
+    from pdserve.sim.profile import ProfiledModel
+
+    fit = ProfiledModel.load(profile)
+    out: dict[str, Any] = {}
+    for mode, m in compare["modes"].items():
+        rows = []
+        for run in m["runs"]:
+            ok = [r for r in run["requests"] if r.get("success")]
+            pre = [r["timings"]["prefill"] / fit.prefill_time([r["prompt_tokens"]]) for r in ok if "prefill" in r["timings"]]
+            itl = [float(np.median(r["itl_s"])) / fit.decode_time([r["prompt_tokens"] + len(r["itl_s"]) // 2])
+                   for r in ok if r["itl_s"]]
+            rows.append({"rate": run["rate"], "prefill_over_fit_median": float(np.median(pre)) if pre else None,
+                         "itl_over_batch1_fit_median": float(np.median(itl)) if itl else None,
+                         "phases_mean_ms": run["summary"].get("phases_mean_ms"),
+                         "load_average": run["summary"].get("load_average")})
+        out[mode] = rows
+    return out
+
+
+def summary_line(name: str, res: dict[str, Any]) -> str:
+    s = res["scores"]
+    agree = sum(s["winner_agrees"])
+    parts = [f"{name}: winner agrees at {agree}/{len(s['winner_agrees'])} rates"]
+    for mode in res["rates"][0]["modes"]:
+        errs = ", ".join(f"{k.replace('_ms', '')} {s[mode][k]['median_abs']:.0%}" for k in KEYS
+                         if s[mode][k]["median_abs"] is not None)
+        parts.append(f"  {mode}: median |error| {errs}")
+    return "\n".join(parts)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["compares"])
+    panels = (("request_goodput", "goodput (req/s)"), ("median_tpot_ms", "median TPOT (ms)"),
+              ("p99_itl_ms", "p99 ITL (ms)"), ("median_ttft_ms", "median TTFT (ms)"))
+    fig, axes = plt.subplots(len(names), len(panels), figsize=(4.2 * len(panels), 3.4 * len(names)), squeeze=False)
+    colors = {"colocated": "tab:blue", "disaggregated": "tab:orange"}
+    for row, name in enumerate(names):
+        for col, (key, label) in enumerate(panels):
+            ax = axes[row][col]
+            for variant, style in (("before", ":"), ("load", "--")):
+                rows = result["variants"][variant][name]["rates"]
+                for mode, c in colors.items():
+                    xs = [r["rate"] for r in rows]
+                    if variant == "load":
+                        ax.plot(xs, [r["modes"][mode]["real"][key] for r in rows], "-o", color=c, label=f"{mode} real")
+                    ax.plot(xs, [r["modes"][mode]["sim"][key] for r in rows], style, marker="x", color=c,
+                            label=f"{mode} sim ({variant})")
+            ax.set_title(f"{name}: {label}", fontsize=9)
+            ax.set_xlabel("rate (req/s)")
+            if row == 0 and col == 0:
+                ax.legend(fontsize=6)
+    fig.suptitle("simulator vs real bench compare (loaded 2-core machine): solid real, dashed sim load-scaled, "
+                 "dotted sim as before", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("compares", nargs="+", help="compare JSONs; the first is the calibration workload")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--profile-beside", action="append", default=[], help="another profile taken between the runs (recorded)")
+    ap.add_argument("--transfer", default="bench/results/transfer.json")
+    ap.add_argument("--calibrate-rate-index", type=int, default=0)
+    ap.add_argument("--out", default="bench/results/sim_validation_compare.json")
+    args = ap.parse_args()
+    t0 = time.monotonic()
+    link_fit = fit_link(Path(args.transfer), "demo")
+    link = register_link(link_fit)
+    compares = {Path(p).stem: sc.load(p) for p in args.compares}
+    first = next(iter(compares))
+    grouped = variant_profile(args.profile, "grouped", None)
+    overheads = sc.overheads_from(compares[first], grouped, link, args.calibrate_rate_index)
+    slowdown = sc.slowdown_from(compares[first], grouped, link, args.calibrate_rate_index)
+    paths: dict[str, Any] = {"before": variant_profile(args.profile, "padded", None), "profile": grouped,
+                             "calibrated": variant_profile(args.profile, "grouped", overheads),
+                             "scaled": {m: s.pop("profile") for m, s in slowdown.items()}}
+    variants: dict[str, Any] = {}
+    load_factors: dict[str, Any] = {}
+    try:
+        for v, path in paths.items():
+            variants[v] = {name: sc.predict(c, path, link) for name, c in compares.items()}
+        variants["load"] = {}
+        for name, c in compares.items():
+            ls = sc.LoadScaled(c, grouped, {m: {k: x for k, x in s.items() if k != "profile"} | {}
+                                            for m, s in slowdown.items()}, compares[first], args.calibrate_rate_index)
+            try:
+                variants["load"][name] = sc.predict(c, ls, link)
+                load_factors[name] = ls.factors
+            finally:
+                ls.close()
+    finally:
+        for path in paths.values():
+            for p in [path] if isinstance(path, str) else path.values():
+                Path(p).unlink()
+    lines = []
+    for v, per in variants.items():
+        for name, res in per.items():
+            lines.append(f"[{v}] {name} ({'calibration' if name == first else 'validation'})")
+            lines.append(sc.format_table(res))
+            lines.append(summary_line(v, res))
+            lines.append("")
+    table = "\n".join(lines)
+    profiles = {p: {k: v for k, v in json.loads(Path(p).read_text()).items() if k not in ("prefill", "decode")}
+                for p in [args.profile, *args.profile_beside]}
+    payload = {**header({"compares": args.compares, "profile": args.profile}),
+               "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
+               "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown, "load_factors": load_factors,
+               "calibrated_on": f"{first} rate index {args.calibrate_rate_index}",
+               "profiles": profiles,
+               "compares": {name: {"command": c.get("command"), "date": c.get("date"),
+                                   "load_average_end": c.get("load_average_end"),
+                                   "load_average_per_run": {m: [r["summary"].get("load_average") for r in c["modes"][m]["runs"]]
+                                                            for m in c["modes"]}}
+                            for name, c in compares.items()},
+               "variants": variants, "table": table,
+               "diagnostics": {name: diagnose(c, args.profile) for name, c in compares.items()}}
+    write_json(args.out, payload)
+    plot(payload, Path(args.out).with_suffix(".png"))
+    print(table)
+    print(f"wrote {args.out} and its .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
