@@ -120,6 +120,8 @@ def test_conditional_disaggregation_and_colocated_pool(tiny_models):
             disaggregated = "transfer" in timings and "prefill_queue" in timings
             served_whole = "queue" in timings and "prefill" in timings and "transfer" not in timings
             assert (served_whole, disaggregated) == (is_short, not is_short), (len(p), timings)
+            # The decode reservation is the part of the router's queue before the Prefill went out.
+            assert not disaggregated or 0 <= timings["router_reserve"] <= timings["router_queue"], timings
         # ...and "whole" means on the colocated worker: it has computed something.
         def colocated_busy() -> list[float]:
             return [v for w, v in _worker_gauge(srv.url, "busy_fraction").items() if w.startswith("colocated")]

@@ -208,3 +208,11 @@ def test_abort_while_the_batch_computes_is_skipped_by_update() -> None:
     assert done == [b] and a.output_token_ids == []
     p.release(b, 0.03)
     assert p.block_manager.num_free_blocks == p.block_manager.num_blocks
+
+
+def test_by_default_a_lone_prompt_on_an_idle_worker_starts_at_once() -> None:
+    """Idle TTFT: the default batcher adds no wait a colocated worker would not (issue 12)."""
+    p = PrefillBatcher(PrefillConfig(), BlockManager(1024, BS))
+    p.add_request(new_req("a", 10), 5.0)
+    assert ids(p.schedule(5.0)) == ["a"]
+    assert p.next_wakeup(5.0) is None

@@ -108,7 +108,10 @@ class PrefillConfig(Section):
     max_batch_tokens: H(int, "the prefill worker's saturation token budget per batch", ge=1) = 2048
     target_utilization: H(float, "start a batch once queued tokens reach this share of the budget",
                           gt=0, le=1) = 0.85
-    max_wait_ms: H(float, "...or once the oldest queued prompt has waited this long", ge=0) = 50.0
+    # 0: a lone prompt on an idle worker starts at once, as on a colocated worker; batches still form
+    # from what queues while a batch computes. A wait only pays for bursts on an idle worker.
+    max_wait_ms: H(float, "...or once the oldest queued prompt has waited this long (0: start at once)",
+                   ge=0) = 0.0
     max_num_seqs: H(int, "prompts per prefill batch", ge=1) = 64
     length_buckets: H(list[int], "prompt length bounds of separate queues, e.g. 512,1024 (empty: one queue)"
                       ) = field(default_factory=list)

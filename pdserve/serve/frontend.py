@@ -21,7 +21,6 @@ from transformers import PreTrainedTokenizerBase
 
 from pdserve.engine.detokenizer import TextStream
 from pdserve.engine.grammar import GrammarCompiler
-from pdserve.engine.sampler import SamplingParams, TokenLogprobs
 from pdserve.serve.backend import Backend, BackendError
 from pdserve.serve.metrics import ServerMetrics
 from pdserve.serve.protocol import (
@@ -32,6 +31,7 @@ from pdserve.serve.protocol import (
     parse_chat,
     parse_completion,
 )
+from pdserve.serve.responses import Choice, Shaper, usage
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 # Prompts longer than this (characters, or token ids) are tokenized on a thread: a long prompt
@@ -41,25 +41,6 @@ TOKENIZE_ON_LOOP_MAX = 4096
 # gets its 413: closing a socket with unread bytes makes the kernel reset the connection, and the
 # client then sees "connection reset" instead of the answer. Beyond it, the connection is cut.
 DRAIN_FACTOR = 16
-
-
-@dataclasses.dataclass
-class Choice:
-    """One prompt's generation as it progresses."""
-
-    index: int
-    prompt_ids: list[int]
-    stream: TextStream
-    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    prompt: int = 0  # which prompt of the request it continues
-    finish_reason: str | None = None
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    cached: int = 0
-    streamed_ids: int = 0  # token ids already sent in stream chunks (return_token_ids)
-    logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
-    logprobs_sent: int = 0  # streaming: how many went out already
-    hide_logprobs: bool = False  # computed for best_of's ranking only
-    prompt_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # echo: tokens 2..
 
 
 class OpenAIFront:
@@ -75,6 +56,7 @@ class OpenAIFront:
         self.metrics = ServerMetrics(backend.stats, getattr(backend, "worker_stats", None),
                                      getattr(backend, "link_stats", None), getattr(backend, "worker_metrics", None))
         self.created = int(time.time())
+        self.shaper = Shaper(tokenizer, model_name)
 
     # ---- app --------------------------------------------------------------------------------
     def app(self) -> FastAPI:
@@ -359,69 +341,28 @@ class OpenAIFront:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _usage(self, choices: list[Choice]) -> dict[str, int]:
-        p = sum(len(c.prompt_ids) for c in choices)
-        g = sum(len(c.stream.token_ids) for c in choices)
-        return {"prompt_tokens": p, "completion_tokens": g, "total_tokens": p + g,
-                "prompt_tokens_details": {"cached_tokens": sum(c.cached for c in choices)}}  # as OpenAI
-
     async def _complete(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool) -> dict[str, Any]:
         texts = {id(c): "" for c in choices}  # by choice: best_of re-indexes
         async for choice, delta, _ in self._events(rid, req, choices):
             texts[id(choice)] += delta
-        usage = self._usage(choices)
-        if req.best_of > req.n:
-            choices = _best(choices, req.n)
-        body: dict[str, Any] = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                                "created": int(time.time()), "model": self.model_name}
-        if chat:
-            body["choices"] = [{"index": c.index, "message": {"role": "assistant", "content": texts[id(c)]},
-                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
-                                "finish_reason": c.finish_reason} for c in choices]
-        else:
-            prefix = {c.index: (req.prompts[c.prompt] if req.echo and isinstance(req.prompts[c.prompt], str) else "")  # type: ignore[index]
-                      for c in choices}
-            body["choices"] = [{"index": c.index, "text": prefix[c.index] + texts[id(c)],
-                                "logprobs": self._logprobs(c, chat, len(c.stream.token_ids)),
-                                "finish_reason": c.finish_reason} for c in choices]
-        if req.return_token_ids:  # extension (as in vLLM): exact ids, for clients that compare tokens
-            for c, out in zip(choices, body["choices"], strict=True):
-                out["token_ids"] = list(c.stream.token_ids)
-        body["usage"] = usage  # best_of: every generated token counts
-        body["timings"] = [c.timings for c in choices]
-        return body
+        return self.shaper.completion(rid, req, choices, texts, chat, int(time.time()))
 
     async def _stream(self, rid: str, req: GenerateRequest, choices: list[Choice], chat: bool,
                       events: AsyncIterator[tuple[Choice, str, bool]], first: tuple[Choice, str, bool]
                       ) -> AsyncIterator[bytes]:
         created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(payload: list[dict[str, Any]], **extra: Any) -> bytes:
-            body = {"id": rid, "object": obj, "created": created, "model": self.model_name,
-                    "choices": payload, **extra}
-            return b"data: " + json.dumps(body).encode() + b"\n\n"
+            return self.shaper.chunk(rid, chat, created, payload, **extra)
 
         if chat:
             yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""},
                           "finish_reason": None} for c in choices])
         try:
             async for choice, delta, done in _prepend(first, events):
-                new_ids = choice.stream.token_ids[choice.streamed_ids:] if req.return_token_ids else []
-                if not delta and not done and not new_ids:
+                payload = self.shaper.delta(req, choice, delta, done, chat)
+                if payload is None:
                     continue
-                finish = choice.finish_reason if done else None
-                upto = len(choice.stream.token_ids) if done else len(choice.logprobs)
-                lp = self._logprobs(choice, chat, upto, choice.logprobs_sent)
-                choice.logprobs_sent = max(choice.logprobs_sent, upto)
-                if chat:
-                    payload = {"index": choice.index, "delta": {"content": delta} if delta else {},
-                               "logprobs": lp, "finish_reason": finish}
-                else:
-                    payload = {"index": choice.index, "text": delta, "logprobs": lp, "finish_reason": finish}
-                if req.return_token_ids:  # as vLLM: the ids this chunk carries, so clients time tokens, not text
-                    payload["token_ids"] = list(new_ids)
-                    choice.streamed_ids += len(new_ids)
                 extra = {"timings": choice.timings} if done else {}
                 yield chunk([payload], **extra)
         except APIError as e:
@@ -429,54 +370,9 @@ class OpenAIFront:
             yield b"data: " + json.dumps(e.body()).encode() + b"\n\n"
             return
         if req.include_usage:
-            yield chunk([], usage=self._usage(choices))
+            yield chunk([], usage=usage(choices))
         yield b"data: [DONE]\n\n"
 
-
-    def _logprobs(self, c: Choice, chat: bool, upto: int, start: int = 0) -> dict[str, Any] | None:
-        """OpenAI's logprobs object for tokens start..upto of a choice (None when not asked for)."""
-        if c.params.logprobs is None or c.hide_logprobs:
-            return None
-        ids = c.stream.token_ids[start:upto]
-        lps = c.logprobs[start:upto]
-        text = self._token_text
-        if chat:
-            return {"content": [{"token": text(t), "logprob": lp.logprob, "bytes": list(text(t).encode()),
-                                 "top_logprobs": [{"token": text(a), "logprob": v, "bytes": list(text(a).encode())}
-                                                  for a, v in lp.top]}
-                                for t, lp in zip(ids, lps, strict=False)], "refusal": None}
-        strs = [text(t) for t in ids[: len(lps)]]
-        values: list[float | None] = [lp.logprob for lp in lps]
-        tops: list[dict[str, float] | None] = [{text(a): v for a, v in lp.top} for lp in lps]
-        if c.params.prompt_logprobs is not None:  # echo: the prompt's tokens first; the first has none
-            strs = [text(t) for t in c.prompt_ids] + strs
-            values = [None] + [lp.logprob for lp in c.prompt_logprobs] + values
-            tops = [None] + [{text(a): v for a, v in lp.top} for lp in c.prompt_logprobs] + tops
-        offset = sum(len(text(t)) for t in c.stream.token_ids[:start])
-        offsets = []
-        for s in strs:
-            offsets.append(offset)
-            offset += len(s)
-        return {"tokens": strs, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
-
-    def _token_text(self, token_id: int) -> str:
-        """A token's text; a token that is part of a character (its decode alone is U+FFFD) is
-        named by its vocabulary entry instead, so that distinct tokens keep distinct keys."""
-        text = self.tokenizer.decode([token_id])
-        return text if "\ufffd" not in text else str(self.tokenizer.convert_ids_to_tokens(token_id))
-
-
-def _best(choices: list[Choice], n: int) -> list[Choice]:
-    """best_of: per prompt, the n choices of highest cumulative log-probability (as vLLM), re-indexed."""
-    def score(c: Choice) -> float:
-        return sum(lp.logprob for lp in c.logprobs[: len(c.stream.token_ids)])
-
-    kept: list[Choice] = []
-    for p in sorted({c.prompt for c in choices}):
-        kept += sorted((c for c in choices if c.prompt == p), key=score, reverse=True)[:n]
-    for i, c in enumerate(kept):
-        c.index = i
-    return kept
 
 
 async def _prepend(first: tuple[Choice, str, bool], rest: AsyncIterator[tuple[Choice, str, bool]]

@@ -324,6 +324,7 @@ class ClusterBackend(PoolAdmin):
         """Reserve on decode, prefill (first token streamed at once), then decode streams on."""
         t0 = time.monotonic()
         dc, res = await self._reserve(rid, prompt, params, route)
+        reserve = time.monotonic() - t0  # part of router_queue: the decode round trip before the Prefill
         with dc, Placement(dc.worker, 0, generates=True) as generating:
             d = dc.worker
             d.load.free_blocks -= len(res.block_ids)
@@ -354,7 +355,7 @@ class ClusterBackend(PoolAdmin):
                 ev = await pc.next(self.config.first_token_timeout_s)
                 placed.first_token()
                 pc.dispatch.end(Outcome.SUCCESS, time.monotonic())  # the prefill worker did its part
-                prefill_timings = dict(ev.timings)
+                prefill_timings = {"router_reserve": reserve, **ev.timings}
                 if pc.done:  # the first token already ended it; the reservation is dropped on exit
                     ev.timings = {"router_queue": queued, **prefill_timings}
                     yield ev
