@@ -56,10 +56,12 @@ def runs(block_ids: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def block_views(cache: np.ndarray, block_ids: list[int]) -> list[memoryview] | None:
-    """Writable byte views of `cache`'s blocks in payload order (K runs, then V runs), or None when
-    the cache is not a writable C-contiguous `[2, num_blocks, ...]` array or the ids are too scattered."""
-    if cache.ndim < 2 or cache.shape[0] != 2 or not cache.flags.c_contiguous or not cache.flags.writeable:
+def block_views(cache: np.ndarray, block_ids: list[int], write: bool = True) -> list[memoryview] | None:
+    """Byte views of `cache`'s blocks in payload order (K runs, then V runs), or None when the cache is
+    not a C-contiguous `[2, num_blocks, ...]` array (writable, for `write`) or the ids are too scattered."""
+    if cache.ndim < 2 or cache.shape[0] != 2 or not cache.flags.c_contiguous:
+        return None
+    if write and not cache.flags.writeable:
         return None
     if any(not 0 <= b < cache.shape[1] for b in block_ids):
         raise ValueError(f"block ids outside the cache's {cache.shape[1]} blocks")
@@ -131,7 +133,7 @@ class Blocks:
 
     def views(self) -> list[memoryview] | None:
         """The blocks' bytes in payload order, in place (None when too scattered)."""
-        return block_views_readonly(self.cache, self.block_ids)
+        return block_views(self.cache, self.block_ids, write=False)
 
     def gather(self, out: np.ndarray | None = None) -> np.ndarray:
         """The KV as one `[2, n, ...]` array, into `out` (same shape and dtype) when given."""
@@ -146,13 +148,3 @@ class Blocks:
 
     def tobytes(self) -> bytes:
         return self.gather().tobytes()
-
-
-def block_views_readonly(cache: np.ndarray, block_ids: list[int]) -> list[memoryview] | None:
-    """`block_views` for reading: no writability needed."""
-    if any(not 0 <= b < cache.shape[1] for b in block_ids):
-        raise ValueError(f"block ids outside the cache's {cache.shape[1]} blocks")
-    rs = runs(block_ids)
-    if 2 * len(rs) > MAX_VIEWS:
-        return None
-    return [memoryview(cache[kv, first:first + n]).cast("B") for kv in (0, 1) for first, n in rs]
