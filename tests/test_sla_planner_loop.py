@@ -160,6 +160,26 @@ def test_elastic_removal_takes_a_worker_serving_the_role_now_not_the_one_it_star
     assert sorted(cluster.roles.values()) == ["decode", "prefill", "prefill"]
 
 
+def test_the_interval_after_a_change_starts_once_the_switches_are_done() -> None:
+    cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    switch = cluster.switch
+
+    async def slow_switch(name: str, role: str) -> None:  # requests finish, slowly, while it switches
+        traffic(m, 5, prompt=2000, output=100, ttft=30.0)
+        clock[0] += 5.0
+        await switch(name, role)
+
+    loop = _loop(cluster, m, clock)
+    loop.switch = slow_switch
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)
+    assert asyncio.run(loop.step()).changed and clock[0] == 20.0
+    clock[0] = 30.0
+    traffic(m, 40, prompt=2000, output=100)
+    o = asyncio.run(loop.step()).observation
+    assert o.interval_s == 10.0 and o.requests == 40 and o.ttft_s < 1.0  # not the 10 that finished mid-switch
+
+
 def test_a_failed_action_is_counted_and_the_loop_goes_on() -> None:
     cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
 

@@ -195,6 +195,10 @@ class PlannerLoop:
         log.info("planner decision %s", json.dumps(d.as_dict(), default=str))
         if d.changed:
             await self.act(d.wanted, workers)
+            # the next interval starts once the switches are done: what finished while workers
+            # drained and rejoined is the switch's cost, not the new split's, and must not set
+            # the new split's correction factors
+            self._prev, self._prev_t = snapshot(self.registry), self.clock()
         return d
 
     async def act(self, wanted: Split, workers: list[tuple[str, str, dict[str, float]]]) -> None:
