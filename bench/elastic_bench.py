@@ -9,7 +9,7 @@ While a system runs, the router's /metrics is scraped every second for the worke
 per phase (requests by arrival time) and overall, the roles over time; JSON + PNG.
 
     pdserve profile --model demo --out /tmp/profile.json    # the planner's model of this machine, now
-    python bench/elastic_bench.py --profile /tmp/profile.json   # all three systems, ~8 min
+    python bench/elastic_bench.py --profile /tmp/profile.json   # all three systems, ~9 min
     python bench/elastic_bench.py --systems 1p1d,2c --phase-s 10 --out /tmp/eb   # dry run without the planner
 """
 
@@ -141,15 +141,17 @@ def plot(path: str, runs: list[dict[str, Any]], names: list[str], args: argparse
     ax[0].set_xticks(np.arange(len(phs)) + w * (len(runs) - 1) / 2, phs)
     ax[0].set_ylabel("SLO attainment")
     ax[0].legend()
-    for r in runs:
+    # the fixed systems' roles are constant: only the planner's (or whatever switched) are drawn
+    moving = [r for r in runs if len({tuple(sorted(x["roles"].items())) for x in r["timeline"]}) > 1]
+    for r in moving:
         tl = r["timeline"]
         for role, ls in (("prefill", "-"), ("decode", "--"), ("colocated", ":")):
-            ax[1].step([x["t"] for x in tl], [x["roles"].get(role, 0) for x in tl], ls, where="post",
-                       label=f"{r['name']} {role}")
+            ax[1].step([x["t"] for x in tl], [x["roles"].get(role, 0) for x in tl], ls, where="post", lw=1.5,
+                       label=f"{r['name']} {role} (up)")
     for k in range(1, 3):
         ax[1].axvline(k * args.phase_s, color="grey", lw=0.5)
     ax[1].set_xlabel("seconds (phase boundaries in grey)")
-    ax[1].set_ylabel("workers up per role")
+    ax[1].set_ylabel("workers up per role\n(a switching worker is up in neither)")
     ax[1].legend(fontsize=7, ncol=3)
     fig.suptitle(f"shifting workload, SLO p90 TTFT {args.slo_ttft_ms:g} ms / TPOT {args.slo_tpot_ms:g} ms "
                  f"(attainment per request)", fontsize=9)
@@ -163,13 +165,13 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--port", type=int, default=18431)
     ap.add_argument("--systems", default="1p1d,2c,planner")
-    ap.add_argument("--phase-s", type=float, default=90.0)
+    ap.add_argument("--phase-s", type=float, default=45.0)
     ap.add_argument("--rate-short", type=float, default=1.0)
     ap.add_argument("--rate-long", type=float, default=0.5)
     ap.add_argument("--slo-ttft-ms", type=float, default=4000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=250.0)
     ap.add_argument("--interval-s", type=float, default=10.0)
-    ap.add_argument("--cooldown-s", type=float, default=20.0)
+    ap.add_argument("--cooldown-s", type=float, default=30.0)
     ap.add_argument("--profile", default=str(REPO / "bench/results/profile_demo_cpu.json"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--startup-timeout", type=float, default=180.0)

@@ -50,15 +50,17 @@ class Launcher:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
         self.log: list[str] = []
+        self.started = dict(cluster.roles)  # the role it started each worker in, as a launcher lists it
 
     def add_worker(self, role: str) -> None:
         self.log.append(f"+{role}")
-        self.cluster.roles[f"w{len(self.cluster.roles)}"] = role
+        self.cluster.roles[f"w{len(self.cluster.roles)}"] = self.started[f"w{len(self.cluster.roles)}"] = role
 
-    def remove_worker(self, role: str) -> None:
-        self.log.append(f"-{role}")
-        name = [n for n, r in self.cluster.roles.items() if r == role][-1]
-        del self.cluster.roles[name]
+    def remove_worker(self, role: str, address: str = "") -> None:
+        """As LocalLauncher: the worker at `address` (names here are addresses), else the newest of `role`."""
+        self.log.append(f"-{role}" + (f" {address}" if address else ""))
+        name = address or [n for n, r in self.started.items() if r == role][-1]
+        del self.cluster.roles[name], self.started[name]
 
 
 def traffic(m: ServerMetrics, n: int, prompt: int, output: int, ttft: float = 0.2, tpot: float = 0.02) -> None:
@@ -141,7 +143,41 @@ def test_loop_adds_and_removes_through_the_launcher_when_elastic() -> None:
     clock[0] = 20.0
     traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
     asyncio.run(loop.step())
-    assert launcher.log[2:] == ["-prefill", "-prefill"]
+    assert launcher.log[2:] == ["-prefill w0", "-prefill w2"]  # by address, least loaded first
+
+
+def test_elastic_removal_takes_a_worker_serving_the_role_now_not_the_one_it_started_in() -> None:
+    # w3 started as decode and was switched to prefill: the launcher still lists it as decode, so
+    # "stop the newest decode worker" would stop a prefill one and leave 1P2D.
+    cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    launcher = Launcher(cluster)
+    cluster.roles["w3"] = "prefill"
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher)
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)  # 4 req/s: 2 prefill, 1 decode
+    assert asyncio.run(loop.step()).wanted == Split(2, 1)
+    assert launcher.log == ["-decode w1"]  # a decode worker now, the least loaded
+    assert sorted(cluster.roles.values()) == ["decode", "prefill", "prefill"]
+
+
+def test_the_interval_after_a_change_starts_once_the_switches_are_done() -> None:
+    cluster, m, clock = Cluster(["prefill", "decode", "decode", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    switch = cluster.switch
+
+    async def slow_switch(name: str, role: str) -> None:  # requests finish, slowly, while it switches
+        traffic(m, 5, prompt=2000, output=100, ttft=30.0)
+        clock[0] += 5.0
+        await switch(name, role)
+
+    loop = _loop(cluster, m, clock)
+    loop.switch = slow_switch
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)
+    assert asyncio.run(loop.step()).changed and clock[0] == 20.0
+    clock[0] = 30.0
+    traffic(m, 40, prompt=2000, output=100)
+    o = asyncio.run(loop.step()).observation
+    assert o.interval_s == 10.0 and o.requests == 40 and o.ttft_s < 1.0  # not the 10 that finished mid-switch
 
 
 def test_a_failed_action_is_counted_and_the_loop_goes_on() -> None:

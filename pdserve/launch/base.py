@@ -45,9 +45,10 @@ class Launcher(ABC):
         """Start one more worker of `role`; returns once it accepts connections."""
 
     @abstractmethod
-    def remove_worker(self, role: str) -> WorkerHandle | None:
+    def remove_worker(self, role: str, address: str = "") -> WorkerHandle | None:
         """Drain and stop the newest worker of `role` (its in-flight requests finish first);
-        None if the role has none."""
+        None if the role has none. With `address`: the worker there, whatever role it was started
+        in (a worker that switched roles at runtime is still listed under its first role)."""
 
     @abstractmethod
     def stop(self) -> None:

@@ -180,9 +180,9 @@ class LocalLauncher(Launcher):
             self._procs.append(w)
         return WorkerHandle(w.role, w.index, w.address, w.proc.pid, node_identity())
 
-    def remove_worker(self, role: str) -> WorkerHandle | None:
+    def remove_worker(self, role: str, address: str = "") -> WorkerHandle | None:
         with self._lock:
-            w = next((w for w in reversed(self._procs) if w.role == role), None)
+            w = next((w for w in reversed(self._procs) if (w.address == address if address else w.role == role)), None)
         if w is None:
             return None
         stop_workers([w])

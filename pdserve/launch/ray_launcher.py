@@ -101,9 +101,10 @@ class RayLauncher(Launcher):
         assert a.info is not None
         return a.info
 
-    def remove_worker(self, role: str) -> WorkerHandle | None:
+    def remove_worker(self, role: str, address: str = "") -> WorkerHandle | None:
         with self._lock:
-            a = next((a for a in reversed(self._actors) if a.role == role), None)
+            a = next((a for a in reversed(self._actors)
+                      if (a.info is not None and a.info.address == address if address else a.role == role)), None)
             if a is None:
                 return None
             self._actors.remove(a)  # the router stops routing to it now; it drains meanwhile

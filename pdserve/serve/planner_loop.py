@@ -154,6 +154,11 @@ class PlannerMetrics:
 Switch = Callable[[str, str], Awaitable[None]]
 
 
+def address_of(name: str) -> str:
+    """A worker's address from its router name (`Worker.name`: role it joined as, @, host:port)."""
+    return name.rpartition("@")[2]
+
+
 class PlannerLoop:
     """Runs the planner against one router backend.
 
@@ -190,6 +195,10 @@ class PlannerLoop:
         log.info("planner decision %s", json.dumps(d.as_dict(), default=str))
         if d.changed:
             await self.act(d.wanted, workers)
+            # the next interval starts once the switches are done: what finished while workers
+            # drained and rejoined is the switch's cost, not the new split's, and must not set
+            # the new split's correction factors
+            self._prev, self._prev_t = snapshot(self.registry), self.clock()
         return d
 
     async def act(self, wanted: Split, workers: list[tuple[str, str, dict[str, float]]]) -> None:
@@ -201,10 +210,17 @@ class PlannerLoop:
             if rest:
                 log.warning("planner: no launcher to add or remove workers %s", rest)
             return
+        switched = {name for name, _ in switches}
         for role, n in rest.items():
-            for _ in range(abs(n)):
-                call = self.launcher.add_worker if n > 0 else self.launcher.remove_worker
-                await self._do("add" if n > 0 else "remove", role, asyncio.to_thread(call, role))
+            # the least-loaded workers serving as `role` now, by address: the launcher lists a
+            # worker under the role it started it in, which a role switch has since changed
+            spare = [name for name, r, _ in sorted(loads, key=lambda w: w[2]) if r == role and name not in switched]
+            for k in range(abs(n)):
+                if n > 0:
+                    await self._do("add", role, asyncio.to_thread(self.launcher.add_worker, role))
+                elif k < len(spare):
+                    await self._do("remove", spare[k], asyncio.to_thread(self.launcher.remove_worker, role,
+                                                                         address_of(spare[k])))
 
     async def _do(self, action: str, what: str, aw: Awaitable[Any]) -> None:
         try:
