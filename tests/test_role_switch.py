@@ -106,3 +106,34 @@ def test_launcher_sync_keeps_a_worker_that_switched_roles() -> None:
     launcher.handles.pop(0)  # and one the launcher stopped leaves
     asyncio.run(sync_pools(pools, launcher, known))
     assert pools.added == [("colocated", "h:3")] and pools.removed == ["h:1"]
+
+
+def test_a_worker_that_refused_a_request_while_switching_may_serve_it_in_its_new_role() -> None:
+    # The race the cluster test can hit: a request handed back by a switching worker, then refused by
+    # the next one to switch, had every worker of its pool avoided for good and was rejected (503).
+    be = _backend()
+    p, d = be.workers
+    avoid, refused = {p.name, d.name}, {p.name: "prefill", d.name: "decode"}
+    p.switching, p.healthy = "decode", False
+    d.healthy = True
+    be._forget_rejoined(avoid, refused)
+    assert avoid == {p.name, d.name}  # one still switching, one in the role it refused in: both stay
+    p.role, p.switching, p.healthy = "decode", "", True
+    be._forget_rejoined(avoid, refused)
+    assert avoid == {d.name} and refused == {d.name: "decode"}  # back in a new role: it may serve it
+
+
+def test_no_worker_while_one_switches_is_retried_not_refused() -> None:
+    from pdserve.engine.sampler import SamplingParams
+    from pdserve.serve.worker_link import Retryable
+
+    be = _backend()
+    p, d = be.workers
+    p.healthy = d.healthy = False  # neither is available to the policy
+    with pytest.raises(Exception) as refused:
+        be._attempt("r", [1, 2, 3], SamplingParams(max_tokens=1), frozenset(), frozenset(), [])
+    assert not isinstance(refused.value, Retryable) and refused.value.status == 503
+    d.switching = "prefill"
+    with pytest.raises(Retryable, match="switching roles") as retried:
+        be._attempt("r", [1, 2, 3], SamplingParams(max_tokens=1), frozenset(), frozenset(), [])
+    assert not retried.value.fault and retried.value.worker == ""

@@ -183,6 +183,7 @@ class ClusterBackend(PoolAdmin):
         deadline = time.monotonic() + cfg.request_timeout_s
         produced: list[int] = []
         avoid: set[str] = set()  # workers lost or silent on this request
+        refused: dict[str, str] = {}  # workers in `avoid` because they refused it: their role then
         bad_kv: set[str] = set()  # decode workers a transfer to failed (still fine to run it whole)
         attempt = 0
         sub_rid = rid
@@ -191,6 +192,7 @@ class ClusterBackend(PoolAdmin):
         self.traceparents[rid] = self.tracer.traceparent(span)
         try:
             while True:
+                self._forget_rejoined(avoid, refused)
                 sub = dataclasses.replace(params, max_tokens=params.max_tokens - len(produced),
                                           min_tokens=max(0, params.min_tokens - len(produced)),
                                           output_offset=params.output_offset + len(produced),
@@ -227,6 +229,8 @@ class ClusterBackend(PoolAdmin):
                     self.retries += 1
                     if e.worker:
                         (bad_kv if e.transfer else avoid).add(e.worker)
+                        if not e.fault and not e.transfer:
+                            refused[e.worker] = next((w.role for w in self.workers if w.name == e.worker), "")
                     now = time.monotonic()
                     if attempt >= cfg.max_attempts or now >= deadline:
                         raise BackendError(f"gave up after {attempt} attempts: {e}", 503, retry_after=1) from e
@@ -240,6 +244,15 @@ class ClusterBackend(PoolAdmin):
             self.traceparents.pop(rid, None)
             self.tracer.end(span, time.monotonic())
 
+    def _forget_rejoined(self, avoid: set[str], refused: dict[str, str]) -> None:
+        """Take a worker that refused this request (draining for a role switch) off its avoid list once
+        it serves in another role: otherwise a request handed back by one switching worker and then
+        refused by the next finds every worker of the pool avoided, and is rejected."""
+        for w in self.workers:
+            if w.name in refused and w.role != refused[w.name] and w.healthy and not w.switching:
+                avoid.discard(w.name)
+                del refused[w.name]
+
     def _attempt(self, rid: str, prompt: list[int], params: SamplingParams, avoid: frozenset[str],
                  bad_kv: frozenset[str], chosen: list[str]) -> AsyncGenerator[TokenEvent, None]:
         """One attempt's stream, on the path the policy picks (BackendError at once if none);
@@ -249,6 +262,8 @@ class ClusterBackend(PoolAdmin):
         route = self.policy.route(len(prompt), self._loads("prefill"), self._loads("decode"),
                                   self._loads("colocated"), avoid, bad_kv, hits)
         if route.path == "reject":
+            if route.status == 503 and any(w.switching for w in self.workers):  # short only while it switches
+                raise Retryable(f"{route.reason} (a worker is switching roles)", fault=False)
             raise BackendError(route.reason, route.status, retry_after=1)
         if route.path == "local":
             chosen.append(route.worker)
