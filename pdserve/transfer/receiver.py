@@ -55,6 +55,7 @@ from pdserve.transfer.protocol import (
     payload_key,
 )
 from pdserve.transfer.shm import Segments
+from pdserve.transfer.wire import Scratch, shutdown
 
 _RETAIN_S = 300.0  # terminal requests are remembered this long, so late chunks are refused, then forgotten
 
@@ -157,7 +158,7 @@ class KVReceiver:
                     st.state, st.error = KVPoll.FAILED, "receiver closed"
             conns = list(self._conns)
         for conn in conns:
-            _shutdown(conn)
+            shutdown(conn)
         for t in self._threads:
             t.join(timeout=2)
         if self._listener is not None:
@@ -322,7 +323,7 @@ class KVReceiver:
     def _serve_conn(self, conn: socket.socket) -> None:
         seen: set[str] = set()  # requests that moved over this connection die with it
         segments = Segments()
-        scratch = _Scratch()
+        scratch = Scratch()
         reason = "connection closed by the sender"
         try:
             while True:
@@ -344,7 +345,7 @@ class KVReceiver:
 
 
     def _serve_frame(self, conn: socket.socket, fh: FrameHead, seen: set[str], segments: Segments,
-                     scratch: _Scratch) -> KVAck | None:
+                     scratch: Scratch) -> KVAck | None:
         """One frame whose head is read: receive its payload, handle it, and return the ack (None: abort)."""
         msg = decode_to_receiver(fh.header)
         # Straight into the blocks only once the header is authentic (PDS2 tag checked) or no
@@ -384,23 +385,3 @@ class KVReceiver:
             finally:
                 view.release()  # a segment cannot close while a view of it lives
         return self.handle_chunk(msg, payload, seen, tag_covered=covered)
-
-
-class _Scratch:
-    """One connection's receive buffer, grown on demand and reused: a fresh bytearray per chunk
-    costs a zero-fill and page faults over every byte, about as much as the receive itself."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def take(self, header: bytes, n: int) -> memoryview:
-        if len(self._buf) < n:
-            self._buf = bytearray(n)
-        return memoryview(self._buf)[:n]
-
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -33,8 +33,6 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,7 +40,7 @@ import numpy as np
 from pdserve.config import TransferConfig
 from pdserve.transfer import fake
 from pdserve.transfer.blocks import Blocks, Check
-from pdserve.transfer.frames import encode_frame, read_frame_sync, write_frame_parts, write_frame_sync
+from pdserve.transfer.frames import read_frame_sync, write_frame_sync
 from pdserve.transfer.protocol import (
     TERMINAL,
     KVAbort,
@@ -56,30 +54,10 @@ from pdserve.transfer.protocol import (
     payload_key,
 )
 from pdserve.transfer.shm import DEFAULT_RING_BYTES, ShmRing
+from pdserve.transfer.wire import Outgoing, Transmit, send_chunk, shutdown
 
 _RETAIN_S = 300.0
 _HEADER_SLACK = 64 * 1024  # room for the chunk header inside max_frame_bytes
-
-
-@dataclass
-class Outgoing:
-    """One chunk ready to leave on a connection (tcp or shm)."""
-
-    sock: socket.socket
-    chunk: KVChunk
-    payload: bytes | memoryview  # the frame payload: the bytes (tcp), or b"" when they are in the ring
-    data: memoryview  # the bytes the checksum or digest was taken over
-    ring: ShmRing | None  # shm: the ring holding the bytes at chunk.shm_offset
-    secret: bytes | None
-
-
-Transmit = Callable[[Outgoing], None]
-
-
-def send_chunk(out: Outgoing) -> None:
-    """The plain transmit step: one frame with the chunk header (and, for tcp, its bytes)."""
-    write_frame_parts(out.sock, encode_frame(encode(out.chunk), out.payload, out.secret,
-                                             split=bool(out.chunk.digest)))
 
 
 class _Req:
@@ -167,7 +145,7 @@ class KVSender:
                 link = self._links.get(st.dest)
                 conn = link.conn if link else None
                 if conn is not None and any(r == request_id for r, _ in conn.pending):
-                    _shutdown(conn.sock)  # the link is stuck; its reader thread fails the rest
+                    shutdown(conn.sock)  # the link is stuck; its reader thread fails the rest
             if st.state in TERMINAL and st.reading:
                 return KVPoll.TRANSFERRING  # a link thread still reads the caller's blocks: not free yet
             return st.state
@@ -196,7 +174,7 @@ class KVSender:
         for link in links:
             link.queue.put(None)
             if link.conn is not None:
-                _shutdown(link.conn.sock)
+                shutdown(link.conn.sock)
         for link in links:
             link.join(timeout=2)
             link.drop_conn()
@@ -240,7 +218,7 @@ class KVSender:
                 if st is not None:
                     self._fail(st, reason)
             self._cond.notify_all()
-        _shutdown(conn.sock)
+        shutdown(conn.sock)
 
 
 class _Link(threading.Thread):
@@ -406,9 +384,3 @@ class _Link(threading.Thread):
             if conn.ring is not None:
                 conn.ring.destroy()
 
-
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
