@@ -60,6 +60,29 @@ def test_profiler_steps_match_the_simulators_definitions_and_fit_recovers_the_mo
         assert fit.decode_time([c] * b) == pytest.approx(t, rel=1e-6)
 
 
+def _relative_sse(fit: ProfiledModel, points: list[list[float]]) -> float:
+    return sum(((fit.prefill_time([int(n)]) - t) / t) ** 2 for n, t in points)
+
+
+def _best_constant_sse(points: list[list[float]]) -> float:
+    inv = [1 / t for _, t in points]
+    k = sum(inv) / sum(v * v for v in inv)  # argmin of sum ((k - t) / t)^2
+    return sum(((k - t) / t) ** 2 for _, t in points)
+
+
+def test_prefill_fit_on_noisy_timings_is_no_worse_than_a_constant(tmp_path: Path) -> None:
+    # The timings CI measured once: the greedy active set dropped the fixed cost and fitted a slope
+    # 55% off every point, where a constant is within 40%. An exact NNLS keeps the better model.
+    prefill = [[4, 0.017101188], [8, 0.035677], [16, 0.023225]]
+    decode = [[1, 4, 0.011148], [1, 8, 0.019239], [2, 4, 0.017805], [2, 8, 0.029535]]
+    path = tmp_path / "noisy.json"
+    path.write_text(json.dumps({"model": "fake", "prefill": prefill, "decode": decode}))
+    fit = ProfiledModel.load(path)
+    assert all(c >= 0 for c in fit.prefill_coef)
+    assert _relative_sse(fit, prefill) <= _best_constant_sse(prefill) * (1 + 1e-9)
+    assert all(abs(fit.prefill_time([n]) - t) / t < 0.45 for n, t in prefill)
+
+
 def test_profile_command_on_the_real_engine_writes_a_profile_the_sim_uses(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     parser = argparse.ArgumentParser()
@@ -74,12 +97,12 @@ def test_profile_command_on_the_real_engine_writes_a_profile_the_sim_uses(tmp_pa
     assert [p[:2] for p in prof["decode"]] == [[1, 4], [1, 8], [2, 4], [2, 8]]
     assert all(p[-1] > 0 for p in prof["prefill"] + prof["decode"])
     fit = ProfiledModel.load(out)
-    # Decode steps come from the measured grid: its own points exactly. Prefill is a 3-term fit
-    # to real (noisy) timings: near its points, not exact.
+    # Decode steps come from the measured grid: its own points exactly. Prefill is a 3-term fit to
+    # real timings, which on a shared machine can be anything (CI once saw 4, 8, 16 tokens take 17,
+    # 36, 23 ms): no closeness bound holds, but the fit is never worse than a constant one.
     for b, c, t in prof["decode"]:
         assert fit.decode_time([c] * b) == pytest.approx(t, rel=1e-6)
-    for n, t in prof["prefill"]:
-        assert t / 2 < fit.prefill_time([n]) < t * 2
+    assert _relative_sse(fit, prof["prefill"]) <= _best_constant_sse(prof["prefill"]) * (1 + 1e-9)
     # ...and `pdserve sim --profile` runs on it: a profile twice as slow doubles the simulated times.
     slow = tmp_path / "slow.json"
     slow.write_text(json.dumps({**prof, "prefill": [[n, 2 * t] for n, t in prof["prefill"]],
