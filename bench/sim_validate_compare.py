@@ -23,7 +23,12 @@ Variants, each on every compare:
              needs load); inside the step, so a slow prefill stalls the decodes batched with it.
              The overheads are measured again with the factors in (the in-step part is no longer
              counted as a request overhead). The same factors measured on every other compare are
-             recorded too (`prefill_factors_measured`), for the run-to-run spread; never used.
+             recorded too (`prefill_factors_measured`), for the run-to-run spread; never used
+             in a prediction.
+  own_factors  a diagnostic, not a prediction: as measured, with each compare's prefill factors
+             measured on that compare itself (how much of the error is the host's state drifting
+             between runs rather than the model: identical runs of one command differ 4x in
+             colocated goodput, `real_repeat_spread`).
 
     .venv/bin/python bench/sim_validate_compare.py --profile P.json REAL_longprompt.json REAL_chatbot.json
 
@@ -103,7 +108,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["compares"])
     panels = (("request_goodput", "goodput (req/s)"), ("median_tpot_ms", "median TPOT (ms)"),
-              ("p99_itl_ms", "p99 ITL (ms)"), ("median_ttft_ms", "median TTFT (ms)"))
+              ("p99_max_itl_ms", "p99 worst gap (ms)"), ("median_ttft_ms", "median TTFT (ms)"))
     fig, axes = plt.subplots(len(names), len(panels), figsize=(4.2 * len(panels), 3.4 * len(names)), squeeze=False)
     colors = {"colocated": "tab:blue", "disaggregated": "tab:orange"}
     for row, name in enumerate(names):
@@ -123,8 +128,29 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.legend(fontsize=6)
     fig.suptitle("simulator vs real bench compare (2-core machine): solid real, dashed sim with the measured "
                  "prefill factors, dotted sim calibrated without them", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
+
+
+def repeat_spread(compares: dict[str, Any]) -> list[dict[str, Any]]:
+    """The real runs' own noise: for compares of the same command (same config: the same requests),
+    per rate and mode each one's goodput over the first one's."""
+    out = []
+    names = list(compares)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if compares[a]["config"] != compares[b]["config"]:
+                continue
+            rows = []
+            for k, run in enumerate(compares[a]["modes"]["colocated"]["runs"]):
+                rows.append({"rate": run["rate"], **{
+                    m: {"goodput": [compares[n]["modes"][m]["runs"][k]["summary"]["request_goodput"] for n in (a, b)]}
+                    for m in compares[a]["modes"]}})
+                for m in compares[a]["modes"]:
+                    ga, gb = rows[-1][m]["goodput"]
+                    rows[-1][m]["second_over_first"] = gb / ga if ga else None
+            out.append({"compares": [a, b], "rates": rows})
+    return out
 
 
 def main() -> int:
@@ -164,6 +190,15 @@ def main() -> int:
                 load_factors[name] = ls.factors
             finally:
                 ls.close()
+        variants["own_factors"] = {}
+        for name, c in compares.items():
+            own = {sc.MODES[m]: {**measured[sc.MODES[m]], **{k: factors[name][m][k] for k in sc.FACTOR_KEYS}}
+                   for m in c["modes"]}
+            path = variant_profile(args.profile, "grouped", own)
+            try:
+                variants["own_factors"][name] = sc.predict(c, path, link)
+            finally:
+                Path(path).unlink()
     finally:
         for path in paths.values():
             for p in [path] if isinstance(path, str) else path.values():
@@ -191,6 +226,7 @@ def main() -> int:
                                    "load_average_per_run": {m: [r["summary"].get("load_average") for r in c["modes"][m]["runs"]]
                                                             for m in c["modes"]}}
                             for name, c in compares.items()},
+               "real_repeat_spread": repeat_spread(compares),
                "variants": variants, "table": table,
                "diagnostics": {name: diagnose(c, args.profile) for name, c in compares.items()}}
     write_json(args.out, payload)
