@@ -108,3 +108,32 @@ def test_the_factors_are_read_off_the_engines_step_timing_and_the_token_times(pr
     found = prefill_factors_from(cmp_, str(profile), {"colocated": 512})["colocated"]
     assert found["corun_prefill_factor"] == pytest.approx(want)
     assert found["samples_corun"] == 5
+
+
+@pytest.mark.parametrize("mode", ["colocated", "disagg"])
+def test_runs_of_decode_steps_change_nothing_with_peers(profile, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A peer inside a planned run of decode steps is busy exactly when it is step by step."""
+    from pdserve.config.model import resolve_shape
+    from pdserve.sim.cluster import Simulator
+    from pdserve.sim.hardware import get_link
+    from pdserve.workload import generate
+
+    p = json.loads(profile.read_text())
+    p["serving"]["disagg"] = SERVING["colocated"]
+    profile.write_text(json.dumps(p))
+    cfg = SimConfig.of(model="demo", mode=mode, num_prefill=1, num_decode=1, num_colocated=2, profile=str(profile))
+    specs = generate("chatbot", 80, rate=6.0, seed=4, max_prompt_tokens=400, max_output_tokens=60)
+    shape = resolve_shape("demo")
+    out = []
+    for runs in (False, True):
+        sim = build(cfg)
+        sim = Simulator(sim.instances, shape, get_link(cfg.link), cfg.layerwise, runs=runs)
+        assert all(i.peers for i in sim.instances)
+        out.append(sim.run(specs))
+    a, b = out
+    assert a.finish == b.finish and sorted(a.itls) == sorted(b.itls) and a.instances == b.instances
+    # ...and the co-running factor did bite: the same cluster without peers finishes otherwise.
+    alone = build(cfg)
+    for i in alone.instances:
+        i.peers = []
+    assert alone.run(specs).finish != a.finish
