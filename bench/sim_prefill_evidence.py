@@ -13,6 +13,8 @@ No real cluster is needed; it reads committed results only:
                     none while it ran (so >= -5 ms by construction; the positive side is the finding).
   prefill_factors   per compare and mode: the served prompt step over the model's, alone and
                     co-running (`pdserve/bench/prefill_factors.py`).
+  decode_steps      per compare and mode: decode-only steps over the model's, alone and co-running
+                    (the same host effect on decode steps; the simulator does not model it).
 Writes bench/results/sim_prefill_evidence_r5.json.
 """
 
@@ -86,6 +88,37 @@ def client_vs_engine(compare: dict[str, Any]) -> dict[str, Any]:
             "p90_ms": float(np.percentile(a, 90))}
 
 
+def decode_steps(compare: dict[str, Any], mode: str, model: ProfiledModel) -> dict[str, Any]:
+    """Decode-only steps (a token pair of a request with no first token at its end): real over the
+    profile's decode step of the batch (requests with tokens at both ends), co-running when another
+    request streamed inside it or a prompt step (`timings.prefill`) overlapped it. Not modelled."""
+    res: dict[bool, list[float]] = {True: [], False: []}
+    for run in compare["modes"][mode]["runs"]:
+        tl = token_times(run["requests"])
+        prompts = [(t[0] - r["timings"]["prefill"], t[0]) for r, t in tl.values() if "prefill" in (r.get("timings") or {})]
+        seen: set[float] = set()
+        for _, t in tl.values():
+            for a, b in zip(t[1:-1], t[2:], strict=True):
+                if round(b, 3) in seen:
+                    continue
+                ctx, first, inside = [], False, False
+                for ro, to in tl.values():
+                    hit = np.flatnonzero(np.abs(to - b) < TOL_S)
+                    if hit.size and hit[0] == 0:
+                        first = True
+                    elif hit.size and abs(to[hit[0] - 1] - a) < TOL_S:
+                        ctx.append(ro["prompt_tokens"] + int(hit[0]))
+                        continue
+                    inside = inside or bool(np.count_nonzero((to > a + TOL_S) & (to < b - TOL_S)))
+                if first or not ctx:
+                    continue
+                seen.add(round(b, 3))
+                co = inside or any(s < b and e > a for s, e in prompts)
+                res[co].append((b - a) / model.decode_time(ctx))
+    return {k: {"steps": len(v), "real_over_model_median": float(np.median(v)) if v else None}
+            for k, v in (("alone", res[False]), ("corun", res[True]))}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("compares", nargs="+")
@@ -99,9 +132,10 @@ def main() -> int:
                "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
                "mixed_step_cost": mixed_step_cost(json.loads(Path(args.engine).read_text()), model),
                "client_vs_engine": {n: client_vs_engine(c) for n, c in compares.items()},
-               "prefill_factors": {n: prefill_factors_from(c, args.profile, prefill_budgets(c)) for n, c in compares.items()}}
+               "prefill_factors": {n: prefill_factors_from(c, args.profile, prefill_budgets(c)) for n, c in compares.items()},
+               "decode_steps": {n: {m: decode_steps(c, m, model) for m in c["modes"]} for n, c in compares.items()}}
     write_json(args.out, payload)
-    print(json.dumps({k: payload[k] for k in ("mixed_step_cost", "client_vs_engine", "prefill_factors")}, indent=1))
+    print(json.dumps({k: payload[k] for k in ("mixed_step_cost", "client_vs_engine", "prefill_factors", "decode_steps")}, indent=1))
     return 0
 
 
