@@ -8,7 +8,9 @@ sets prediction beside measurement: the winner at each rate (goodput), each mode
 the TTFT / TPOT / ITL medians and p99s.
 Serving overheads (what a served step and request cost beyond the engine's steps) come from the
 profile's "serving" section if it has one; `overheads_from` measures them on one recorded run
-(the lowest rate: requests mostly alone), as `pdserve calibrate` does on a run of its own.
+(the lowest rate: requests mostly alone), as `pdserve calibrate` does on a run of its own; with
+the prefill factors (`prefill_factors.py`, the served prompt step's extra time, inside the step) in
+from the start when they are given.
 """
 
 from __future__ import annotations
