@@ -16,6 +16,19 @@ Variants, each on every compare:
              than a constant), plus the request overhead that gives its median TTFT
   load       as scaled, the factor times each run's load average over the calibration run's
              (the machine's contention moved between the runs of one sweep)
+  measured   as calibrated, plus the prefill factors (`pdserve/bench/prefill_factors.py`): how much
+             longer a served step with prefill work takes than the profile says, alone and while
+             another worker of the host computes, read off the engine's own timing of each prompt's
+             step in every request record of the calibration compare (all its rates: co-running
+             needs load); inside the step, so a slow prefill stalls the decodes batched with it.
+             The overheads are measured again with the factors in (the in-step part is no longer
+             counted as a request overhead). The same factors measured on every other compare are
+             recorded too (`prefill_factors_measured`), for the run-to-run spread; never used
+             in a prediction.
+  own_factors  a diagnostic, not a prediction: as measured, with each compare's prefill factors
+             measured on that compare itself (how much of the error is the host's state drifting
+             between runs rather than the model: identical runs of one command differ 4x in
+             colocated goodput, `real_repeat_spread`).
 
     .venv/bin/python bench/sim_validate_compare.py --profile P.json REAL_longprompt.json REAL_chatbot.json
 
@@ -36,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pdserve.bench import simcompare as sc  # noqa: E402
+from pdserve.bench.prefill_factors import prefill_factors_from  # noqa: E402
 from pdserve.bench.report import header, write_json  # noqa: E402
 from pdserve.bench.simcheck import fit_link, loadavg, register_link  # noqa: E402
 
@@ -94,17 +108,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["compares"])
     panels = (("request_goodput", "goodput (req/s)"), ("median_tpot_ms", "median TPOT (ms)"),
-              ("p99_itl_ms", "p99 ITL (ms)"), ("median_ttft_ms", "median TTFT (ms)"))
+              ("p99_max_itl_ms", "p99 worst gap (ms)"), ("median_ttft_ms", "median TTFT (ms)"))
     fig, axes = plt.subplots(len(names), len(panels), figsize=(4.2 * len(panels), 3.4 * len(names)), squeeze=False)
     colors = {"colocated": "tab:blue", "disaggregated": "tab:orange"}
     for row, name in enumerate(names):
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
-            for variant, style in (("before", ":"), ("load", "--")):
+            for variant, style in (("calibrated", ":"), ("measured", "--")):
                 rows = result["variants"][variant][name]["rates"]
                 for mode, c in colors.items():
                     xs = [r["rate"] for r in rows]
-                    if variant == "load":
+                    if variant == "measured":
                         ax.plot(xs, [r["modes"][mode]["real"][key] for r in rows], "-o", color=c, label=f"{mode} real")
                     ax.plot(xs, [r["modes"][mode]["sim"][key] for r in rows], style, marker="x", color=c,
                             label=f"{mode} sim ({variant})")
@@ -112,10 +126,31 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.set_xlabel("rate (req/s)")
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
-    fig.suptitle("simulator vs real bench compare (loaded 2-core machine): solid real, dashed sim load-scaled, "
-                 "dotted sim as before", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle("simulator vs real bench compare (2-core machine): solid real, dashed sim with the measured "
+                 "prefill factors, dotted sim calibrated without them", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
+
+
+def repeat_spread(compares: dict[str, Any]) -> list[dict[str, Any]]:
+    """The real runs' own noise: for compares of the same command (same config: the same requests),
+    per rate and mode each one's goodput over the first one's."""
+    out = []
+    names = list(compares)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if compares[a]["config"] != compares[b]["config"]:
+                continue
+            rows = []
+            for k, run in enumerate(compares[a]["modes"]["colocated"]["runs"]):
+                rows.append({"rate": run["rate"], **{
+                    m: {"goodput": [compares[n]["modes"][m]["runs"][k]["summary"]["request_goodput"] for n in (a, b)]}
+                    for m in compares[a]["modes"]}})
+                for m in compares[a]["modes"]:
+                    ga, gb = rows[-1][m]["goodput"]
+                    rows[-1][m]["second_over_first"] = gb / ga if ga else None
+            out.append({"compares": [a, b], "rates": rows})
+    return out
 
 
 def main() -> int:
@@ -135,9 +170,12 @@ def main() -> int:
     grouped = variant_profile(args.profile, "grouped", None)
     overheads = sc.overheads_from(compares[first], grouped, link, args.calibrate_rate_index)
     slowdown = sc.slowdown_from(compares[first], grouped, link, args.calibrate_rate_index)
+    factors = {name: prefill_factors_from(c, grouped, sc.prefill_budgets(c)) for name, c in compares.items()}
+    measured = sc.overheads_from(compares[first], grouped, link, args.calibrate_rate_index, factors[first])
     paths: dict[str, Any] = {"before": variant_profile(args.profile, "padded", None), "profile": grouped,
                              "calibrated": variant_profile(args.profile, "grouped", overheads),
-                             "scaled": {m: s.pop("profile") for m, s in slowdown.items()}}
+                             "scaled": {m: s.pop("profile") for m, s in slowdown.items()},
+                             "measured": variant_profile(args.profile, "grouped", measured)}
     variants: dict[str, Any] = {}
     load_factors: dict[str, Any] = {}
     try:
@@ -152,6 +190,15 @@ def main() -> int:
                 load_factors[name] = ls.factors
             finally:
                 ls.close()
+        variants["own_factors"] = {}
+        for name, c in compares.items():
+            own = {sc.MODES[m]: {**measured[sc.MODES[m]], **{k: factors[name][m][k] for k in sc.FACTOR_KEYS}}
+                   for m in c["modes"]}
+            path = variant_profile(args.profile, "grouped", own)
+            try:
+                variants["own_factors"][name] = sc.predict(c, path, link)
+            finally:
+                Path(path).unlink()
     finally:
         for path in paths.values():
             for p in [path] if isinstance(path, str) else path.values():
@@ -169,13 +216,17 @@ def main() -> int:
     payload = {**header({"compares": args.compares, "profile": args.profile}),
                "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
                "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown, "load_factors": load_factors,
-               "calibrated_on": f"{first} rate index {args.calibrate_rate_index}",
+               "serving_overheads_measured": measured, "prefill_factors_measured": factors,
+               "calibrated_on": f"{first}: overheads at rate index {args.calibrate_rate_index}, "
+                                "prefill factors (variant measured) over all its rates",
+               "held_out": [n for n in compares if n != first],
                "profiles": profiles,
                "compares": {name: {"command": c.get("command"), "date": c.get("date"),
                                    "load_average_end": c.get("load_average_end"),
                                    "load_average_per_run": {m: [r["summary"].get("load_average") for r in c["modes"][m]["runs"]]
                                                             for m in c["modes"]}}
                             for name, c in compares.items()},
+               "real_repeat_spread": repeat_spread(compares),
                "variants": variants, "table": table,
                "diagnostics": {name: diagnose(c, args.profile) for name, c in compares.items()}}
     write_json(args.out, payload)

@@ -8,7 +8,9 @@ sets prediction beside measurement: the winner at each rate (goodput), each mode
 the TTFT / TPOT / ITL medians and p99s.
 Serving overheads (what a served step and request cost beyond the engine's steps) come from the
 profile's "serving" section if it has one; `overheads_from` measures them on one recorded run
-(the lowest rate: requests mostly alone), as `pdserve calibrate` does on a run of its own.
+(the lowest rate: requests mostly alone), as `pdserve calibrate` does on a run of its own; with
+the prefill factors (`prefill_factors.py`, the served prompt step's extra time, inside the step) in
+from the start when they are given.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pdserve.bench.simcheck import CheckRun, sim_config
+from pdserve.config.load import cluster_from_dict
 from pdserve.metrics_summary import SLO
 from pdserve.sim.build import build
 from pdserve.sim.metrics import summarize
@@ -77,24 +80,41 @@ def with_overheads(profile: str, overheads: dict[str, dict[str, float]]) -> str:
     return temp_profile(p)
 
 
-def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index: int = 0
-                   ) -> dict[str, dict[str, float]]:
+def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index: int = 0,
+                   factors: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, float]]:
     """Per mode: step overhead = real - simulated median TPOT, then request overhead = real -
-    simulated median TTFT (with the step overhead in), both floored at 0, on one rate's run."""
+    simulated median TTFT (with the step overhead in), both floored at 0, on one rate's run.
+    factors: per compare mode, the prefill factors (`prefill_factors.prefill_factors_from`), in
+    the simulation from the start (so the request overhead is what the in-step part leaves) and
+    in the result."""
     out: dict[str, dict[str, float]] = {}
     for mode in compare["modes"]:
         real = compare["modes"][mode]["runs"][rate_index]["summary"]
-        bare = simulate(compare, mode, rate_index, profile, link, serving_overheads=False)
+        extra = {k: (factors or {}).get(mode, {})[k] for k in FACTOR_KEYS if k in (factors or {}).get(mode, {})}
+        path = with_overheads(profile, {MODES[mode]: {"step_overhead_s": 0.0, "request_overhead_s": 0.0, **extra}})
+        try:
+            bare = simulate(compare, mode, rate_index, path, link)
+        finally:
+            Path(path).unlink()
         step = max(0.0, (real["median_tpot_ms"] - bare["median_tpot_ms"]) / 1e3)
-        path = with_overheads(profile, {MODES[mode]: {"step_overhead_s": step, "request_overhead_s": 0.0}})
+        path = with_overheads(profile, {MODES[mode]: {"step_overhead_s": step, "request_overhead_s": 0.0, **extra}})
         try:
             stepped = simulate(compare, mode, rate_index, path, link)
         finally:
             Path(path).unlink()
         request = max(0.0, (real["median_ttft_ms"] - stepped["median_ttft_ms"]) / 1e3)
-        out[MODES[mode]] = {"step_overhead_s": step, "request_overhead_s": request,
+        out[MODES[mode]] = {"step_overhead_s": step, "request_overhead_s": request, **extra,
                             "from_rate": compare["modes"][mode]["runs"][rate_index]["rate"]}
     return out
+
+
+FACTOR_KEYS = ("prefill_factor", "corun_prefill_factor")
+
+
+def prefill_budgets(compare: dict[str, Any]) -> dict[str, int]:
+    """Per compare mode: the token budget of the worker that prefills, as `pdserve up` sets it."""
+    up = cluster_from_dict({"model": compare["config"]["model"]})
+    return {"colocated": up.colocated.max_num_batched_tokens, "disaggregated": up.prefill.max_batch_tokens}
 
 
 def scaled(profile: dict[str, Any], factor: float) -> dict[str, Any]:

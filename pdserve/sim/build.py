@@ -207,12 +207,22 @@ def request_overhead_s(cfg: SimConfig) -> float:
     return serving_overheads(json.loads(Path(cfg.profile).read_text()), cfg.mode)[1]
 
 
+def share_host(instances: list[SimInstance]) -> None:
+    """Make the instances each other's `peers` where their step model was measured with its
+    cluster on one host (`ProfiledModel.shares_host`): what one computes slows the others."""
+    for inst in instances:
+        if getattr(inst.model, "shares_host", False):
+            inst.peers = [x for x in instances if x is not inst]
+
+
 def build(cfg: SimConfig) -> Simulator:
     shape = resolve_shape(cfg.model)
     # The router's policy with the file's router settings: what `pdserve up` would route by.
     routing = RoutingPolicy(disagg_threshold=cfg.cluster.router.disagg_threshold, decode_serves_whole=False,
                             routing=cfg.cluster.router.routing)
-    return Simulator(build_instances(cfg, shape), shape, get_link(cfg.link), cfg.layerwise,
+    instances = build_instances(cfg, shape)
+    share_host(instances)
+    return Simulator(instances, shape, get_link(cfg.link), cfg.layerwise,
                      request_overhead_s=request_overhead_s(cfg), routing=routing,
                      reserve_wait_s=cfg.cluster.router.reserve_wait_s,
                      stats_interval_s=cfg.cluster.router.stats_interval_s)

@@ -15,6 +15,10 @@ applied and the one in flight is scheduled, as it was at its start, so the polic
 step-by-step stepping would have it; the run then ends with that step. `resume()` lets it go on
 when the change left it valid (a reservation that leaves the blocks the run needs).
 `free_blocks(now)` answers the router's question without touching the run.
+Host sharing: `peers` are the instances that share this one's host (set by `sim.build` when the
+step model says its times depend on them, a profile measured with its cluster on one machine:
+`ProfiledModel.shares_host`); a step carrying prefill work that starts while one of them is busy
+is timed with `corun=True` (`pdserve/sim/profile.py`: the co-running prefill factor).
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class SimInstance:
         self.runs = role != "prefill"  # plan decode runs (False: one event per step, as the engine)
         self._run: _Run | None = None
         self._run_id = 0  # a run's end event only counts if no sync has moved it since
+        self.peers: list[SimInstance] = []  # instances on this one's host (module doc)
 
     def attach(self, loop: EventLoop, on_step: StepHook, on_run: RunHook | None = None) -> None:
         self.loop = loop
@@ -123,6 +128,8 @@ class SimInstance:
         tokens += len(decode)
         if not prefill:
             return self.model.decode_time(decode), tokens
+        if self.peers and any(p.busy for p in self.peers):
+            return self.model.mixed_time(prefill, decode, corun=True), tokens  # type: ignore[call-arg]
         if not decode and not any(p for _, p in prefill):
             return self.model.prefill_time([n for n, _ in prefill]), tokens
         return self.model.mixed_time(prefill, decode), tokens

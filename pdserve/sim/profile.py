@@ -28,6 +28,16 @@ request cost beyond the engine steps above (engine thread to event loop, a messa
 router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
     "serving": {"colocated": {"step_overhead_s": .., "request_overhead_s": ..}, "disagg": {...}}
 `step_overhead_s` is added to every step; `request_overhead_s` delays each request's arrival.
+Two more, measured on a real run by `pdserve.bench.simcompare.prefill_factors_from` from the
+engine's own timing of each prompt's step (its "prefill" phase, first scheduled to first token):
+    "prefill_factor": 1.1, "corun_prefill_factor": 1.3
+the served step's time beyond its decodes' own (the prefill chunks' share, fixed cost included)
+over the profile's, when no other worker of the host computes at the same time, and when one does.
+They are inside the step, so a slow prefill stalls the decodes batched with it (a request overhead
+would not); the second is the co-running one: the workers of a cluster measured on one host share
+it (its cores' clocks, memory bandwidth, the router and client beside them), which the profile,
+timed on an otherwise idle machine, cannot see. The simulator charges it to a prefill step that
+starts while another instance is busy (`SimInstance.peers`).
 Decode steps inside the measured grid (batch sizes x contexts) are instead interpolated bilinearly
 in (B, mean c_i) from the measurements themselves, as Vidur does: on CPU the step time is not
 linear in B (one sequence takes a faster path, B = 2..8 cost 15-30% more than the plane through
@@ -87,6 +97,13 @@ class ProfiledModel:
     decode_grid: tuple[list[float], list[float], list[list[float]]] | None = None
     step_overhead_s: float = 0.0  # serving cost per step beyond the engine's (see module doc)
     attention: str = "padded"  # how the engine's attention cost grows (module doc): one of ATTENTION
+    prefill_factor: float = 1.0  # a served step's prefill share over the profile's (module doc)
+    corun_prefill_factor: float = 1.0  # the same while another worker of the host computes
+
+    @property
+    def shares_host(self) -> bool:
+        """Whether a step's time depends on what the host's other instances do (module doc)."""
+        return self.corun_prefill_factor != self.prefill_factor
 
     @classmethod
     def fit(cls, profile: dict[str, Any], mode: str | None = None) -> ProfiledModel:
@@ -101,17 +118,19 @@ class ProfiledModel:
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
         step = serving_overheads(profile, mode)[0] if mode else 0.0
+        alone, corun = prefill_factors(profile, mode) if mode else (1.0, 1.0)
         attention = profile.get("attention", "padded")
         if attention not in ATTENTION:
             raise ValueError(f"profile attention {attention!r}: expected one of {', '.join(ATTENTION)}")
-        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, attention)  # type: ignore[arg-type]
+        return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, attention,  # type: ignore[arg-type]
+                   alone, corun)
 
     @classmethod
     def load(cls, path: str | Path, mode: str | None = None) -> ProfiledModel:
         return cls.fit(json.loads(Path(path).read_text()), mode)
 
-    def prefill_time(self, token_counts: list[int]) -> float:
-        return self.mixed_time([(n, 0) for n in token_counts], [])
+    def prefill_time(self, token_counts: list[int], corun: bool = False) -> float:
+        return self.mixed_time([(n, 0) for n in token_counts], [], corun)
 
     def decode_time(self, context_lens: list[int]) -> float:
         return self.mixed_time([], context_lens)
@@ -160,7 +179,9 @@ class ProfiledModel:
         # Beyond the grid: the plane's change from the clamped point.
         return grid + self._plane(b, total) - self._plane(bq, bq * cq)
 
-    def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> float:
+    def mixed_time(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int],
+                   corun: bool = False) -> float:
+        """corun: another instance of the host computes as this step starts (module doc)."""
         if not prefill_chunks and not decode_contexts:
             return 0.0
         ap, bp, cp = self.prefill_coef
@@ -170,15 +191,37 @@ class ProfiledModel:
             # A chunk of n after `prior` cached tokens scores n^2 + k n prior attention pairs (module doc).
             k = 2 if self.attention == "varlen" else 1  # scored pairs per (query, cached key): dense mask vs causal
             t += bp * sum(n for n, _ in prefill_chunks) + cp * sum(n * n + k * n * p for n, p in prefill_chunks)
+        dec = 0.0
         if decode_contexts:
-            t += self._decode_total(len(decode_contexts), self._ctx_total(decode_contexts)) - ad
-        return (t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)) + self.step_overhead_s
+            dec = self._decode_total(len(decode_contexts), self._ctx_total(decode_contexts)) - ad
+            t += dec
+        t = t + max(ap if prefill_chunks else 0.0, ad if decode_contexts else 0.0)
+        f = self.corun_prefill_factor if corun else self.prefill_factor
+        if prefill_chunks and f != 1.0:
+            alone = (dec + ad) if decode_contexts else 0.0  # the decodes' own step
+            t = alone + f * (t - alone)
+        return t + self.step_overhead_s
+
+    def prefill_share(self, prefill_chunks: list[tuple[int, int]], decode_contexts: list[int]) -> tuple[float, float]:
+        """(the decodes' own step, the rest of the step): the split `prefill_factor` scales,
+        as the profile alone times it (no factors, no step overhead)."""
+        bare = ProfiledModel(self.prefill_coef, self.decode_coef, self.meta, self.decode_grid, 0.0, self.attention)
+        total = bare.mixed_time(prefill_chunks, decode_contexts)
+        alone = bare.decode_time(decode_contexts) if decode_contexts else 0.0
+        return alone, total - alone
 
 
 def serving_overheads(profile: dict[str, Any], mode: str) -> tuple[float, float]:
     """(step_overhead_s, request_overhead_s) measured for `mode` ('colocated' | 'disagg'); 0 if none."""
     m = (profile.get("serving") or {}).get(mode) or {}
     return float(m.get("step_overhead_s", 0.0)), float(m.get("request_overhead_s", 0.0))
+
+
+def prefill_factors(profile: dict[str, Any], mode: str) -> tuple[float, float]:
+    """(prefill_factor, corun_prefill_factor) measured for `mode`; 1.0 if none (module doc)."""
+    m = (profile.get("serving") or {}).get(mode) or {}
+    alone = float(m.get("prefill_factor", 1.0))
+    return alone, float(m.get("corun_prefill_factor", alone))
 
 
 def _grid(dec: np.ndarray) -> tuple[list[float], list[float], list[list[float]]] | None:
