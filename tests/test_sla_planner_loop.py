@@ -37,9 +37,11 @@ class Cluster:
     def __init__(self, roles: list[str]) -> None:
         self.roles = {f"w{i}": r for i, r in enumerate(roles)}
         self.calls: list[tuple[str, str]] = []
+        self.inflight: dict[str, float] = {}  # per worker; else its index (every load distinct)
 
     def workers(self) -> list[tuple[str, str, dict[str, float]]]:
-        return [(n, r, {"busy_fraction": 0.5, "inflight": float(i)}) for i, (n, r) in enumerate(self.roles.items())]
+        return [(n, r, {"busy_fraction": 0.5, "inflight": self.inflight.get(n, float(i))})
+                for i, (n, r) in enumerate(self.roles.items())]
 
     async def switch(self, name: str, role: str) -> None:
         self.calls.append((name, role))
@@ -104,8 +106,8 @@ def test_moves_switch_least_loaded_first_decode_before_prefill() -> None:
 
 
 def _loop(cluster: Cluster, m: ServerMetrics, clock: list[float], elastic: bool = False,
-          launcher: Launcher | None = None) -> PlannerLoop:
-    s = PlannerSettings(slo_ttft_s=1.0, slo_tpot_s=0.05, predictor="constant", cooldown_s=0.0, hysteresis=0.1,
+          launcher: Launcher | None = None, cooldown_s: float = 0.0) -> PlannerLoop:
+    s = PlannerSettings(slo_ttft_s=1.0, slo_tpot_s=0.05, predictor="constant", cooldown_s=cooldown_s, hysteresis=0.1,
                         elastic=elastic, max_total=8, max_utilization=1.0)
     return PlannerLoop(SlaPlanner(Capacity(), s), m.registry, 10.0, cluster.workers, lambda: 0.3, cluster.switch,
                        launcher, clock=lambda: clock[0])
@@ -144,6 +146,43 @@ def test_loop_adds_and_removes_through_the_launcher_when_elastic() -> None:
     traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
     asyncio.run(loop.step())
     assert launcher.log[2:] == ["-prefill w0", "-prefill w2"]  # by address, least loaded first
+
+
+def test_elastic_removal_among_equally_loaded_workers_takes_the_newest() -> None:
+    # idle workers all: the one the planner added goes, not one the cluster was started with
+    cluster, m, clock = Cluster(["prefill", "decode", "prefill"]), ServerMetrics(lambda: {}), [0.0]
+    cluster.inflight = dict.fromkeys(cluster.roles, 0.0)
+    launcher = Launcher(cluster)
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher)
+    clock[0] = 10.0
+    traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
+    assert asyncio.run(loop.step()).wanted == Split(1, 1)
+    assert launcher.log == ["-prefill w2"]
+
+
+def test_the_cool_down_counts_from_when_an_added_worker_is_up_not_from_the_decision() -> None:
+    # A worker that takes longer to start than the cool-down (weights loading) must not be removed
+    # the moment it is up by an idle interval: the change took effect when it joined.
+    cluster, m, clock = Cluster(["prefill", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    launcher = Launcher(cluster)
+    add = launcher.add_worker
+
+    def slow_add(role: str) -> None:
+        clock[0] += 100.0
+        add(role)
+
+    launcher.add_worker = slow_add  # type: ignore[method-assign]
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher, cooldown_s=30.0)
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)  # 4 req/s: 2 prefill
+    assert asyncio.run(loop.step()).wanted == Split(2, 1) and clock[0] == 110.0
+    clock[0] = 120.0  # 1 req/s: 1P1D would do, but the new worker joined 10 s ago
+    traffic(m, 10, prompt=2000, output=100)
+    d = asyncio.run(loop.step())
+    assert not d.changed and "cool-down" in d.reason and launcher.log == ["+prefill"]
+    clock[0] = 150.0  # 40 s after it joined: past the cool-down
+    traffic(m, 30, prompt=2000, output=100)
+    assert asyncio.run(loop.step()).wanted == Split(1, 1) and launcher.log == ["+prefill", "-prefill w0"]
 
 
 def test_elastic_removal_takes_a_worker_serving_the_role_now_not_the_one_it_started_in() -> None:

@@ -199,6 +199,7 @@ class PlannerLoop:
             # drained and rejoined is the switch's cost, not the new split's, and must not set
             # the new split's correction factors
             self._prev, self._prev_t = snapshot(self.registry), self.clock()
+            self.planner.settled(self._prev_t)  # and so does the cool-down
         return d
 
     async def act(self, wanted: Split, workers: list[tuple[str, str, dict[str, float]]]) -> None:
@@ -213,8 +214,11 @@ class PlannerLoop:
         switched = {name for name, _ in switches}
         for role, n in rest.items():
             # the least-loaded workers serving as `role` now, by address: the launcher lists a
-            # worker under the role it started it in, which a role switch has since changed
-            spare = [name for name, r, _ in sorted(loads, key=lambda w: w[2]) if r == role and name not in switched]
+            # worker under the role it started it in, which a role switch has since changed;
+            # among equally loaded ones the newest (the router lists them in joining order), so
+            # an idle cluster shrinks back to the workers it was started with
+            spare = [name for name, r, _ in sorted(reversed(loads), key=lambda w: w[2])
+                     if r == role and name not in switched]
             for k in range(abs(n)):
                 if n > 0:
                     await self._do("add", role, asyncio.to_thread(self.launcher.add_worker, role))
