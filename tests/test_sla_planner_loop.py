@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 
 import pytest
 from prometheus_client import generate_latest
@@ -239,3 +241,22 @@ def test_no_switch_role_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="switch_role"):
         require_switch(OldBackend)
+
+
+def test_up_with_a_missing_planner_profile_fails_before_any_worker_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`pdserve up` builds the planner's performance model (sim/capacity.py) before it starts
+    anything, and hands it to the launch layer."""
+    missing = tmp_path / "no-profile.json"
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "up", "--planner", "sla", "--planner-profile",
+                        str(missing), "--port", "0", "--prefill", "1", "--decode", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"pdserve up: No such file or directory: {missing}"
+    assert "starting" not in r.stdout, r.stdout
+
+
+def test_run_cluster_with_the_planner_needs_its_performance_model() -> None:
+    from pdserve.config.load import cluster_from_dict
+    from pdserve.launch.serving import run_cluster
+
+    with pytest.raises(ConfigError, match="performance model"):
+        run_cluster(cluster_from_dict({"planner": {"mode": "sla"}}))
