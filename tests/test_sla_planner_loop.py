@@ -14,9 +14,18 @@ import pytest
 from prometheus_client import generate_latest
 
 from pdserve.config.schema import ConfigError
+from pdserve.launch.base import WorkerHandle
 from pdserve.sched.sla_planner import PlannerSettings, SlaPlanner, Split
 from pdserve.serve.metrics import ServerMetrics
-from pdserve.serve.planner_loop import PlannerLoop, moves, observe, quantile, require_switch, snapshot
+from pdserve.serve.planner_loop import (
+    PlannerLoop,
+    address_of,
+    moves,
+    observe,
+    quantile,
+    require_switch,
+    snapshot,
+)
 
 
 class Capacity:
@@ -260,3 +269,66 @@ def test_run_cluster_with_the_planner_needs_its_performance_model() -> None:
 
     with pytest.raises(ConfigError, match="performance model"):
         run_cluster(cluster_from_dict({"planner": {"mode": "sla"}}))
+
+
+class Router:
+    """A router backend's planner-facing calls: its pools change only when told (add_worker /
+    remove_worker, as `pdserve up`'s launcher follower tells it, every half second)."""
+
+    def __init__(self, roles: list[str]) -> None:
+        self.pools = {f"127.0.0.1:{i}": r for i, r in enumerate(roles)}
+
+    def worker_stats(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [(f"{r}@{a}", r, {"inflight": 0.0}) for a, r in self.pools.items()]
+
+    def stats(self) -> dict[str, float]:
+        return {"kv_cache_usage": 0.0}
+
+    async def switch_role(self, name: str, role: str) -> None:
+        self.pools[address_of(name)] = role
+
+    async def add_worker(self, role: str, address: str) -> str:
+        self.pools.setdefault(address, role)
+        return f"{role}@{address}"
+
+    async def remove_worker(self, address: str) -> bool:
+        return self.pools.pop(address, None) is not None
+
+
+class SlowFollowedLauncher:
+    """Starts and stops workers, which the router learns of only at the follower's next round
+    (which, here, never comes)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.log = n, []  # type: ignore[var-annotated]
+
+    def add_worker(self, role: str) -> WorkerHandle:
+        self.log.append(f"+{role}")
+        self.n += 1
+        return WorkerHandle(role, self.n, f"127.0.0.1:{self.n}", 0)
+
+    def remove_worker(self, role: str, address: str = "") -> WorkerHandle:
+        self.log.append(f"-{role} {address}")
+        return WorkerHandle(role, 0, address, 0)
+
+
+def test_the_router_counts_a_worker_the_planner_added_or_removed_at_its_next_interval() -> None:
+    # Without it, the next interval still sees the old pools (the launcher follower lags) and adds
+    # the same workers again, past max_workers, or finds a removed worker still there.
+    from pdserve.config.load import cluster_from_dict
+    from pdserve.serve.planner_loop import from_config
+
+    cfg = cluster_from_dict({"prefill": {"workers": 1}, "decode": {"workers": 1}, "planner": {
+        "mode": "sla", "elastic": True, "max_workers": 4, "predictor": "constant", "cooldown_s": 0.0,
+        "slo_ttft_ms": 1000, "slo_tpot_ms": 50, "max_utilization": 1.0}})
+    router, launcher, m, clock = Router(["prefill", "decode"]), SlowFollowedLauncher(1), ServerMetrics(lambda: {}), [0.0]
+    loop = from_config(cfg, router, m.registry, Capacity(), launcher, clock=lambda: clock[0])
+    for t in (10.0, 20.0):
+        clock[0] = t
+        traffic(m, 40, prompt=2000, output=100)  # 4 req/s: 2 prefill
+        asyncio.run(loop.step())
+    assert launcher.log == ["+prefill"] and sorted(router.pools.values()) == ["decode", "prefill", "prefill"]
+    clock[0] = 30.0
+    traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
+    asyncio.run(loop.step())
+    assert launcher.log[1:] == ["-prefill 127.0.0.1:2"] and "127.0.0.1:2" not in router.pools
