@@ -75,12 +75,12 @@ async def _load(srv: Server, model: str, prompts: list[list[int]]) -> tuple[list
 
 def test_planner_adds_a_worker_under_load_and_removes_it_when_idle(tiny_models) -> None:  # type: ignore[no-untyped-def]
     model = str(tiny_models["llama"])
-    # colocated only, 1 s intervals, a 2 s cool-down: the scale-down is seen within seconds
+    # colocated only, 1 s intervals, a 4 s cool-down (longer than any lull between rounds of traffic)
     args = ["up", "--model", model, "--threads", "1", "--port", "0", "--prefill", "0", "--decode", "0",
             "--colocated", "1", "--num-blocks", "160", "--api-key", KEY, "--stats-interval-s", "0.2",
             "--planner", "sla", "--planner-modes", "colocated", "--planner-elastic", "--planner-max-workers", "2",
             "--planner-max-colocated", "2", "--planner-predictor", "constant", "--slo-ttft-ms", "2000",
-            "--slo-tpot-ms", "100", "--planner-interval-s", "1", "--planner-cooldown-s", "2",
+            "--slo-tpot-ms", "100", "--planner-interval-s", "1", "--planner-cooldown-s", "4",
             "--planner-profile", str(PROFILE)]
     prompts = _prompts(4, tuple(60 + 9 * k for k in range(8)))
     with running_server(args, env={"PDSERVE_CLUSTER_SECRET": SECRET}, port_flag=None, url_pattern=URL_RE,
@@ -106,5 +106,4 @@ def test_planner_adds_a_worker_under_load_and_removes_it_when_idle(tiny_models) 
         assert decisions and max(d["wanted"]["colocated"] for d in decisions) == 2
         assert all(sum(d["wanted"].values()) <= 2 and sum(d["current"].values()) <= 2 for d in decisions)
         assert _actions(srv.url, "add") == {"ok": 1.0} and _actions(srv.url, "remove") == {"ok": 1.0}
-        assert probes.metrics(srv.url).get("pdserve:request_errors_total", []) == [] or all(
-            v == 0 for _, v in probes.metrics(srv.url)["pdserve:request_errors_total"])
+        assert all(v == 0 for _, v in probes.metrics(srv.url).get("pdserve:request_errors_total", []))
