@@ -130,20 +130,27 @@ def frame(now: Snapshot, before: Snapshot | None, ttft_slo_s: float, tpot_slo_s:
     head = f"{'WORKER':<28} {'ROLE':<9} {'UP':<3} {'BUSY':>5} {'WAIT':>5} {'RUN':>4} {'QTOK':>6} " \
            f"{'KV':>5} {'RSV':>4} {'XFER':>4} {'STEP p50':>9} {'p90':>7}"
     lines.append(head)
+    switched = False
     for lab, up in sorted(now.get("pdserve:worker_up"), key=lambda x: (x[0].get("role", ""), x[0]["worker"])):
         w = lab["worker"]
+        role = lab.get("role", "")
+        # the name is the worker's id, made from the role it joined as: mark one serving another now
+        if "@" in w and w.split("@", 1)[0] != role:
+            role, switched = f"{role}*", True
 
         def g(name: str, w: str = w) -> float:
             return now.total(f"pdserve:worker_{name}", worker=w)
 
         steps = delta_buckets(now.buckets("pdserve:engine_step_seconds", worker=w),
                               prev.buckets("pdserve:engine_step_seconds", worker=w) if prev else None)
-        lines.append(f"{w[:28]:<28} {lab.get('role', ''):<9} {'yes' if up else 'NO':<3} "
+        lines.append(f"{w[:28]:<28} {role:<9} {'yes' if up else 'NO':<3} "
                      f"{_pct(g('busy_fraction')):>5} {g('num_requests_waiting'):>5.0f} "
                      f"{g('num_requests_running'):>4.0f} {g('queued_prompt_tokens'):>6.0f} "
                      f"{_pct(g('kv_cache_usage')):>5} {g('kv_reservations'):>4.0f} "
                      f"{g('kv_transfers_in_flight'):>4.0f} {_ms(quantile(0.5, steps)):>9} "
                      f"{_ms(quantile(0.9, steps)):>7}")
+    if switched:
+        lines.append("* switched: serves this role now; the name (a stable id) keeps the role it joined as")
     lines.append("")
     lines.append(f"{'LINK (prefill -> decode)':<50} {'TRANSPORT':<9} {'GB/s':>7} {'XFER/s':>7} "
                  f"{'MEAN':>7} {'OVERLAP':>7} {'FAILED':>6}  BREAKER")

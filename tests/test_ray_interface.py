@@ -8,14 +8,16 @@ imports ray, and with it but no Ray installed says what to install.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from pdserve.config.load import cluster_from_dict
 from tests import probes
-from tests.procs import alive
+from tests.procs import alive, cmdline, descendants, wait_gone
 
 SECRET = "interface-secret"
 NO_RAY = "import sys; sys.modules['ray'] = None\n"  # `import ray` now raises ModuleNotFoundError
@@ -97,9 +99,25 @@ def test_local_launcher_adds_and_removes_a_worker_and_the_router_follows() -> No
             await backend.stop()
 
         asyncio.run(scenario())
+        # Stopped (Ctrl-C) while the planner adds a worker: the one still starting is stopped with
+        # the rest and the add fails, instead of the worker joining a stopped cluster.
+        with ThreadPoolExecutor(1) as pool:
+            adding = pool.submit(launcher.add_worker, "colocated")
+            probes.wait_for(lambda: len(_workers()) == 2, 30, "the new worker's process")
+            started = _workers()
+            launcher.stop()
+            with pytest.raises(RuntimeError):
+                adding.result(timeout=60)
+            assert wait_gone(started, 10) == [] and launcher.workers() == []
     finally:
         launcher.stop()
     assert not alive(first[0].pid)
+
+
+def _workers() -> list[int]:
+    """This process's `pdserve serve` children."""
+    return [p for p in descendants(os.getpid()) if "pdserve.cli" in cmdline(p)]
+
 
 
 def test_transport_auto_is_shm_only_for_a_same_node_pair() -> None:

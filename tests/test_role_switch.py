@@ -42,6 +42,10 @@ class _View:
     healthy: bool
     draining: bool = False
     switching: str = ""
+    joined_as: str = ""
+
+    def __post_init__(self) -> None:
+        self.joined_as = self.joined_as or self.role
 
 
 def test_health_names_a_switching_worker_and_still_serves_through_the_others() -> None:
@@ -53,6 +57,33 @@ def test_health_names_a_switching_worker_and_still_serves_through_the_others() -
     assert body["roles"]["prefill"] == {"available": 1, "total": 2}
     _, body = cluster_health([_View("x", "prefill", False, True)])  # draining, not switching
     assert body["workers"][0]["state"] == "draining"
+
+
+def test_health_shows_the_current_role_of_a_switched_worker_and_the_role_its_name_carries() -> None:
+    _, body = cluster_health([_View("prefill@h:1", "decode", True, joined_as="prefill"),
+                              _View("decode@h:2", "decode", True)])
+    assert body["workers"] == [{"name": "prefill@h:1", "role": "decode", "state": "up", "joined_as": "prefill"},
+                               {"name": "decode@h:2", "role": "decode", "state": "up"}]
+    assert body["roles"] == {"decode": {"available": 2, "total": 2}}
+
+
+def test_a_switched_worker_keeps_its_name_and_reports_its_new_role_in_metrics() -> None:
+    """The name is the worker's id (metrics series, prefix index, `pdserve role NAME`): a switch
+    changes the `role` label, not the `worker` one, and the old role's series goes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pdserve.serve.metrics import ServerMetrics
+
+    be = _backend()
+    p, _ = be.workers
+    m = ServerMetrics(be.stats, worker_stats=be.worker_stats)
+    assert b'pdserve:worker_up{role="prefill",worker="prefill@127.0.0.1:9"}' in m.render()
+    p.role = "decode"  # as its heartbeat sets it once it serves as decode (worker_link.heartbeat)
+    ups = [s.labels for f in text_string_to_metric_families(m.render().decode()) for s in f.samples
+           if s.name == "pdserve:worker_up"]
+    assert ups == [{"worker": "prefill@127.0.0.1:9", "role": "decode"},
+                   {"worker": "decode@127.0.0.1:10", "role": "decode"}]
+    assert p.name == "prefill@127.0.0.1:9" and cluster_health(be.workers)[1]["workers"][0]["joined_as"] == "prefill"
 
 
 @dataclass

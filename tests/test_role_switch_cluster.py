@@ -142,6 +142,9 @@ def test_switches_under_load_lose_nothing_and_pools_follow(cluster) -> None:  # 
     assert out == ref[0]
     roles = _roles(srv.url)
     assert roles[p0] == ("decode", "up") and roles[p1] == ("prefill", "up") and roles[d0] == ("decode", "up")
+    # its name is its id (unchanged); /health and the metrics labels give the role it serves now
+    assert next(w for w in _health(srv.url)["workers"] if w["name"] == p0)["joined_as"] == "prefill"
+    assert [lab["role"] for lab, _ in probes.metrics(srv.url)["pdserve:worker_up"] if lab["worker"] == p0] == ["decode"]
     assert probes.stats(ports["prefill-0"], SECRET.encode()).role == "decode"
     (held, back), = _switch_log(srv, "prefill-0")
     assert held > 0 and back == 0  # it had work when the switch began, and finished it

@@ -7,14 +7,25 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
 
 import pytest
 from prometheus_client import generate_latest
 
 from pdserve.config.schema import ConfigError
+from pdserve.launch.base import WorkerHandle
 from pdserve.sched.sla_planner import PlannerSettings, SlaPlanner, Split
 from pdserve.serve.metrics import ServerMetrics
-from pdserve.serve.planner_loop import PlannerLoop, moves, observe, quantile, require_switch, snapshot
+from pdserve.serve.planner_loop import (
+    PlannerLoop,
+    address_of,
+    moves,
+    observe,
+    quantile,
+    require_switch,
+    snapshot,
+)
 
 
 class Capacity:
@@ -37,9 +48,11 @@ class Cluster:
     def __init__(self, roles: list[str]) -> None:
         self.roles = {f"w{i}": r for i, r in enumerate(roles)}
         self.calls: list[tuple[str, str]] = []
+        self.inflight: dict[str, float] = {}  # per worker; else its index (every load distinct)
 
     def workers(self) -> list[tuple[str, str, dict[str, float]]]:
-        return [(n, r, {"busy_fraction": 0.5, "inflight": float(i)}) for i, (n, r) in enumerate(self.roles.items())]
+        return [(n, r, {"busy_fraction": 0.5, "inflight": self.inflight.get(n, float(i))})
+                for i, (n, r) in enumerate(self.roles.items())]
 
     async def switch(self, name: str, role: str) -> None:
         self.calls.append((name, role))
@@ -104,8 +117,8 @@ def test_moves_switch_least_loaded_first_decode_before_prefill() -> None:
 
 
 def _loop(cluster: Cluster, m: ServerMetrics, clock: list[float], elastic: bool = False,
-          launcher: Launcher | None = None) -> PlannerLoop:
-    s = PlannerSettings(slo_ttft_s=1.0, slo_tpot_s=0.05, predictor="constant", cooldown_s=0.0, hysteresis=0.1,
+          launcher: Launcher | None = None, cooldown_s: float = 0.0) -> PlannerLoop:
+    s = PlannerSettings(slo_ttft_s=1.0, slo_tpot_s=0.05, predictor="constant", cooldown_s=cooldown_s, hysteresis=0.1,
                         elastic=elastic, max_total=8, max_utilization=1.0)
     return PlannerLoop(SlaPlanner(Capacity(), s), m.registry, 10.0, cluster.workers, lambda: 0.3, cluster.switch,
                        launcher, clock=lambda: clock[0])
@@ -144,6 +157,43 @@ def test_loop_adds_and_removes_through_the_launcher_when_elastic() -> None:
     traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
     asyncio.run(loop.step())
     assert launcher.log[2:] == ["-prefill w0", "-prefill w2"]  # by address, least loaded first
+
+
+def test_elastic_removal_among_equally_loaded_workers_takes_the_newest() -> None:
+    # idle workers all: the one the planner added goes, not one the cluster was started with
+    cluster, m, clock = Cluster(["prefill", "decode", "prefill"]), ServerMetrics(lambda: {}), [0.0]
+    cluster.inflight = dict.fromkeys(cluster.roles, 0.0)
+    launcher = Launcher(cluster)
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher)
+    clock[0] = 10.0
+    traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
+    assert asyncio.run(loop.step()).wanted == Split(1, 1)
+    assert launcher.log == ["-prefill w2"]
+
+
+def test_the_cool_down_counts_from_when_an_added_worker_is_up_not_from_the_decision() -> None:
+    # A worker that takes longer to start than the cool-down (weights loading) must not be removed
+    # the moment it is up by an idle interval: the change took effect when it joined.
+    cluster, m, clock = Cluster(["prefill", "decode"]), ServerMetrics(lambda: {}), [0.0]
+    launcher = Launcher(cluster)
+    add = launcher.add_worker
+
+    def slow_add(role: str) -> None:
+        clock[0] += 100.0
+        add(role)
+
+    launcher.add_worker = slow_add  # type: ignore[method-assign]
+    loop = _loop(cluster, m, clock, elastic=True, launcher=launcher, cooldown_s=30.0)
+    clock[0] = 10.0
+    traffic(m, 40, prompt=2000, output=100)  # 4 req/s: 2 prefill
+    assert asyncio.run(loop.step()).wanted == Split(2, 1) and clock[0] == 110.0
+    clock[0] = 120.0  # 1 req/s: 1P1D would do, but the new worker joined 10 s ago
+    traffic(m, 10, prompt=2000, output=100)
+    d = asyncio.run(loop.step())
+    assert not d.changed and "cool-down" in d.reason and launcher.log == ["+prefill"]
+    clock[0] = 150.0  # 40 s after it joined: past the cool-down
+    traffic(m, 30, prompt=2000, output=100)
+    assert asyncio.run(loop.step()).wanted == Split(1, 1) and launcher.log == ["+prefill", "-prefill w0"]
 
 
 def test_elastic_removal_takes_a_worker_serving_the_role_now_not_the_one_it_started_in() -> None:
@@ -200,3 +250,85 @@ def test_no_switch_role_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="switch_role"):
         require_switch(OldBackend)
+
+
+def test_up_with_a_missing_planner_profile_fails_before_any_worker_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`pdserve up` builds the planner's performance model (sim/capacity.py) before it starts
+    anything, and hands it to the launch layer."""
+    missing = tmp_path / "no-profile.json"
+    r = subprocess.run([sys.executable, "-m", "pdserve.cli", "up", "--planner", "sla", "--planner-profile",
+                        str(missing), "--port", "0", "--prefill", "1", "--decode", "1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == f"pdserve up: No such file or directory: {missing}"
+    assert "starting" not in r.stdout, r.stdout
+
+
+def test_run_cluster_with_the_planner_needs_its_performance_model() -> None:
+    from pdserve.config.load import cluster_from_dict
+    from pdserve.launch.serving import run_cluster
+
+    with pytest.raises(ConfigError, match="performance model"):
+        run_cluster(cluster_from_dict({"planner": {"mode": "sla"}}))
+
+
+class Router:
+    """A router backend's planner-facing calls: its pools change only when told (add_worker /
+    remove_worker, as `pdserve up`'s launcher follower tells it, every half second)."""
+
+    def __init__(self, roles: list[str]) -> None:
+        self.pools = {f"127.0.0.1:{i}": r for i, r in enumerate(roles)}
+
+    def worker_stats(self) -> list[tuple[str, str, dict[str, float]]]:
+        return [(f"{r}@{a}", r, {"inflight": 0.0}) for a, r in self.pools.items()]
+
+    def stats(self) -> dict[str, float]:
+        return {"kv_cache_usage": 0.0}
+
+    async def switch_role(self, name: str, role: str) -> None:
+        self.pools[address_of(name)] = role
+
+    async def add_worker(self, role: str, address: str) -> str:
+        self.pools.setdefault(address, role)
+        return f"{role}@{address}"
+
+    async def remove_worker(self, address: str) -> bool:
+        return self.pools.pop(address, None) is not None
+
+
+class SlowFollowedLauncher:
+    """Starts and stops workers, which the router learns of only at the follower's next round
+    (which, here, never comes)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.log = n, []  # type: ignore[var-annotated]
+
+    def add_worker(self, role: str) -> WorkerHandle:
+        self.log.append(f"+{role}")
+        self.n += 1
+        return WorkerHandle(role, self.n, f"127.0.0.1:{self.n}", 0)
+
+    def remove_worker(self, role: str, address: str = "") -> WorkerHandle:
+        self.log.append(f"-{role} {address}")
+        return WorkerHandle(role, 0, address, 0)
+
+
+def test_the_router_counts_a_worker_the_planner_added_or_removed_at_its_next_interval() -> None:
+    # Without it, the next interval still sees the old pools (the launcher follower lags) and adds
+    # the same workers again, past max_workers, or finds a removed worker still there.
+    from pdserve.config.load import cluster_from_dict
+    from pdserve.serve.planner_loop import from_config
+
+    cfg = cluster_from_dict({"prefill": {"workers": 1}, "decode": {"workers": 1}, "planner": {
+        "mode": "sla", "elastic": True, "max_workers": 4, "predictor": "constant", "cooldown_s": 0.0,
+        "slo_ttft_ms": 1000, "slo_tpot_ms": 50, "max_utilization": 1.0}})
+    router, launcher, m, clock = Router(["prefill", "decode"]), SlowFollowedLauncher(1), ServerMetrics(lambda: {}), [0.0]
+    loop = from_config(cfg, router, m.registry, Capacity(), launcher, clock=lambda: clock[0])
+    for t in (10.0, 20.0):
+        clock[0] = t
+        traffic(m, 40, prompt=2000, output=100)  # 4 req/s: 2 prefill
+        asyncio.run(loop.step())
+    assert launcher.log == ["+prefill"] and sorted(router.pools.values()) == ["decode", "prefill", "prefill"]
+    clock[0] = 30.0
+    traffic(m, 10, prompt=2000, output=100)  # 1 req/s: 1 prefill
+    asyncio.run(loop.step())
+    assert launcher.log[1:] == ["-prefill 127.0.0.1:2"] and "127.0.0.1:2" not in router.pools

@@ -169,3 +169,12 @@ def test_top_frame_rates_are_over_the_interval() -> None:
     assert "10ms" in link and link.rstrip().endswith("closed")
     assert "TTFT<=1000ms: 75%" in screen  # 15 of the last 20 within the SLO
     assert "decode@d:1" in screen and " 25%" in screen
+
+
+def test_top_shows_the_current_role_and_marks_a_switched_worker() -> None:
+    text = "\n".join(["# TYPE pdserve:worker_up gauge", 'pdserve:worker_up{worker="prefill@p:1",role="decode"} 1',
+                      'pdserve:worker_up{worker="decode@d:1",role="decode"} 1', ""])
+    screen = frame(Snapshot.parse(text, at=1.0), None, 1.0, 0.1)
+    rows = {ln.split()[0]: ln.split()[1] for ln in screen if ln.startswith(("prefill@", "decode@"))}
+    assert rows == {"prefill@p:1": "decode*", "decode@d:1": "decode"}
+    assert any(ln.startswith("* switched: serves this role now") for ln in screen)

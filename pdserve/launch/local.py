@@ -141,13 +141,15 @@ class LocalLauncher(Launcher):
     def __init__(self, cfg: ClusterConfig) -> None:
         self.cfg = cfg
         self._procs: list[WorkerProc] = []
+        self._starting: list[WorkerProc] = []  # added, not ready yet: stop() stops these too
+        self._stopped = False
         self._next = dict.fromkeys(ROLES, 0)  # the index the role's next worker gets
         self._lock = threading.Lock()
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._settings = self._secret = ""
 
     def start(self, secret: str) -> list[WorkerHandle]:
-        self._secret = secret
+        self._secret, self._stopped = secret, False
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-up-")
         self._settings = write_worker_settings(self.cfg, self._tmp.name)
         with self._lock:
@@ -169,15 +171,23 @@ class LocalLauncher(Launcher):
     def add_worker(self, role: str) -> WorkerHandle:
         self.cfg.role(role)  # a bad role fails here
         with self._lock:
+            if self._stopped:
+                raise RuntimeError("the launcher is stopped")
             w = start_worker(role, self._next[role], self._secret, self._settings)
             self._next[role] += 1
+            self._starting.append(w)
         try:
-            wait_ready([w])
+            wait_ready([w])  # raises if stop() stopped it meanwhile
+            with self._lock:
+                if self._stopped:
+                    raise RuntimeError("the launcher stopped while the worker started")
+                self._procs.append(w)
         except BaseException:
             stop_workers([w])
             raise
-        with self._lock:
-            self._procs.append(w)
+        finally:
+            with self._lock:
+                self._starting.remove(w)
         return WorkerHandle(w.role, w.index, w.address, w.proc.pid, node_identity())
 
     def remove_worker(self, role: str, address: str = "") -> WorkerHandle | None:
@@ -187,12 +197,15 @@ class LocalLauncher(Launcher):
             return None
         stop_workers([w])
         with self._lock:
-            self._procs.remove(w)
+            if w in self._procs:  # stop() may have taken it meanwhile
+                self._procs.remove(w)
         return WorkerHandle(w.role, w.index, w.address, w.proc.pid, node_identity())
 
     def stop(self) -> None:
         with self._lock:
-            procs = list(self._procs)
+            self._stopped = True
+            procs = self._procs + self._starting
+            self._procs = []
         stop_workers(procs)
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -20,9 +20,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pdserve.config.schema import ClusterConfig
+from pdserve.config.schema import ClusterConfig, ConfigError
 from pdserve.launch.base import Launcher, make_launcher
 from pdserve.launch.local import free_port
+from pdserve.sched.sla_planner import CapacityModel
 
 log = logging.getLogger("pdserve.launch")
 FOLLOW_S = 0.5
@@ -93,10 +94,12 @@ def _log_decisions() -> None:
 
 
 def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
-                serving: Callable[[Any, str], None] | None = None) -> int:
+                serving: Callable[[Any, str], None] | None = None, capacity: CapacityModel | None = None) -> int:
     """Start everything, serve until interrupted, stop everything. `serving(server, url)` is
     called once the router is about to serve (a caller in another thread stops it by setting
-    `server.should_exit`)."""
+    `server.should_exit`). `capacity`: the performance model `planner: sla` plans with (the CLI
+    builds it with `pdserve.sim.capacity.for_cluster`, the model `pdserve plan` uses; launch/ does
+    not import sim/)."""
     import uvicorn
 
     from pdserve.config.model import resolve_shape
@@ -109,6 +112,9 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
         from pdserve.serve.planner_loop import require_switch
 
         require_switch(ClusterBackend)
+        if capacity is None:
+            raise ConfigError("planner: sla needs the performance model to plan with (run_cluster(..., "
+                              "capacity=pdserve.sim.capacity.for_cluster(cfg)), as `pdserve up` does)")
     secret = os.environ.get("PDSERVE_CLUSTER_SECRET") or secrets.token_hex(16)
     shape = resolve_shape(cfg.model, cfg.dtype or None)  # fail fast on a bad model, before forking
     r = cfg.router
@@ -135,9 +141,8 @@ def run_cluster(cfg: ClusterConfig, launcher: Launcher | None = None,
         planner = None
         if cfg.planner.mode == "sla":
             from pdserve.serve.planner_loop import from_config
-            from pdserve.sim.capacity import for_cluster  # the performance model `pdserve plan` uses
 
-            planner = from_config(cfg, backend, front.metrics.registry, for_cluster(cfg), launcher)
+            planner = from_config(cfg, backend, front.metrics.registry, capacity, launcher)
             _log_decisions()
             print(f"pdserve: SLA planner every {cfg.planner.interval_s:g} s (p90 TTFT {cfg.planner.slo_ttft_ms:g} ms, "
                   f"TPOT {cfg.planner.slo_tpot_ms:g} ms)", flush=True)

@@ -17,7 +17,7 @@ Every interval (Dynamo's SLA planner, adapted):
      leaves the most headroom on its tightest role wins;
   5. hysteresis (a change must beat what runs by `hysteresis`, and scale-down only once the need
      is `hysteresis` below the count) and a cool-down (no scale-down, mode flip or switch within
-     `cooldown_s` of the last change; scale-up is never delayed).
+     `cooldown_s` of the last change taking effect, `settled`; scale-up is never delayed).
 The current counts come from each observation, never from the planner's memory, so a worker
 added, removed or switched by hand is simply the new starting point.
 Pure: no I/O, no clock; time is the observation's.
@@ -353,6 +353,13 @@ class SlaPlanner:
         if changed:
             self.last_change_s = o.time_s
         return Decision(o.time_s, cur, wanted, changed, why, load, need, dict(self.corrections), o)
+
+    def settled(self, time_s: float) -> None:
+        """The last change took effect at `time_s` (its workers started, switched or stopped): the
+        cool-down counts from then, so a change slower than the cool-down (a worker loading its
+        weights for minutes) is not undone by the first interval after it lands."""
+        if self.last_change_s is not None:
+            self.last_change_s = max(self.last_change_s, time_s)
 
     def _choose(self, options: dict[str, Split], cur: Split, need: dict[str, float], load: Load
                 ) -> tuple[Split, str]:

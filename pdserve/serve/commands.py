@@ -45,7 +45,14 @@ def _run_up(args: argparse.Namespace) -> int:
 
     cfg = cluster_from_args(args)
     resolve_shape(cfg.model, cfg.dtype or None)  # a bad model fails here, before any worker starts
-    return run_cluster(cfg)
+    capacity = None
+    if cfg.planner.mode == "sla":
+        # The planner's performance model is the one `pdserve plan` uses (sim/), handed to the
+        # launch layer from here, the one layer allowed to know both; a bad profile fails now.
+        from pdserve.sim.capacity import for_cluster
+
+        capacity = for_cluster(cfg)
+    return run_cluster(cfg, capacity=capacity)
 
 
 def router_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]

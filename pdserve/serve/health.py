@@ -4,7 +4,9 @@ A request is served either disaggregated (a prefill and a decode worker) or whol
 colocated worker, or by a decode worker when the cluster has no colocated workers (the router's
 `_local` path). The cluster can serve while either way has an available worker for each role it
 needs; availability is the heartbeat's (answered its last stats query and is not draining). A
-worker switching roles counts in its old role's total until it serves in its new one.
+worker switching roles counts in its old role's total until it serves in its new one. A worker's
+name (`role@host:port`, the role it joined as) is its stable id; `role` is what it serves now, and
+`joined_as` is shown where the two differ.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ ROLES = ("prefill", "decode", "colocated")
 class WorkerView(Protocol):
     """What /health reads of the router's view of one worker."""
 
-    role: str
+    role: str  # the role it serves now
+    joined_as: str  # the role in its name (names are stable ids; a switch does not rename)
     healthy: bool
     draining: bool
     switching: str
@@ -47,6 +50,7 @@ def cluster_health(workers: Sequence[WorkerView]) -> tuple[bool, dict[str, Any]]
         "status": "ok",
         "roles": {r: {"available": up[r], "total": total[r]} for r in ROLES if total[r]},
         "workers": [{"name": w.name, "role": w.role, "state": _state(w),
+                     **({"joined_as": w.joined_as} if w.joined_as != w.role else {}),
                      **({"switching_to": w.switching} if w.switching else {})} for w in workers],
     }
     missing = [r for r in ROLES if total[r] and not up[r]]

@@ -164,11 +164,16 @@ class PlannerLoop:
 
     workers(): (name, role, heartbeat gauges) per worker (the backend's `worker_stats`);
     kv_usage(): the cluster's KV usage (backend.stats()); registry: the front's, read and written;
-    launcher: add_worker / remove_worker (blocking; run in a thread), or None to switch only."""
+    launcher: add_worker / remove_worker (blocking; run in a thread), or None to switch only;
+    join(role, address) / leave(address): put a worker the launcher started into the router's pools,
+    take one it stopped out (the backend's add_worker / remove_worker), so the next interval counts
+    what the planner did, whether or not the launcher follower has caught up."""
 
     def __init__(self, planner: SlaPlanner, registry: CollectorRegistry, interval_s: float,
                  workers: Callable[[], list[tuple[str, str, dict[str, float]]]], kv_usage: Callable[[], float],
-                 switch: Switch, launcher: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 switch: Switch, launcher: Any = None, clock: Callable[[], float] = time.monotonic,
+                 join: Callable[[str, str], Awaitable[Any]] | None = None,
+                 leave: Callable[[str], Awaitable[Any]] | None = None) -> None:
         self.planner = planner
         self.registry = registry
         self.interval_s = interval_s
@@ -177,6 +182,8 @@ class PlannerLoop:
         self.switch = switch
         self.launcher = launcher
         self.clock = clock
+        self.join = join
+        self.leave = leave
         self.metrics = PlannerMetrics(registry)
         self.decisions: list[Decision] = []
         self._prev = snapshot(registry)
@@ -199,6 +206,7 @@ class PlannerLoop:
             # drained and rejoined is the switch's cost, not the new split's, and must not set
             # the new split's correction factors
             self._prev, self._prev_t = snapshot(self.registry), self.clock()
+            self.planner.settled(self._prev_t)  # and so does the cool-down
         return d
 
     async def act(self, wanted: Split, workers: list[tuple[str, str, dict[str, float]]]) -> None:
@@ -213,14 +221,26 @@ class PlannerLoop:
         switched = {name for name, _ in switches}
         for role, n in rest.items():
             # the least-loaded workers serving as `role` now, by address: the launcher lists a
-            # worker under the role it started it in, which a role switch has since changed
-            spare = [name for name, r, _ in sorted(loads, key=lambda w: w[2]) if r == role and name not in switched]
+            # worker under the role it started it in, which a role switch has since changed;
+            # among equally loaded ones the newest (the router lists them in joining order), so
+            # an idle cluster shrinks back to the workers it was started with
+            spare = [name for name, r, _ in sorted(reversed(loads), key=lambda w: w[2])
+                     if r == role and name not in switched]
             for k in range(abs(n)):
                 if n > 0:
-                    await self._do("add", role, asyncio.to_thread(self.launcher.add_worker, role))
+                    await self._do("add", role, self._add(role))
                 elif k < len(spare):
-                    await self._do("remove", spare[k], asyncio.to_thread(self.launcher.remove_worker, role,
-                                                                         address_of(spare[k])))
+                    await self._do("remove", spare[k], self._remove(role, address_of(spare[k])))
+
+    async def _add(self, role: str) -> None:
+        handle = await asyncio.to_thread(self.launcher.add_worker, role)
+        if self.join is not None and handle is not None:
+            await self.join(handle.role, handle.address)
+
+    async def _remove(self, role: str, address: str) -> None:
+        await asyncio.to_thread(self.launcher.remove_worker, role, address)
+        if self.leave is not None:
+            await self.leave(address)
 
     async def _do(self, action: str, what: str, aw: Awaitable[Any]) -> None:
         try:
@@ -252,7 +272,7 @@ def require_switch(backend: Any) -> None:
 
 
 def from_config(cfg: Any, backend: Any, registry: CollectorRegistry, capacity: Any,
-                launcher: Any = None) -> PlannerLoop:
+                launcher: Any = None, clock: Callable[[], float] = time.monotonic) -> PlannerLoop:
     """The loop `pdserve up --planner sla` runs: the schema's `planner` section, the router backend's
     `switch_role`, the launcher for elastic add/remove."""
     from pdserve.sched.sla_planner import settings_from
@@ -262,4 +282,5 @@ def from_config(cfg: Any, backend: Any, registry: CollectorRegistry, capacity: A
     settings = settings_from(p, max_total=p.max_workers or cfg.num_workers, elastic=p.elastic and launcher is not None)
     return PlannerLoop(SlaPlanner(capacity, settings), registry, p.interval_s, backend.worker_stats,
                        lambda: backend.stats().get("kv_cache_usage", 0.0), backend.switch_role,
-                       launcher if settings.elastic else None)
+                       launcher if settings.elastic else None, clock=clock, join=backend.add_worker,
+                       leave=backend.remove_worker)

@@ -73,7 +73,8 @@ class Worker:
     def __init__(self, role: str, address: str, secret: bytes | None, config: RouterConfig,
                  index: PrefixIndex | None = None) -> None:
         """`index`: the router's prefix index, fed this worker's block-hash events (None: not asked for)."""
-        self.role = role
+        self.role = role  # the role it serves now (a switch changes it)
+        self.joined_as = role  # the role it joined as, in its name: the name is its id and never changes
         self.index = index
         self.block_size = 0  # its KV block size and prefix-cache salt, as last reported
         self.cache_salt = b""
