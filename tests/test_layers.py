@@ -38,6 +38,7 @@ CLI = {"cli", "top", "__init__"}
 KNOWN = {
     ("bench/simcheck.py", "sim"),  # the simulator checked against the real cluster it benchmarks
     ("bench/simcompare.py", "sim"),
+    ("bench/prefill_factors.py", "sim"),  # the profile's in-step factors measured from real runs
     ("bench/prompts.py", "model"),  # token prompts from the model's tokenizer (lazy)
     ("engine/profiler.py", "sim"),  # `pdserve profile` fits the profile it wrote, to report the fit
 }
