@@ -59,9 +59,16 @@ def test_decode_batch_of_mixed_lengths(heads, kv_heads, d) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("ctx", [1, 4, 9, 200])
-def test_one_sequence(ctx) -> None:
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_sequence(ctx, threads) -> None:
+    """With more threads than sequences each KV head is a task of its own (the other split)."""
     table = _shuffled_tables([ctx], random.Random(ctx))[0]
-    ours, ref, _ = _native_vs_reference([(table, ctx - 1, 1)], 4, 2, 8, seed=ctx)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours, ref, _ = _native_vs_reference([(table, ctx - 1, 1)], 4, 2, 8, seed=ctx)
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -110,7 +117,7 @@ def test_forced_torch_path_and_fallbacks(tiny_models) -> None:
     with pytest.raises(RuntimeError, match="float32 only"):
         ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=8, decode_attention="native"), dtype="bfloat16")
     assert not native_decode.choose("auto", torch.device("cuda"), torch.float32, 4, 2, 8, BS)
-    assert not native_decode.choose("auto", CPU, torch.float32, 64, 2, 8, BS)  # group 32: past the limit
+    assert not native_decode.choose("auto", CPU, torch.float32, 256, 2, 8, BS)  # 256 heads: past the limit
 
 
 def test_no_working_compiler_falls_back(monkeypatch) -> None:

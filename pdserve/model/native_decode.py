@@ -32,7 +32,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
-MAX_GROUP, MAX_DIM, MAX_BLOCK = 16, 256, 128  # as paged_decode.c's arrays
+MAX_ROW, MAX_HEADS, MAX_BLOCK = 16384, 128, 128  # as paged_decode.c's arrays
 
 
 @dataclass
@@ -92,7 +92,7 @@ def library() -> ctypes.CDLL | str:
     except OSError as e:
         return f"loading {lib} failed: {e}"
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    so.paged_decode_f32.argtypes = [p, i64, p, i64, p, i64, i32, i32, i32, i32, p, p, p, i32, i32, f32, i32]
+    so.paged_decode_f32.argtypes = [p, i64, p, i64, p, i64, i32, i32, i32, i32, p, p, p, i32, i32, f32, i32, i32]
     so.paged_decode_f32.restype = None
     return so
 
@@ -104,8 +104,8 @@ def unsupported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: 
         return f"the native kernel is for cpu, not {device.type}"
     if dtype != torch.float32:
         return f"the native kernel is float32 only, not {dtype}"
-    if heads // kv_heads > MAX_GROUP or head_dim > MAX_DIM or block_size > MAX_BLOCK:
-        return f"past the native kernel's limits (group {MAX_GROUP}, head_dim {MAX_DIM}, block {MAX_BLOCK})"
+    if heads * head_dim > MAX_ROW or heads > MAX_HEADS or block_size > MAX_BLOCK:
+        return f"past the native kernel's limits (heads x head_dim {MAX_ROW}, heads {MAX_HEADS}, block {MAX_BLOCK})"
     lib = library()
     return lib if isinstance(lib, str) else None
 
@@ -130,6 +130,9 @@ def paged_decode(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor, d: Nat
     # The kernel walks heads and dims densely inside a row; rows may be strided (q is a view of qkv).
     assert q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1) and cache.is_contiguous()
     assert q.dtype == out.dtype == cache.dtype == torch.float32
+    batch, threads = d.rows.numel(), torch.get_num_threads()
+    # Whole token rows per task unless that leaves threads idle (see paged_decode.c).
+    split = kv if batch < threads else 1
     lib.paged_decode_f32(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), cache.data_ptr(), nb, bs,
                          kv, dim, heads // kv, d.rows.data_ptr(), d.ctx_lens.data_ptr(), d.tables.data_ptr(),
-                         d.tables.shape[1], d.rows.numel(), scale, torch.get_num_threads())
+                         d.tables.shape[1], batch, scale, split, threads)
