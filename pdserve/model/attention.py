@@ -28,6 +28,7 @@ from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
 # Padding (in keys) a decode sequence may add to a group rather than start its own SDPA call: one
 # call costs about as much as attending to this many extra keys on a CPU.
 GROUP_SLACK_KEYS = 256
+NATIVE_DECODE_OP = "pdserve::native_decode"  # the native kernel's name in torch.profiler traces
 
 
 @dataclass
@@ -129,7 +130,8 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qq, k, v, attn_mask=c.mask, scale=scale, enable_gqa=group > 1)
         out[c.q_start : c.q_start + c.q_len] = o[0].transpose(0, 1)
     if meta.native is not None:
-        native_decode.paged_decode(q, out, cache, meta.native, scale)
+        with torch.profiler.record_function(NATIVE_DECODE_OP):  # ctypes is no aten op: name it for profiles
+            native_decode.paged_decode(q, out, cache, meta.native, scale)
     for g in meta.decode:
         b = g.rows.numel()
         if g.blocks is None:
