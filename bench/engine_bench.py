@@ -441,19 +441,20 @@ def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gb
     beside it the same steps' rooflines (prefill: FLOPs / matmul FLOP/s; decode: weights + KV at
     the mean context / copy bandwidth)."""
     shape = llm.runner.shape
-    recs: list[tuple[int, int, float]] = []
+    recs: list[tuple[int, int, float, float]] = []  # prefill tokens, decode seqs, wall s, thread CPU s
     core_step = llm.core.step
 
     def timed():  # type: ignore[no-untyped-def]
+        c = time.thread_time()
         r = core_step()
-        recs.append((r.output.num_prefill_tokens, r.output.num_decode_seqs, r.duration))
+        recs.append((r.output.num_prefill_tokens, r.output.num_decode_seqs, r.duration, time.thread_time() - c))
         return r
 
     llm.core.step = timed  # type: ignore[method-assign]
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         ours_generate(llm, prompts, max_tokens)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.thread_time() - c
     finally:
         del llm.core.step
     pre = [r for r in recs if r[0]]
@@ -463,7 +464,8 @@ def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gb
     pre_bound = sum(shape.flops_per_token(len(p) / 2) * len(p) for p in prompts) / flops
     steps_s = sum(r[2] for r in recs)
     return {
-        "max_num_batched_tokens": llm.scheduler.config.max_num_batched_tokens, "wall_s": wall,
+        "max_num_batched_tokens": llm.scheduler.config.max_num_batched_tokens, "wall_s": wall, "cpu_s": cpu,
+        "prefill_steps_cpu_s": sum(r[3] for r in pre), "decode_steps_cpu_s": sum(r[3] for r in dec),
         "steps": len(recs), "prefill_steps": len(pre), "decode_steps": len(dec),
         "prefill_steps_s": sum(r[2] for r in pre), "decode_steps_s": sum(r[2] for r in dec),
         "outside_steps_s": wall - steps_s, "decode_batch_mean": statistics.mean(r[1] for r in dec) if dec else 0,
@@ -580,29 +582,35 @@ def main() -> None:
     times: dict[str, list[float]] = {"pdserve": [], "transformers": []}
     if compare:
         times["pdserve_torch_attention"] = []
+    # This thread's CPU time of each run (with --threads 1 every kernel runs on it): on a loaded
+    # machine, the run without the waits for a core.
+    cpu_times: dict[str, list[float]] = {k: [] for k in times}
     ours_out = ref_out = torch_attn_out = None
     for rep in range(args.repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         ours_out = ours_generate(llm, prompts, args.max_tokens)
         sync(dev)
         times["pdserve"].append(time.perf_counter() - t)
+        cpu_times["pdserve"].append(time.thread_time() - c)
         log(f"  run {rep + 1}/{args.repeats}: pdserve {times['pdserve'][-1]:.2f}s "
             f"({n_out / times['pdserve'][-1]:.0f} tok/s)")
         if compare:
             llm.runner.native_decode = False
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             torch_attn_out = ours_generate(llm, prompts, args.max_tokens)
             times["pdserve_torch_attention"].append(time.perf_counter() - t)
+            cpu_times["pdserve_torch_attention"].append(time.thread_time() - c)
             llm.runner.native_decode = True
             log(f"  run {rep + 1}/{args.repeats}: pdserve, torch decode attention "
                 f"{times['pdserve_torch_attention'][-1]:.2f}s ({n_out / times['pdserve_torch_attention'][-1]:.0f} tok/s)")
         if hf is not None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             ref_out = hf_generate(hf, prompts, args.max_tokens, dev)
             times["transformers"].append(time.perf_counter() - t)
+            cpu_times["transformers"].append(time.thread_time() - c)
             log(f"  run {rep + 1}/{args.repeats}: transformers {times['transformers'][-1]:.2f}s "
                 f"({n_out / times['transformers'][-1]:.0f} tok/s)")
-    thr: dict[str, Any] = {"output_tokens": n_out, "seconds": times}
+    thr: dict[str, Any] = {"output_tokens": n_out, "seconds": times, "cpu_seconds": cpu_times}
     for k, v in times.items():
         if v:
             thr[f"{k}_tok_per_s_best"] = n_out / min(v)
@@ -613,9 +621,16 @@ def main() -> None:
         if compare:
             thr["speedup_median_torch_attention"] = (statistics.median(times["transformers"])
                                                      / statistics.median(times["pdserve_torch_attention"]))
-    if compare:
-        thr["native_over_torch_attention_median"] = (statistics.median(times["pdserve_torch_attention"])
+        thr["speedup_cpu_median"] = (statistics.median(cpu_times["transformers"])
+                                     / statistics.median(cpu_times["pdserve"]))
+        if compare:
+            thr["speedup_cpu_median_torch_attention"] = (statistics.median(cpu_times["transformers"])
+                                                         / statistics.median(cpu_times["pdserve_torch_attention"]))
+    if compare:  # > 1: the native kernel is faster
+        thr["torch_over_native_attention_median"] = (statistics.median(times["pdserve_torch_attention"])
                                                      / statistics.median(times["pdserve"]))
+        thr["torch_over_native_attention_cpu_median"] = (statistics.median(cpu_times["pdserve_torch_attention"])
+                                                         / statistics.median(cpu_times["pdserve"]))
     result["throughput"] = thr
 
     # Where the offline time goes, at the batch budget above and with the whole batch's prompts
@@ -625,11 +640,19 @@ def main() -> None:
                 max_num_batched_tokens=sum(lens) + args.num_prompts, max_num_seqs=max(64, args.num_prompts),
                 seed=args.seed, decode_attention=attn)
     ours_generate(whole, warm, 4)
-    rounds: dict[str, list[dict[str, Any]]] = {"budget": [], "whole_batch": []}
+    variants = [("budget", llm, True), ("whole_batch", whole, True)]
+    if compare:  # the budget run again on the torch decode-attention path
+        variants.append(("budget_torch_attention", llm, False))
+    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in variants}
     for _ in range(2):
-        for key, engine in (("budget", llm), ("whole_batch", whole)):
-            rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
-                                                 mm["flops_per_s"]))
+        for key, engine, native in variants:
+            default = engine.runner.native_decode
+            engine.runner.native_decode = default and native
+            try:
+                rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
+                                                     mm["flops_per_s"]))
+            finally:
+                engine.runner.native_decode = default
             b = rounds[key][-1]
             log(f"  {key} ({b['max_num_batched_tokens']} tokens/step): wall {b['wall_s']:.2f}s = prefill steps "
                 f"{b['prefill_steps_s']:.2f}s ({b['prefill_steps']}) + decode steps {b['decode_steps_s']:.2f}s "
@@ -643,6 +666,9 @@ def main() -> None:
                ("wall_s", "prefill_steps_s", "decode_steps_s", "outside_steps_s", "prefill_roofline_s",
                 "decode_roofline_s_approx")}
         bd["budget_median"] = med
+        for key in rounds:
+            bd[f"{key}_cpu_median"] = {k: statistics.median(r[k] for r in rounds[key])
+                                       for k in ("cpu_s", "prefill_steps_cpu_s", "decode_steps_cpu_s")}
         bd["prefill_share_of_wall"] = med["prefill_steps_s"] / med["wall_s"]
         # The ratio to transformers if one part ran at its roofline and the rest as measured.
         bd["ratio_measured"] = hf_s / med["wall_s"]
