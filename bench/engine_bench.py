@@ -460,7 +460,7 @@ def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gb
     pre = [r for r in recs if r[0]]
     dec = [r for r in recs if not r[0]]
     mean_ctx = statistics.mean(len(p) for p in prompts) + max_tokens / 2
-    dec_bound = sum((shape.weight_bytes() + n * mean_ctx * shape.kv_bytes_per_token()) / (bw_gbps * GB) for _, n, _ in dec)
+    dec_bound = sum((shape.weight_bytes() + n * mean_ctx * shape.kv_bytes_per_token()) / (bw_gbps * GB) for _, n, *_ in dec)
     pre_bound = sum(shape.flops_per_token(len(p) / 2) * len(p) for p in prompts) / flops
     steps_s = sum(r[2] for r in recs)
     return {
