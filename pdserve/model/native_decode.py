@@ -32,7 +32,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared")
-MAX_ROW, MAX_HEADS, MAX_BLOCK = 16384, 128, 128  # as paged_decode.c's arrays
+MAX_ROW, MAX_HEADS, MAX_BLOCK = 8192, 64, 128  # as paged_decode.c's arrays
 
 
 @dataclass
