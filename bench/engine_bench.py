@@ -19,6 +19,10 @@ decode-attention variants over a fragmented cache and the projections against MK
 `offline_breakdown` splits one offline run into prefill steps, decode steps and the time outside
 steps, at the batch budget and with the whole batch in one step, and gives the ratio to
 `transformers` each part's roofline would allow. `--quick` runs a subset in a few minutes.
+`--decode-attention both` (the default) times pdserve's native CPU decode-attention kernel and its
+torch path (gather + SDPA) alternated in the same run: the offline throughput (`pdserve` and
+`pdserve_torch_attention`) and every decode model step (`decode_steps` and
+`decode_steps_torch_attention`, alternated step by step on one runner).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
 `transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
@@ -298,12 +302,14 @@ def matmul_flops(device: str, n: int = 2048, reps: int = 4, dtype: torch.dtype =
             "flops_per_s": 2 * n**3 / min(times)}
 
 
-def _step_runner(model: str, dtype: str | None, device: str, tokens: int, seed: int):  # type: ignore[no-untyped-def]
+def _step_runner(model: str, dtype: str | None, device: str, tokens: int, seed: int,  # type: ignore[no-untyped-def]
+                 decode_attention: str = "auto"):
     from pdserve.config.engine import CacheConfig
     from pdserve.engine.model_runner import ModelRunner
 
-    return ModelRunner(model, CacheConfig(block_size=16, num_blocks=tokens // 16 + 64), device=device,
-                       dtype=dtype, seed=seed)
+    return ModelRunner(model, CacheConfig(block_size=16, num_blocks=tokens // 16 + 64,
+                                          decode_attention=decode_attention),  # type: ignore[arg-type]
+                       device=device, dtype=dtype, seed=seed)
 
 
 def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | None = None):  # type: ignore[no-untyped-def]
@@ -332,54 +338,69 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
-                 seed: int, profile_ops: bool = False, fragmented: bool = False) -> dict[str, Any]:
+                 seed: int, profile_ops: bool = False, fragmented: bool = False,
+                 modes: tuple[str, ...] = ("default",)) -> dict[str, dict[str, Any]]:
     """Median model step decoding `batch` sequences at context ~`ctx`, against its roofline.
     Contiguous layout: each sequence's blocks consecutive (read in place); fragmented: the blocks
-    past the prompt interleaved across sequences (gathered), as after decoding a while."""
+    past the prompt interleaved across sequences (gathered), as after decoding a while.
+    modes: decode-attention paths ("native", "torch"; "default": the runner's), alternated step by
+    step on the same runner and cache; one record per mode."""
     from pdserve.sched.output import ScheduledChunk, SchedulerOutput
 
     shape = runner.shape
     reqs = _requests(runner, [ctx + steps + 4] * batch, shape.vocab_size, seed,
                      prompt=ctx - 256 if fragmented else None)
-    times = []
+    default = runner.native_decode
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}  # this thread's CPU time: without waits for a core
 
-    def step(k: int) -> None:
+    def step(k: int, mode: str) -> None:
+        runner.native_decode = default if mode == "default" else mode == "native"
         for r in reqs:
             r.num_computed_tokens = ctx + k
         out = SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])
         runner.execute(out).argmax(-1).tolist()
 
-    cpu = []  # this thread's CPU time: on a loaded machine, without the waits for a core
-    step(0)  # warm-up (buffers, kernels)
-    for k in range(1, steps + 1):
-        t, c = time.perf_counter(), time.thread_time()
-        step(k)
-        sync(runner.device.type)
-        times.append(time.perf_counter() - t)
-        cpu.append(time.thread_time() - c)
-    med = statistics.median(times)
-    ctx_mean = ctx + (steps + 1) / 2
-    kv_bytes = batch * ctx_mean * shape.kv_bytes_per_token()
-    step_flops = batch * shape.flops_per_token(int(ctx_mean))
-    bytes_s = (shape.weight_bytes() + kv_bytes) / (bw_gbps * GB)
-    flops_s = step_flops / flops
-    roof = max(bytes_s, flops_s)
-    rec: dict[str, Any] = {
-        "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous", "steps": steps, "step_s_median": med, "step_s_min": min(times),
-        "step_s_all": times, "step_cpu_s_median": statistics.median(cpu), "step_cpu_s_all": cpu,
-        "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
-        "kv_bytes_read": kv_bytes, "flops": step_flops, "bound_bytes_s": bytes_s, "bound_flops_s": flops_s,
-        "roofline_s": roof, "roofline_over_achieved": roof / med, "achieved_over_roofline": med / roof,
-    }
-    if profile_ops:
-        rec["op_profile"], rec["op_categories"] = op_profile(lambda: step(steps + 1), 3)
-    return rec
+    try:
+        for m in modes:
+            step(0, m)  # warm-up (buffers, kernels)
+        for k in range(1, steps + 1):
+            for m in modes:
+                t, c = time.perf_counter(), time.thread_time()
+                step(k, m)
+                sync(runner.device.type)
+                times[m].append(time.perf_counter() - t)
+                cpu[m].append(time.thread_time() - c)
+        ctx_mean = ctx + (steps + 1) / 2
+        kv_bytes = batch * ctx_mean * shape.kv_bytes_per_token()
+        step_flops = batch * shape.flops_per_token(int(ctx_mean))
+        bytes_s = (shape.weight_bytes() + kv_bytes) / (bw_gbps * GB)
+        flops_s = step_flops / flops
+        roof = max(bytes_s, flops_s)
+        recs = {}
+        for m in modes:
+            med = statistics.median(times[m])
+            rec: dict[str, Any] = {
+                "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous",
+                "decode_attention": ("native" if default else "torch") if m == "default" else m,
+                "steps": steps, "step_s_median": med, "step_s_min": min(times[m]),
+                "step_s_all": times[m], "step_cpu_s_median": statistics.median(cpu[m]), "step_cpu_s_all": cpu[m],
+                "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
+                "kv_bytes_read": kv_bytes, "flops": step_flops, "bound_bytes_s": bytes_s, "bound_flops_s": flops_s,
+                "roofline_s": roof, "roofline_over_achieved": roof / med, "achieved_over_roofline": med / roof,
+            }
+            if profile_ops:
+                rec["op_profile"], rec["op_categories"] = op_profile(lambda m=m: step(steps + 1, m), 3)
+            recs[m] = rec
+    finally:
+        runner.native_decode = default
+    return recs
 
 
 # What each op's self time is spent on, for the per-op breakdown (first match wins).
 OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
-    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "pdserve::native_decode")),
     ("kv_gather", ("aten::index_select",)),
     ("kv_write", ("aten::index_copy",)),
     ("norm_rope_act", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu",
@@ -420,29 +441,31 @@ def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gb
     beside it the same steps' rooflines (prefill: FLOPs / matmul FLOP/s; decode: weights + KV at
     the mean context / copy bandwidth)."""
     shape = llm.runner.shape
-    recs: list[tuple[int, int, float]] = []
+    recs: list[tuple[int, int, float, float]] = []  # prefill tokens, decode seqs, wall s, thread CPU s
     core_step = llm.core.step
 
     def timed():  # type: ignore[no-untyped-def]
+        c = time.thread_time()
         r = core_step()
-        recs.append((r.output.num_prefill_tokens, r.output.num_decode_seqs, r.duration))
+        recs.append((r.output.num_prefill_tokens, r.output.num_decode_seqs, r.duration, time.thread_time() - c))
         return r
 
     llm.core.step = timed  # type: ignore[method-assign]
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         ours_generate(llm, prompts, max_tokens)
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, time.thread_time() - c
     finally:
         del llm.core.step
     pre = [r for r in recs if r[0]]
     dec = [r for r in recs if not r[0]]
     mean_ctx = statistics.mean(len(p) for p in prompts) + max_tokens / 2
-    dec_bound = sum((shape.weight_bytes() + n * mean_ctx * shape.kv_bytes_per_token()) / (bw_gbps * GB) for _, n, _ in dec)
+    dec_bound = sum((shape.weight_bytes() + n * mean_ctx * shape.kv_bytes_per_token()) / (bw_gbps * GB) for _, n, *_ in dec)
     pre_bound = sum(shape.flops_per_token(len(p) / 2) * len(p) for p in prompts) / flops
     steps_s = sum(r[2] for r in recs)
     return {
-        "max_num_batched_tokens": llm.scheduler.config.max_num_batched_tokens, "wall_s": wall,
+        "max_num_batched_tokens": llm.scheduler.config.max_num_batched_tokens, "wall_s": wall, "cpu_s": cpu,
+        "prefill_steps_cpu_s": sum(r[3] for r in pre), "decode_steps_cpu_s": sum(r[3] for r in dec),
         "steps": len(recs), "prefill_steps": len(pre), "decode_steps": len(dec),
         "prefill_steps_s": sum(r[2] for r in pre), "decode_steps_s": sum(r[2] for r in dec),
         "outside_steps_s": wall - steps_s, "decode_batch_mean": statistics.mean(r[1] for r in dec) if dec else 0,
@@ -498,6 +521,9 @@ def main() -> None:
     ap.add_argument("--step-contexts", default="512,2048", help="decode model-step contexts")
     ap.add_argument("--step-decode-steps", type=int, default=8)
     ap.add_argument("--prefill-lengths", default="512,2048,8192", help="fresh prompt lengths (one step each)")
+    ap.add_argument("--decode-attention", default="both", choices=["auto", "native", "torch", "both"],
+                    help="cache.decode_attention of pdserve; both: native and torch alternated in each "
+                         "measurement (throughput, model steps), where native runs")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
     if args.quick:
@@ -525,10 +551,15 @@ def main() -> None:
     log(f"  matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s ({mm['n']}^3 {mm['dtype']})")
 
     log(f"loading pdserve model {args.model} on {dev}")
+    attn = "auto" if args.decode_attention == "both" else args.decode_attention
     llm = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=max(64, args.num_prompts),
-              seed=args.seed)
+              seed=args.seed, decode_attention=attn)
     shape = llm.runner.shape
+    # The engine as configured ("pdserve"), and with both: the torch path beside it, alternated.
+    compare = args.decode_attention == "both" and llm.runner.native_decode
+    result["decode_attention"] = {"setting": args.decode_attention, "engine_native": llm.runner.native_decode,
+                                  "torch_path_alongside": compare}
     result["model"] = {"name": args.model, "dtype": shape.dtype, "params": shape.num_params(),
                        "weight_bytes": shape.weight_bytes(), "kv_bytes_per_token": shape.kv_bytes_per_token()}
     prompts = mixed_prompts(args.num_prompts, args.min_len, args.max_len, shape.vocab_size, args.seed)
@@ -549,21 +580,37 @@ def main() -> None:
         hf_generate(hf, warm, 4, dev)
 
     times: dict[str, list[float]] = {"pdserve": [], "transformers": []}
-    ours_out = ref_out = None
+    if compare:
+        times["pdserve_torch_attention"] = []
+    # This thread's CPU time of each run (with --threads 1 every kernel runs on it): on a loaded
+    # machine, the run without the waits for a core.
+    cpu_times: dict[str, list[float]] = {k: [] for k in times}
+    ours_out = ref_out = torch_attn_out = None
     for rep in range(args.repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         ours_out = ours_generate(llm, prompts, args.max_tokens)
         sync(dev)
         times["pdserve"].append(time.perf_counter() - t)
+        cpu_times["pdserve"].append(time.thread_time() - c)
         log(f"  run {rep + 1}/{args.repeats}: pdserve {times['pdserve'][-1]:.2f}s "
             f"({n_out / times['pdserve'][-1]:.0f} tok/s)")
+        if compare:
+            llm.runner.native_decode = False
+            t, c = time.perf_counter(), time.thread_time()
+            torch_attn_out = ours_generate(llm, prompts, args.max_tokens)
+            times["pdserve_torch_attention"].append(time.perf_counter() - t)
+            cpu_times["pdserve_torch_attention"].append(time.thread_time() - c)
+            llm.runner.native_decode = True
+            log(f"  run {rep + 1}/{args.repeats}: pdserve, torch decode attention "
+                f"{times['pdserve_torch_attention'][-1]:.2f}s ({n_out / times['pdserve_torch_attention'][-1]:.0f} tok/s)")
         if hf is not None:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.thread_time()
             ref_out = hf_generate(hf, prompts, args.max_tokens, dev)
             times["transformers"].append(time.perf_counter() - t)
+            cpu_times["transformers"].append(time.thread_time() - c)
             log(f"  run {rep + 1}/{args.repeats}: transformers {times['transformers'][-1]:.2f}s "
                 f"({n_out / times['transformers'][-1]:.0f} tok/s)")
-    thr: dict[str, Any] = {"output_tokens": n_out, "seconds": times}
+    thr: dict[str, Any] = {"output_tokens": n_out, "seconds": times, "cpu_seconds": cpu_times}
     for k, v in times.items():
         if v:
             thr[f"{k}_tok_per_s_best"] = n_out / min(v)
@@ -571,6 +618,19 @@ def main() -> None:
     if times["transformers"]:
         thr["speedup_best"] = min(times["transformers"]) / min(times["pdserve"])
         thr["speedup_median"] = statistics.median(times["transformers"]) / statistics.median(times["pdserve"])
+        if compare:
+            thr["speedup_median_torch_attention"] = (statistics.median(times["transformers"])
+                                                     / statistics.median(times["pdserve_torch_attention"]))
+        thr["speedup_cpu_median"] = (statistics.median(cpu_times["transformers"])
+                                     / statistics.median(cpu_times["pdserve"]))
+        if compare:
+            thr["speedup_cpu_median_torch_attention"] = (statistics.median(cpu_times["transformers"])
+                                                         / statistics.median(cpu_times["pdserve_torch_attention"]))
+    if compare:  # > 1: the native kernel is faster
+        thr["torch_over_native_attention_median"] = (statistics.median(times["pdserve_torch_attention"])
+                                                     / statistics.median(times["pdserve"]))
+        thr["torch_over_native_attention_cpu_median"] = (statistics.median(cpu_times["pdserve_torch_attention"])
+                                                         / statistics.median(cpu_times["pdserve"]))
     result["throughput"] = thr
 
     # Where the offline time goes, at the batch budget above and with the whole batch's prompts
@@ -578,13 +638,21 @@ def main() -> None:
     log("offline breakdown: prefill steps, decode steps, outside steps")
     whole = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
                 max_num_batched_tokens=sum(lens) + args.num_prompts, max_num_seqs=max(64, args.num_prompts),
-                seed=args.seed)
+                seed=args.seed, decode_attention=attn)
     ours_generate(whole, warm, 4)
-    rounds: dict[str, list[dict[str, Any]]] = {"budget": [], "whole_batch": []}
+    variants = [("budget", llm, True), ("whole_batch", whole, True)]
+    if compare:  # the budget run again on the torch decode-attention path
+        variants.append(("budget_torch_attention", llm, False))
+    rounds: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in variants}
     for _ in range(2):
-        for key, engine in (("budget", llm), ("whole_batch", whole)):
-            rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
-                                                 mm["flops_per_s"]))
+        for key, engine, native in variants:
+            default = engine.runner.native_decode
+            engine.runner.native_decode = default and native
+            try:
+                rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
+                                                     mm["flops_per_s"]))
+            finally:
+                engine.runner.native_decode = default
             b = rounds[key][-1]
             log(f"  {key} ({b['max_num_batched_tokens']} tokens/step): wall {b['wall_s']:.2f}s = prefill steps "
                 f"{b['prefill_steps_s']:.2f}s ({b['prefill_steps']}) + decode steps {b['decode_steps_s']:.2f}s "
@@ -598,6 +666,9 @@ def main() -> None:
                ("wall_s", "prefill_steps_s", "decode_steps_s", "outside_steps_s", "prefill_roofline_s",
                 "decode_roofline_s_approx")}
         bd["budget_median"] = med
+        for key in rounds:
+            bd[f"{key}_cpu_median"] = {k: statistics.median(r[k] for r in rounds[key])
+                                       for k in ("cpu_s", "prefill_steps_cpu_s", "decode_steps_cpu_s")}
         bd["prefill_share_of_wall"] = med["prefill_steps_s"] / med["wall_s"]
         # The ratio to transformers if one part ran at its roofline and the rest as measured.
         bd["ratio_measured"] = hf_s / med["wall_s"]
@@ -622,6 +693,9 @@ def main() -> None:
                 rechecks.append({"prompt": i, "length": lens[i], "equal_to_hf_unpadded": a == alone,
                                  "common_prefix_unpadded": agreement([a], [alone])["common_prefix_tokens"][0]})
         agr["rechecked_unpadded"] = rechecks
+        if torch_attn_out is not None:
+            agr["torch_attention_equal_to_native"] = torch_attn_out == ours_out
+            agr["torch_attention_sequences_equal_to_hf"] = agreement(torch_attn_out, ref_out)["sequences_equal"]
         result["agreement"] = agr
         log(f"agreement: {agr['sequences_equal']}/{agr['sequences']} sequences equal, "
             f"{agr['common_prefix_fraction']:.1%} of tokens in the common prefix; rechecks {rechecks}")
@@ -634,25 +708,25 @@ def main() -> None:
     contexts = [int(x) for x in args.step_contexts.split(",")]
     lengths = [int(x) for x in args.prefill_lengths.split(",")]
     most = max(max(batches) * (max(contexts) + args.step_decode_steps + 8), max(lengths) + 16)
-    runner = _step_runner(args.model, args.dtype, dev, most, args.seed)
+    runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn)
     log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    steps = []
-    for ctx in contexts:
-        for b in batches:
-            d = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"],
-                             mm["flops_per_s"], args.seed + b, profile_ops=(b in (1, 16) and ctx == contexts[0]))
+    modes = ("default", "torch") if compare else ("default",)
+    steps, torch_steps = [], []
+    cases = [(ctx, b, False) for ctx in contexts for b in batches]
+    cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
+    for ctx, b, frag in cases:
+        recs = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"], mm["flops_per_s"],
+                            args.seed + b, profile_ops=frag or (b in (1, 16) and ctx == contexts[0]),
+                            fragmented=frag, modes=modes)
+        for m, d in recs.items():
             d["loadavg_1"] = os.getloadavg()[0]
-            steps.append(d)
-            log(f"  batch {b:>2} ctx {ctx}: {d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
+            (steps if m == "default" else torch_steps).append(d)
+            log(f"  batch {b:>2} ctx {ctx}{' (fragmented)' if frag else ''} {d['decode_attention']:>6}: "
+                f"{d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
                 f" -> {d['roofline_over_achieved']:.0%} of roofline (load {d['loadavg_1']:.1f})")
-    for b in sorted({min(16, max(batches)), max(batches)}):
-        d = model_decode(runner, b, contexts[0], args.step_decode_steps, bw["gbps_read_plus_write"],
-                         mm["flops_per_s"], args.seed + b, profile_ops=True, fragmented=True)
-        d["loadavg_1"] = os.getloadavg()[0]
-        steps.append(d)
-        log(f"  batch {b:>2} ctx {contexts[0]} (fragmented): {d['step_s_median'] * 1e3:7.2f} ms, roofline "
-            f"{d['roofline_s'] * 1e3:6.2f} ms -> {d['roofline_over_achieved']:.0%} of roofline")
     result["decode_steps"] = steps
+    if torch_steps:  # the same steps on the torch path, alternated step by step with the native ones
+        result["decode_steps_torch_attention"] = torch_steps
     kb = min(16, max(batches))
     if dev == "cpu":  # CPU kernels (MKL, the CPU flash kernel): meaningless beside a GPU run
         log("kernels of the batched step on their own (bench/engine_kernels.py)")
@@ -699,9 +773,12 @@ def print_table(r: dict[str, Any]) -> None:
     if "agreement" in r:
         a = r["agreement"]
         rows.append(("greedy sequences equal to transformers", f"{a['sequences_equal']}/{a['sequences']}"))
-    for d in r["decode_steps"]:
-        rows.append((f"decode b{d['batch']} ctx {d['context']}{' frag' if d['layout'] == 'fragmented' else ''}: "
-                     "ms (roof, share)",
+    if "pdserve_torch_attention" in t["seconds"]:
+        rows.append(("pdserve with torch decode attention tok/s (med)",
+                     f"{t['output_tokens'] / statistics.median(t['seconds']['pdserve_torch_attention']):.0f}"))
+    for d in r["decode_steps"] + r.get("decode_steps_torch_attention", []):
+        rows.append((f"decode b{d['batch']} ctx {d['context']}{' frag' if d['layout'] == 'fragmented' else ''} "
+                     f"{d.get('decode_attention', '')}: ms (roof, share)",
                      f"{d['step_s_median'] * 1e3:.1f} ({d['roofline_s'] * 1e3:.1f}, {d['roofline_over_achieved']:.0%})"))
     for p in r["prefill_steps"]:
         rows.append((f"prefill {p['tokens']}: tok/s (share of matmul FLOP/s)",

@@ -8,8 +8,10 @@ Two questions the per-op profile of the batch-16 step raises, answered with the 
   `gather_per_seq` (a small per-sequence buffer that stays in L2), `runs_lse` (SDPA per
   contiguous run of blocks, read in place, merged by log-sum-exp), `prefix_lse` (the contiguous
   prefix in place, only the fragmented tail gathered, merged by log-sum-exp), `gather_only` (the
-  copy alone) and `in_place_contiguous` (SDPA alone on a contiguous layout: the floor the copy
-  sits on top of). Times are per step (all layers), wall and this thread's CPU time.
+  copy alone), `in_place_contiguous` (SDPA alone on a contiguous layout: the floor the copy
+  sits on top of) and `native_in_place` (pdserve/model/paged_decode.c: every block read once in
+  place, no copy; what the engine runs for float32 on a CPU). Times are per step (all layers),
+  wall and this thread's CPU time.
 * The projections at the decode batch size: `torch.nn.functional.linear` against MKL's prepacked
   GEMM (`torch.ops.mkl._mkl_linear`, weights packed once for one batch size), whether the two
   are bitwise equal, and the weights' read time at the measured copy bandwidth.
@@ -26,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.config.model import ModelShape
+from pdserve.model import native_decode
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -158,6 +161,18 @@ def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_siz
             outs.append(merge([(po, pl), (o2, l2)]))
         return outs
 
+    nd = native_decode.NativeDecode(torch.arange(batch), torch.full((batch,), ctx, dtype=torch.int32),
+                                    torch.tensor(tables, dtype=torch.int32))
+    q3 = q.reshape(batch, kv * g, d)
+
+    def native_in_place() -> list[torch.Tensor]:
+        outs = []
+        for c in caches:
+            o = torch.empty_like(q3)
+            native_decode.paged_decode(q3, o, c, nd, scale)
+            outs.append(o.view_as(q))
+        return outs
+
     def gather_only() -> None:
         for c in caches:
             torch.index_select(c.view(2 * nb, row), 0, every2, out=ws)
@@ -168,11 +183,15 @@ def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_siz
             F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     ref = gather_one_sdpa()
-    agree = {name: max(float((a - b).abs().max()) for a, b in zip(fn(), ref, strict=True))
-             for name, fn in (("gather_per_seq", gather_per_seq), ("runs_lse", runs_lse), ("prefix_lse", prefix_lse))}
+    checked: list[tuple[str, Callable[[], list[torch.Tensor]]]] = [
+        ("gather_per_seq", gather_per_seq), ("runs_lse", runs_lse), ("prefix_lse", prefix_lse)]
     variants: dict[str, Callable[[], object]] = {
         "gather_one_sdpa": gather_one_sdpa, "gather_per_seq": gather_per_seq, "runs_lse": runs_lse,
         "prefix_lse": prefix_lse, "gather_only": gather_only, "in_place_contiguous": in_place_contiguous}
+    if not isinstance(native_decode.library(), str):  # no compiler: the variant is left out
+        checked.append(("native_in_place", native_in_place))
+        variants["native_in_place"] = native_in_place
+    agree = {name: max(float((a - b).abs().max()) for a, b in zip(fn(), ref, strict=True)) for name, fn in checked}
     kv_bytes = shape.num_layers * batch * ctx * 2 * kv * d * 4
     return {"batch": batch, "context": ctx, "block_size": bs, "prefix_in_place_tokens": prefix,
             "runs_per_sequence": len(runs[0]), "kv_bytes_per_step": kv_bytes,

@@ -1,7 +1,9 @@
 """Plot bench/results/engine_cpu.json: decode model steps against their roofline, prefill against
 the matmul FLOP/s, offline throughput beside `transformers`; with `kernels` and
 `offline_breakdown` in the JSON, a second figure (`<name>_breakdown.png`): where the offline time
-goes, the decode-attention variants and the projections, in CPU time.
+goes, the decode-attention variants and the projections, in CPU time; with
+`decode_steps_torch_attention`, a third (`<name>_native.png`): the native decode-attention kernel
+against the torch path, alternated in the same run (decode steps and offline runs, CPU time).
 
     .venv/bin/python bench/engine_plot.py [bench/results/engine_cpu.json]
 """
@@ -50,6 +52,37 @@ def main() -> None:
     print(f"wrote {out}")
     if "kernels" in r and "offline_breakdown" in r:
         breakdown(r, path.with_name(path.stem + "_breakdown.png"))
+    if r.get("decode_steps_torch_attention"):
+        native_vs_torch(r, path.with_name(path.stem + "_native.png"))
+
+
+def native_vs_torch(r: dict, out: Path) -> None:  # type: ignore[type-arg]
+    """Decode steps and offline runs, native kernel against torch path, this thread's CPU time."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    nat, tor = r["decode_steps"], r["decode_steps_torch_attention"]
+    labels = [f"b{d['batch']}\n{d['context']}" + ("\nfrag" if d["layout"] == "fragmented" else "") for d in nat]
+    x = range(len(nat))
+    a.bar([i - 0.27 for i in x], [d["step_cpu_s_median"] * 1e3 for d in nat], 0.27, label="native kernel")
+    a.bar(list(x), [d["step_cpu_s_median"] * 1e3 for d in tor], 0.27, label="torch (gather + SDPA)")
+    a.bar([i + 0.27 for i in x], [d["roofline_s"] * 1e3 for d in nat], 0.27, label="roofline (this run)")
+    a.set_xticks(list(x), labels, fontsize=8)
+    a.set_ylabel("CPU ms per decode step (median)")
+    a.set_yscale("log")
+    a.legend()
+    a.set_title("decode steps, alternated step by step")
+    cpu = r["throughput"].get("cpu_seconds", {})
+    names = [k for k in ("pdserve", "pdserve_torch_attention", "transformers") if cpu.get(k)]
+    short = {"pdserve": "pdserve\nnative", "pdserve_torch_attention": "pdserve\ntorch attn",
+             "transformers": "transformers"}
+    b.bar([short[n] for n in names], [statistics.median(cpu[n]) for n in names])
+    b.set_ylabel("CPU s per offline run (median)")
+    b.set_title("16-prompt offline batch")
+    load = r["machine"]["loadavg_1_5_15"][0]
+    fig.suptitle(f"native decode attention vs torch path, {r['model']['name']}, "
+                 f"{r['machine']['torch_threads']} thread(s), load average {load:.1f} at start (shared machine)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def breakdown(r: dict, out: Path) -> None:  # type: ignore[type-arg]

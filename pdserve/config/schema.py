@@ -92,6 +92,9 @@ class CacheConfig(Section):
                             ge=1) = 64
     enable_prefix_caching: H(bool, "reuse the KV of cached prompt prefixes (hash chain of full blocks)") = True
     eviction: H(Literal["lru", "fifo"], "which cached, unused block is evicted first") = "lru"
+    decode_attention: H(Literal["auto", "native", "torch"],
+                        "cpu float32 decode attention: native (C kernel reading blocks in place, built on first "
+                        "use), torch (gather + SDPA), auto (native if it builds)") = "auto"
 
 
 class SchedulerConfig(Section):

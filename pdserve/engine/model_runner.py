@@ -10,6 +10,7 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
+from pdserve.model import native_decode
 from pdserve.model.attention import (
     GROUP_SLACK_KEYS,
     AttentionMetadata,
@@ -18,6 +19,7 @@ from pdserve.model.attention import (
     group_decodes,
 )
 from pdserve.model.loader import TORCH_DTYPES, load_model
+from pdserve.model.native_decode import NativeDecode
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
@@ -49,6 +51,8 @@ class ModelRunner:
         ]
         # Attention's gather buffer, kept across steps: large fresh tensors are paged in anew.
         self._workspace: list[torch.Tensor] = []
+        self.native_decode = native_decode.choose(cache.decode_attention, self.device, self.dtype, s.num_heads,
+                                                  s.num_kv_heads, s.head_dim, cache.block_size)
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
@@ -73,7 +77,7 @@ class ModelRunner:
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
         dev = self.device
-        meta = step_metadata(spans, self.block_size, dev, self._workspace)
+        meta = step_metadata(spans, self.block_size, dev, self._workspace, native=self.native_decode)
         positions = _long(pos, dev)
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
@@ -105,10 +109,11 @@ class ModelRunner:
 
 def step_metadata(
     spans: list[tuple[list[int], int, int]], block_size: int, device: torch.device,
-    workspace: list[torch.Tensor] | None = None, decode_slack: int = GROUP_SLACK_KEYS,
+    workspace: list[torch.Tensor] | None = None, decode_slack: int = GROUP_SLACK_KEYS, native: bool = False,
 ) -> AttentionMetadata:
     """Attention metadata for one step, built once and read by every layer. `spans` holds, per
-    chunk in packing order, (the sequence's block table, first position, number of tokens)."""
+    chunk in packing order, (the sequence's block table, first position, number of tokens).
+    native: decode sequences go to the native kernel (one call per layer), not SDPA groups."""
     bs, dev = block_size, device
     meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=bs,
                              workspace=workspace if workspace is not None else [])
@@ -131,6 +136,13 @@ def step_metadata(
             # Query i sits at position start + i and sees keys up to and including itself.
             mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
             meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
+    meta.slot_mapping = _long(slots, dev)
+    if native and dec_rows:
+        width = max(len(t) for t in dec_tables)
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int32, device=dev)
+        meta.native = NativeDecode(_long(dec_rows, dev), torch.tensor(dec_ctx, dtype=torch.int32, device=dev),
+                                   tables)
+        return meta
     # A sequence whose blocks are consecutive is read in place (one SDPA call of its own, no
     # copy); the others are grouped by length and gathered.
     in_place = [i for i, t in enumerate(dec_tables) if _consecutive(t)]
@@ -139,7 +151,6 @@ def step_metadata(
                                                                                     decode_slack)]
     meta.decode = [_decode_group([dec_rows[i] for i in g], [dec_ctx[i] for i in g],
                                  [dec_tables[i] for i in g], bs, dev) for g in groups]
-    meta.slot_mapping = _long(slots, dev)
     return meta
 
 

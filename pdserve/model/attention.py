@@ -9,7 +9,9 @@ step in `AttentionMetadata` and reused by every layer:
   (no gather, no mask); a later chunk gathers its context's blocks and uses a mask built once;
 * decode sequences are grouped by context length (`group_decodes`), each group gathered with one
   `index_select` into a reused buffer and attended in one SDPA call, so the cost follows the sum
-  of context lengths (plus a bounded padding per group), not batch x longest context.
+  of context lengths (plus a bounded padding per group), not batch x longest context;
+* or, for a float32 cache on a CPU, every decode sequence in one call per layer of the native
+  kernel (`native_decode.py`), which reads each block in place: no copy at all.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pdserve.model import native_decode
+from pdserve.model.native_decode import NativeDecode
 from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
 
 # Padding (in keys) a decode sequence may add to a group rather than start its own SDPA call: one
 # call costs about as much as attending to this many extra keys on a CPU.
 GROUP_SLACK_KEYS = 256
+NATIVE_DECODE_OP = "pdserve::native_decode"  # the native kernel's name in torch.profiler traces
 
 
 @dataclass
@@ -60,6 +65,7 @@ class AttentionMetadata:
     block_size: int
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[DecodeGroup] = field(default_factory=list)
+    native: NativeDecode | None = None  # every decode sequence, for the native kernel (then `decode` is empty)
     cos: torch.Tensor | None = None  # [T, head_dim] RoPE table rows for the packed positions
     sin: torch.Tensor | None = None
     # Reused gather buffer (grown as needed), [2, blocks, block_size * kv_heads * head_dim].
@@ -123,6 +129,9 @@ def paged_attention(
             k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]
             o = F.scaled_dot_product_attention(qq, k, v, attn_mask=c.mask, scale=scale, enable_gqa=group > 1)
         out[c.q_start : c.q_start + c.q_len] = o[0].transpose(0, 1)
+    if meta.native is not None:
+        with torch.profiler.record_function(NATIVE_DECODE_OP):  # ctypes is no aten op: name it for profiles
+            native_decode.paged_decode(q, out, cache, meta.native, scale)
     for g in meta.decode:
         b = g.rows.numel()
         if g.blocks is None:
