@@ -130,6 +130,26 @@ def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transpor
         _wait_for(lambda: _worker_gauge(srv.url, "kv_free_blocks") == start, timeout=30)
 
 
+def test_long_prefill_keeps_its_decode_reservation(tiny_models, tmp_path):
+    """A prefill that takes longer than the decode reservation timeout and the router's first-token
+    timeout (12 chunks, each step slowed by 300 ms; both timeouts 2 s) but reports progress as it
+    goes: its reservation is renewed, the router waits, and it completes on the first attempt. A
+    silent prefill worker still loses them (test_failure_semantics.py, test_up_behaviour.py)."""
+    folder = str(tiny_models["llama"])
+    cfg = _config(tmp_path, "fault_prefill_delay_ms: 300\nprefill: {chunk_tokens: 16}\n"
+                            "decode: {reservation_timeout_s: 2.0}\nrouter: {first_token_timeout_s: 2.0}\n")
+    prompt = [(7 * i) % 250 + 3 for i in range(192)]
+    with _up(folder, "--config", cfg, "--prefill", "1", "--decode", "1") as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": folder, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        (t,) = r.json()["timings"]
+        assert "retries" not in t and "transfer" in t, t  # the first attempt's KV went to decode...
+        assert t["prefill"] > 2.0, t  # ...after a prefill that outlasted both timeouts
+        assert "expired" not in srv.output() and "silent for" not in srv.output(), srv.tail()
+        assert r.json()["usage"]["completion_tokens"] == 4
+
+
 def test_new_worker_joins_a_running_router(tiny_models):
     """A decode worker started later joins through POST /admin/workers and takes over the load,
     with the same greedy tokens the original decode worker gave."""
