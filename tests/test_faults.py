@@ -69,15 +69,15 @@ def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
         victim = probes.workers_of(srv.output())["decode-1"].router_name
 
         async def run() -> list[list[int]]:
-            """The kills come once the router's view shows requests decoding on decode-1: they
-            are mid-stream then, so failover resumes them after some tokens (the case seeded
-            sampling must survive). Timed by the client's own progress instead (a canary's tokens,
-            a count of answers), a loaded machine had often finished every request first, and
-            nothing was retried."""
+            """The kills come once the router holds 8 requests on decode-1 (its own count, not a
+            heartbeat's): reserved there or decoding, some mid-stream, so failover resumes them
+            after some tokens (the case seeded sampling must survive). Timed by the client's own
+            progress instead (a canary's tokens, a count of answers), a loaded machine had often
+            finished every request first, and nothing was retried."""
             all_done = asyncio.ensure_future(_stream_all(srv.url, str(folder), prompts, 24, None, sampling, retried))
             while not all_done.done():
-                running = await asyncio.to_thread(_worker_gauge, srv.url, "num_requests_running")
-                if running.get(victim, 0) >= 4:
+                inflight = await asyncio.to_thread(_worker_gauge, srv.url, "inflight")
+                if inflight.get(victim, 0) >= 8:
                     os.kill(pids["prefill-0"], signal.SIGKILL)
                     os.kill(pids["decode-1"], signal.SIGKILL)
                     killed.append(victim)
@@ -88,7 +88,7 @@ def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
         retried: list[int] = []
         killed: list[str] = []
         got = asyncio.run(run())
-        assert killed, "decode-1 never had 4 requests running"
+        assert killed, "the router never held 8 requests on decode-1"
         assert got == want
         # Some requests were resumed mid-run (which ones depends on timing; a seeded resume mid-stream
         # is forced in test_failure_semantics.py::test_decode_death_mid_stream...).
