@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -118,11 +119,15 @@ class Stream:
         self.last: dict = {}  # type: ignore[type-arg]
         self.errors: list[dict] = []  # type: ignore[type-arg]
         self.done = False
+        self.max_gap = 0.0  # the longest wait for one line, in seconds
 
     def read(self, n_events: int | None = None) -> Stream:
         """Read `n_events` more data events (all of them when None)."""
         target = None if n_events is None else self.events + n_events
+        t = time.monotonic()
         for line in self._lines:
+            now = time.monotonic()
+            self.max_gap, t = max(self.max_gap, now - t), now
             if not line.startswith("data: "):
                 continue
             if line == "data: [DONE]":
@@ -161,6 +166,13 @@ def _decode_serving(c: Cluster) -> probes.WorkerInfo:
     busy = [w for w in c.role("decode") if inflight.get(w.router_name, 0) > 0]
     assert len(busy) == 1, inflight
     return busy[0]
+
+
+def _retry_reasons(c: Cluster, w: probes.WorkerInfo) -> set[str]:
+    """Why the router gave up on attempts at `w`, as its log says ("attempt N failed (WORKER silent
+    for 3s)"), with the worker's name left out."""
+    reasons = re.findall(r"attempt \d+ failed \(([^)]*)\)", c.up.output())
+    return {r.replace(w.router_name, "").strip(" :") for r in reasons if w.router_name in r}
 
 
 def _blocks_back(c: Cluster, start: dict[str, int], timeout: float, what: str) -> float:
@@ -239,7 +251,7 @@ def test_client_disconnect_aborts_on_every_worker(cluster: Cluster) -> None:
         s.close()
     # Had the abort not reached the workers, blocks would come back only when the generations end.
     natural = (1900 - 11) * min(per_token)
-    bound = min(8.0, natural / 3)
+    bound = min(20.0, natural / 3)  # and under the 30 s reservation expiry
     _blocks_back(c, start, bound, "blocks back after the clients hung up")
     assert sum(c.stats(w).running + c.stats(w).reserved for w in c.role("decode")) == 0
 
@@ -260,12 +272,16 @@ def test_prefill_silent_before_first_token(cluster: Cluster, reference: list[dic
         assert [_tokens(g) for g in got] == [_tokens(r)[:40] for r in reference[:4]]
         retried = [g for g in got if g["timings"][0].get("retries", 0) >= 1]
         assert retried, "no request was sent to the silent prefill worker"
-        # Retried once first_token_timeout_s ran out: not sooner, and not only when something
-        # else (a 30 s reservation expiry, a client timeout) gave up. The bound is loose: 2 shared cores.
-        assert FIRST_TOKEN_TIMEOUT_S <= elapsed < 4 * FIRST_TOKEN_TIMEOUT_S
+        # Retried because first_token_timeout_s ran out (the router says why; a longer timeout, a
+        # 30 s reservation expiry or a client timeout would read differently): not sooner, and not
+        # only when something else gave up. Total times carry the retried generation too, so they
+        # bound nothing on a loaded machine; the reason does.
+        assert FIRST_TOKEN_TIMEOUT_S <= elapsed
+        assert _retry_reasons(c, p0) == {f"silent for {FIRST_TOKEN_TIMEOUT_S:.0f}s"}, c.up.tail()
+        assert elapsed < 30.0  # and before the reservation expiry could have been what retried it
         assert c.up_gauge(p0) == 0.0  # left the pool: missed its heartbeats
         decode_start = {w.name: start[w.name] for w in c.role("decode")}
-        probes.wait_for(lambda: {w.name: c.stats(w).free_blocks for w in c.role("decode")} == decode_start, 5.0,
+        probes.wait_for(lambda: {w.name: c.stats(w).free_blocks for w in c.role("decode")} == decode_start, 15.0,
                         "decode reservations of the silent prefill's attempts freed while it is still stopped")
     finally:
         os.kill(p0.pid, signal.SIGCONT)
@@ -286,6 +302,7 @@ def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, pr
     os.kill(d.pid, sig)
     try:
         t0 = time.monotonic()
+        s.max_gap = 0.0
         s.read()
         stalled = time.monotonic() - t0
     finally:
@@ -293,8 +310,13 @@ def _stall_mid_stream(c: Cluster, reference: list[dict], sig: signal.Signals, pr
     assert s.done and not s.errors, s.errors
     assert s.text == want["choices"][0]["text"]
     assert s.last["timings"].get("retries", 0) >= 1, s.last
-    if sig == signal.SIGSTOP:  # failed over once token_timeout_s ran out (loose upper bound: shared cores)
-        assert TOKEN_TIMEOUT_S <= stalled < 4 * TOKEN_TIMEOUT_S
+    if sig == signal.SIGSTOP:
+        # Failed over because token_timeout_s ran out (the router's reason), and the stream's one
+        # long gap is that stall: the time of the whole rest of the stream is no bound on a loaded
+        # machine (195 tokens), the longest silence between two events is.
+        assert TOKEN_TIMEOUT_S <= stalled
+        assert f"silent for {TOKEN_TIMEOUT_S:.0f}s" in _retry_reasons(c, d), c.up.tail()
+        assert s.max_gap < 4 * TOKEN_TIMEOUT_S, s.max_gap
     return d, argv
 
 
@@ -343,7 +365,9 @@ def test_prefill_death_frees_the_decode_reservation(cluster: Cluster, reference:
         probes.parallel([lambda p=p: _complete(c.url, p, 40) for p in PROMPTS[:4]])))
     runner.start()
     try:
-        probes.wait_for(lambda: sum(c.stats(w).reserved for w in c.role("decode")) >= 1, FIRST_TOKEN_TIMEOUT_S / 2,
+        # Any reservation seen within first_token_timeout_s of the start is one the router still
+        # holds for the stopped worker (it lets go only once that timeout runs out).
+        probes.wait_for(lambda: sum(c.stats(w).reserved for w in c.role("decode")) >= 1, FIRST_TOKEN_TIMEOUT_S,
                         "a decode reservation waiting on the stopped prefill worker")
     finally:
         os.kill(p0.pid, signal.SIGKILL)  # ...then dies with them
@@ -351,8 +375,10 @@ def test_prefill_death_frees_the_decode_reservation(cluster: Cluster, reference:
     runner.join(timeout=120)
     assert [_tokens(g) for g in results] == [_tokens(r)[:40] for r in reference[:4]]
     decode_start = {w.name: start[w.name] for w in c.role("decode")}
+    # Well before the 30 s expiry of a reservation made before the kill (the retried requests'
+    # own generations may take a while on a loaded machine: they end well before that too).
     probes.wait_for(lambda: {w.name: c.stats(w).free_blocks for w in c.role("decode")} == decode_start,
-                    max(0.5, 8.0 - (time.monotonic() - t_kill)), "decode blocks back soon after the kill")
+                    max(1.0, 20.0 - (time.monotonic() - t_kill)), "decode blocks back soon after the kill")
     assert sum(c.stats(w).reserved for w in c.role("decode")) == 0
     assert wait_gone([p0.pid], 5.0) == []
     c.restart(p0, argv)

@@ -11,6 +11,7 @@ import signal
 import httpx
 import pytest
 
+from tests import probes
 from tests.test_cluster import _up, _wait_for, _worker_gauge
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,10 @@ async def _stream_all(url: str, model: str, prompts: list[list[int]], max_tokens
     sem = asyncio.Semaphore(200)
     done = 0
 
-    async with httpx.AsyncClient(timeout=300) as client:
+    # At most 100 requests in flight (the pool's connections; the rest wait in the client): after the
+    # chaos test's kill they fit the surviving decode worker's 128 sequence slots. More would wait
+    # for room up to reserve_wait_s (5 s) and, on a loaded machine, get a 503: overload, not failover.
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=100)) as client:
         async def one(i: int, p: list[int]) -> list[int]:
             nonlocal done
             async with sem:
@@ -48,24 +52,8 @@ async def _stream_all(url: str, model: str, prompts: list[list[int]], max_tokens
         return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
-async def _when_streaming(url: str, model: str, prompt: list[int], n: int, then) -> None:  # type: ignore[no-untyped-def]
-    """Stream one long request; call `then()` once `n` chunks of it have come."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    seen, last = 0, ""
-    async with httpx.AsyncClient(timeout=300) as client:
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                seen += line.startswith("data: {")
-                if seen == n:
-                    then()
-                last = line or last
-            assert last == "data: [DONE]"
-
-
 def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
-    """2P2D, 200 concurrent requests; SIGKILL one prefill and one decode worker mid-run. A third of
+    """2P2D, 200 requests (100 at a time); SIGKILL one prefill and one decode worker mid-run. A third of
     the requests sample (seeded, temperature/top-p/top-k): resumed ones must go on drawing exactly
     what they would have drawn, so their tokens equal the no-fault run's too."""
     folder = tiny_models["llama"]
@@ -78,30 +66,35 @@ def test_chaos_kill_prefill_and_decode_mid_run(tiny_models):
     with _up(str(folder), "--prefill", "2", "--decode", "2") as srv:
         pids = _pids(srv.output())
         assert {"prefill-0", "prefill-1", "decode-0", "decode-1"} <= set(pids)
-        killed = False
-
-        def chaos() -> None:
-            nonlocal killed
-            killed = True
-            os.kill(pids["prefill-0"], signal.SIGKILL)
-            os.kill(pids["decode-1"], signal.SIGKILL)
+        victim = probes.workers_of(srv.output())["decode-1"].router_name
 
         async def run() -> list[list[int]]:
-            """The kills come once a canary streamed a few tokens: requests are mid-stream then, so
-            failover resumes them after some tokens (the case seeded sampling must survive)."""
+            """The kills come once the router holds 8 requests on decode-1 (its own count, not a
+            heartbeat's): reserved there or decoding, some mid-stream, so failover resumes them
+            after some tokens (the case seeded sampling must survive). Timed by the client's own
+            progress instead (a canary's tokens, a count of answers), a loaded machine had often
+            finished every request first, and nothing was retried."""
             all_done = asyncio.ensure_future(_stream_all(srv.url, str(folder), prompts, 24, None, sampling, retried))
-            await _when_streaming(srv.url, str(folder), prompts[1], 8, chaos)
+            while not all_done.done():
+                inflight = await asyncio.to_thread(_worker_gauge, srv.url, "inflight")
+                if inflight.get(victim, 0) >= 8:
+                    os.kill(pids["prefill-0"], signal.SIGKILL)
+                    os.kill(pids["decode-1"], signal.SIGKILL)
+                    killed.append(victim)
+                    break
+                await asyncio.sleep(0.02)
             return await all_done
 
         retried: list[int] = []
+        killed: list[str] = []
         got = asyncio.run(run())
-        assert killed
+        assert killed, "the router never held 8 requests on decode-1"
         assert got == want
         # Some requests were resumed mid-run (which ones depends on timing; a seeded resume mid-stream
         # is forced in test_failure_semantics.py::test_decode_death_mid_stream...).
         assert retried
         assert len({tuple(want[i]) for i in range(0, len(prompts), 3)}) > 50  # sampled: all differ
-        _wait_for(lambda: sum(_worker_gauge(srv.url, "up").values()) == 2, timeout=10)
+        _wait_for(lambda: sum(_worker_gauge(srv.url, "up").values()) == 2, timeout=30)
         up = _worker_gauge(srv.url, "up")
         assert len(up) == 4  # the killed workers are still listed, as down
         assert sorted(up.values()) == [0.0, 0.0, 1.0, 1.0]
@@ -128,6 +121,26 @@ def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transpor
         assert got == want
         assert "KV transfer failed" in srv.output() or "attempt" in srv.output()
         _wait_for(lambda: _worker_gauge(srv.url, "kv_free_blocks") == start, timeout=30)
+
+
+def test_long_prefill_keeps_its_decode_reservation(tiny_models, tmp_path):
+    """A prefill that takes longer than the decode reservation timeout and the router's first-token
+    timeout (12 chunks, each step slowed by 300 ms; both timeouts 2 s) but reports progress as it
+    goes: its reservation is renewed, the router waits, and it completes on the first attempt. A
+    silent prefill worker still loses them (test_failure_semantics.py, test_up_behaviour.py)."""
+    folder = str(tiny_models["llama"])
+    cfg = _config(tmp_path, "fault_prefill_delay_ms: 300\nprefill: {chunk_tokens: 16}\n"
+                            "decode: {reservation_timeout_s: 2.0}\nrouter: {first_token_timeout_s: 2.0}\n")
+    prompt = [(7 * i) % 250 + 3 for i in range(192)]
+    with _up(folder, "--config", cfg, "--prefill", "1", "--decode", "1") as srv:
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": folder, "prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        (t,) = r.json()["timings"]
+        assert "retries" not in t and "transfer" in t, t  # the first attempt's KV went to decode...
+        assert t["prefill"] > 2.0, t  # ...after a prefill that outlasted both timeouts
+        assert "expired" not in srv.output() and "silent for" not in srv.output(), srv.tail()
+        assert r.json()["usage"]["completion_tokens"] == 4
 
 
 def test_new_worker_joins_a_running_router(tiny_models):

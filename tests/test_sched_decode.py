@@ -182,6 +182,29 @@ def test_expire_reservations() -> None:
     assert s.abort("arrived", 12.0) is arrived and all_free(s)
 
 
+def test_renewed_reservation_lives_while_its_prefill_progresses_and_expires_once_it_stops() -> None:
+    """A long prefill (its KV comes only with the last chunk) renews the reservation as it goes: past
+    the timeout counted from the Reserve it is still held; once renewals stop (the prefill worker
+    died or went silent), it expires one timeout after the last one."""
+    s = make(reservation_timeout_s=1.0)
+    long, idle = new_req("long", max_tokens=3), new_req("idle")
+    s.reserve(long, 10.0)
+    s.reserve(idle, 10.0)
+    for now in (10.6, 11.2, 11.8):  # the prefill's progress, relayed by the router
+        assert s.renew("long", now)
+        assert [r.request_id for r in s.expire_reservations(now + 0.1)] == (["idle"] if now == 11.2 else [])
+    assert s.expire_reservations(12.79) == [] and long.block_ids  # 3.5 timeouts after the Reserve
+    assert s.remote_kv_done("long", 5, 12.7) is None and s.num_waiting == 1  # the KV came: it runs
+    assert not s.renew("long", 12.8) and not s.renew("idle", 12.8)  # no reservation left to renew
+
+    silent = new_req("silent")
+    s.reserve(silent, 20.0)
+    assert s.renew("silent", 20.9)
+    assert s.renew("silent", 20.5)  # a late renewal never shortens it
+    assert s.expire_reservations(21.89) == []
+    assert s.expire_reservations(21.9) == [silent] and silent.block_ids == []  # the renewals stopped
+
+
 def test_abort_reserved_and_running() -> None:
     s = make()
     model = FakeModel(s.block_manager)

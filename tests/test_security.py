@@ -188,10 +188,11 @@ def _hostile_but_valid_messages() -> list[tuple[str, m.ToWorker]]:
         ("prefill bad ids", m.Prefill("pneg", [-1], P(max_tokens=4), "127.0.0.1:1", [0], 16)),
         ("start unknown request", m.Start("nobody", 5)),
         ("abort unknown request", m.Abort("nobody")),
+        ("renew unknown request", m.Renew("nobody")),
     ]
 
 
-SILENT_BY_DESIGN = {"start unknown request", "abort unknown request"}  # no reply is defined for these
+SILENT_BY_DESIGN = {"start unknown request", "abort unknown request", "renew unknown request"}  # no reply is defined
 
 
 def _reply_or_close(s: socket.socket, wait: float) -> object:

@@ -66,7 +66,7 @@ def test_chunk_validation() -> None:
         decode_to_receiver(b"\x93\x01\x02\x03")
 
 
-def _settle(poll, timeout: float = 5.0) -> KVPoll:
+def _settle(poll, timeout: float = 30.0) -> KVPoll:
     deadline = time.monotonic() + timeout
     while poll() not in (KVPoll.SUCCESS, KVPoll.FAILED) and time.monotonic() < deadline:
         time.sleep(0.005)

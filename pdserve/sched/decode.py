@@ -4,8 +4,10 @@ Lifecycle of a request on a decode worker:
   reserve ──▶ WAITING_FOR_REMOTE_KV (blocks held; prefill streams KV into them)
           ──▶ remote_kv_done: KV complete and verified, first token known ──▶ waiting (ready)
           ──▶ admitted on the next step ──▶ RUNNING (one token per step) ──▶ FINISHED_*
-  A reservation that fails or expires frees its blocks. A reservation refused at once is the
-  back-pressure signal. Short prompts may skip prefill workers: `add_request` runs the prefill
+  A reservation that fails or expires frees its blocks; it expires `reservation_timeout_s` after
+  it was made or last renewed, and its prefill renews it while it makes progress (a long prompt,
+  a long prefill queue), so only a prefill that died or went silent lets it run out. A reservation
+  refused at once is the back-pressure signal. Short prompts may skip prefill workers: `add_request` runs the prefill
   here, in chunks, like the colocated policy; preempted requests are recomputed the same way.
 """
 
@@ -64,6 +66,16 @@ class DecodeScheduler(ColocatedScheduler):
             return False
         req.status = RequestStatus.WAITING_FOR_REMOTE_KV
         self.reserved[req.request_id] = (req, now + self.decode_config.reservation_timeout_s)
+        return True
+
+    def renew(self, request_id: str, now: float) -> bool:
+        """The reserved request's prefill made progress: its reservation now lasts until
+        `reservation_timeout_s` after `now` (never shorter than it was). False if it holds none."""
+        entry = self.reserved.get(request_id)
+        if entry is None:
+            return False
+        req, deadline = entry
+        self.reserved[request_id] = (req, max(deadline, now + self.decode_config.reservation_timeout_s))
         return True
 
     def remote_kv_done(self, request_id: str, first_token: int, now: float) -> Request | None:

@@ -28,10 +28,21 @@ async def watch_transfer(pq: asyncio.Queue[m.ToRouter | None], dq: asyncio.Queue
 
 
 async def with_deadline(stream: AsyncGenerator[TokenEvent, None], deadline: float) -> AsyncIterator[TokenEvent]:
-    """Ends the request with an error once its overall deadline has passed. Waits between events
-    are bounded by the first-token and token timeouts, so checking between events suffices."""
+    """Ends the request with an error once its overall deadline (time.monotonic()) has passed,
+    mid-wait too: a prefill that keeps reporting progress is not silent, so no other timeout ends
+    that wait. The attempt is cancelled then, which closes its Calls (the workers drop it)."""
+    loop = asyncio.get_running_loop()
     async with aclosing(stream):
-        async for ev in stream:
+        while True:
+            try:
+                async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()) as limit:
+                    ev = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if limit.expired():
+                    raise BackendError("request deadline exceeded", 504) from None
+                raise
             if time.monotonic() > deadline:
                 raise BackendError("request deadline exceeded", 504)
             yield ev

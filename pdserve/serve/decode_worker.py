@@ -2,9 +2,11 @@
 
 Reserve ──▶ blocks held, the KV receiver told what to expect ──▶ Reserved(address, blocks) ──▶
 Start(first token) ──▶ once the KV is complete and verified the request joins the batch ──▶
-Tokens(...) stream. A reservation whose KV never comes expires; a failed transfer ends the
-request with a `transfer` error so the router can retry it elsewhere. Generate (short prompts,
-fallbacks) runs prefill and decode here, as a colocated worker would.
+Tokens(...) stream. A reservation whose KV never comes expires, `reservation_timeout_s` after it
+was made or last renewed (the router relays a Renew each time the prefill reports progress, and
+Start renews it once more); a failed transfer ends the request with a `transfer` error so the
+router can retry it elsewhere. Generate (short prompts, fallbacks) runs prefill and decode here,
+as a colocated worker would.
 """
 
 from __future__ import annotations
@@ -71,6 +73,14 @@ class DecodeWorker(WorkerBase[DecodeScheduler]):
         if msg.request_id in self.requests:
             self.awaiting[msg.request_id] = (msg.first_token, time.monotonic())
             self._transfer_started.set()
+            self._renew(msg.request_id)  # prefill is done: the rest of its KV is on its way
+
+    def _on_renew(self, msg: m.Renew, peer: Peer) -> None:
+        if self.owners.get(msg.request_id) is peer:  # only the router connection that reserved it
+            self._renew(msg.request_id)
+
+    def _renew(self, rid: str) -> None:
+        self.thread.submit(lambda: self.policy.renew(rid, self.core.clock()))
 
     def _abort_transfer(self, rid: str) -> None:
         self.awaiting.pop(rid, None)

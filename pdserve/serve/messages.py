@@ -116,6 +116,13 @@ class Abort(msgspec.Struct, tag="abort", frozen=True):
     request_id: str
 
 
+class Renew(msgspec.Struct, tag="renew", frozen=True):
+    """Router to decode: the reserved request's prefill is making progress; keep its reservation
+    (`reservation_timeout_s` from now). Only the connection that reserved it may renew it."""
+
+    request_id: str
+
+
 class StatsQuery(msgspec.Struct, tag="stats_query", frozen=True):
     nonce: str
     decode: DecodeSignal | None = None  # to prefill workers: the decode pool's load (back-pressure)
@@ -156,6 +163,14 @@ class Tokens(msgspec.Struct, tag="tokens", frozen=True):
     num_cached_tokens: int = 0
     logprobs: list[Logprob] = []  # one per token in token_ids, when the request asked for logprobs
     prompt_logprobs: list[Logprob] = []  # with the first token: prompt tokens 2.., when asked for
+
+
+class Progress(msgspec.Struct, tag="progress", frozen=True):
+    """Prefill to router: the request is still being prefilled here (queued or part-computed, no
+    first token yet); the router is not kept waiting by a silent worker, and renews its decode
+    reservation."""
+
+    request_id: str
 
 
 class TransferDone(msgspec.Struct, tag="transfer_done", frozen=True):
@@ -209,8 +224,8 @@ class Stats(msgspec.Struct, tag="stats", frozen=True):
     switching: str = ""  # the role it is switching to (it refuses new work meanwhile), else empty
 
 
-ToWorker = Generate | Reserve | Prefill | Start | Abort | StatsQuery | SwitchRole
-ToRouter = Reserved | Tokens | TransferDone | Stats | RoleSwitched
+ToWorker = Generate | Reserve | Prefill | Start | Abort | Renew | StatsQuery | SwitchRole
+ToRouter = Reserved | Tokens | Progress | TransferDone | Stats | RoleSwitched
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(ToWorker)

@@ -4,6 +4,9 @@ Prefill(prompt, decode's KV address and blocks) ──▶ queue ──▶ batch 
 to the decode worker as soon as the layer is computed ──▶ Tokens(first token) to the router at
 once ──▶ TransferDone when every layer is acknowledged (or the transfer failed); then the
 request's blocks are freed. Draining waits for transfers in flight as well as for requests.
+Until its first token, a request held here is reported as progressing (`Progress`, paced by
+sched/progress.py) after steps: the router renews its decode reservation, and does not take a
+long prompt or a long queue for a silent worker.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from collections import Counter
 
 import msgspec
 
+from pdserve.engine.core import StepResult
 from pdserve.sched.backpressure import DecodeSignal
 from pdserve.sched.prefill import PrefillBatcher
+from pdserve.sched.progress import ProgressPacer, progress_interval
 from pdserve.sched.request import Request
 from pdserve.serve import messages as m
 from pdserve.serve.engine_args import EngineArgs
@@ -44,6 +49,8 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         faults.install_from_config(self.sender, self.transfer)  # fault tests only
         self.core.layer_hook = self._push_layer
         self.kv_push = KVPush(self.runner)  # cuda: side-stream copies into pinned buffers, no engine-thread sync
+        c = args.cluster
+        self.progress = ProgressPacer(progress_interval(c.decode.reservation_timeout_s, c.router.first_token_timeout_s))
 
     def _make_policy(self, args: argparse.Namespace, ea: EngineArgs) -> PrefillBatcher:
         return PrefillBatcher(args.cluster.prefill.policy(), self.bm)
@@ -54,6 +61,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
             if self._admit(msg, peer):
                 kv = pair_address(msg.kv_address, self.transfer.transport, self.node_id, msg.kv_node)
                 self.kv_dest[msg.request_id] = msgspec.structs.replace(msg, kv_address=kv)
+                self.progress.arrived(msg.request_id, time.monotonic())
                 self._decode_signal(msg.decode)
         else:
             await super()._handle_work(msg, peer)
@@ -70,6 +78,18 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
         super()._forget(rid, req)
         self.kv_dest.pop(rid, None)
         self.xfer.pop(rid, None)
+        self.progress.forget(rid)
+
+    def _dispatch(self, result: StepResult) -> None:
+        """After a step: its tokens, then a `Progress` for each held request that is due one."""
+        super()._dispatch(result)
+        out: dict[Peer, list[m.Progress]] = {}
+        for rid in self.progress.due(time.monotonic()):
+            peer = self.owners.get(rid)
+            if peer is not None:
+                out.setdefault(peer, []).append(m.Progress(rid))
+        for peer, msgs in out.items():
+            asyncio.ensure_future(send_all(peer, msgs))
 
     def _abort_transfer(self, rid: str) -> None:
         if rid in self.sending:
@@ -79,6 +99,7 @@ class PrefillWorker(WorkerBase[PrefillBatcher]):
     def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
         """The one token a prefill makes goes to the router now; the request lives on until its KV is sent."""
         reason = first_token_finish(req, tok)
+        self.progress.forget(req.request_id)
         self.telemetry.cache_queries.inc(req.num_prompt_tokens)
         self.telemetry.cache_hits.inc(req.num_cached_tokens)
         if self.tracer.enabled:

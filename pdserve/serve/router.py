@@ -360,6 +360,7 @@ class ClusterBackend(PoolAdmin):
 
             with p.call(rid) as pc, ending(self._link(p.name, d.name).dispatch(t0), lambda: streamed,
                                            transfer_failed), self._placed(p, prompt, hits, keys, False) as placed:
+                pc.on_progress = lambda: dc.send(m.Renew(rid))  # a long prefill keeps its decode reservation
                 p.load.queued_prompt_tokens += len(prompt)
                 await pc.send(m.Prefill(rid, prompt, m.Params.of(params), res.kv_address, res.block_ids,
                                         res.block_size, cluster_signal(self._loads("decode")), kv_node=res.node_id,

@@ -99,6 +99,9 @@ class WorkerBase(Generic[P]):
     def _on_start(self, msg: m.Start) -> None:
         """The router says a request's first token came (decode role); others have nothing to do."""
 
+    def _on_renew(self, msg: m.Renew, peer: Peer) -> None:
+        """The router says a reserved request's prefill is progressing (decode role); others hold no reservations."""
+
     def _on_token(self, req: Request, tok: int, done: Request | None) -> m.Tokens:
         """What to tell the router about a token the engine produced for `req`."""
         reply = self._tokens(req, [tok], done)
@@ -185,6 +188,8 @@ class WorkerBase(Generic[P]):
             self._abort(msg.request_id)
         elif isinstance(msg, m.Start):
             self._on_start(msg)
+        elif isinstance(msg, m.Renew):  # a draining worker still holds (and renews) its reservations
+            self._on_renew(msg, peer)
         elif self.draining:
             await self._refuse(msg, peer, "worker is draining")
         else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -189,6 +189,7 @@ class Call:
         self.answered = False  # the worker replied properly at least once (tokens, a reservation)
         self.done = False  # the worker holds nothing more for this request
         self.closed = False
+        self.on_progress: Callable[[], Awaitable[None]] | None = None  # called on each Progress it sends
         worker.inflight += 1
 
     def __enter__(self) -> Call:
@@ -227,7 +228,8 @@ class Call:
             raise Retryable(f"cannot reach {self.name}: {e}", self.name) from e
 
     async def reply(self, timeout: float) -> m.ToRouter:
-        """The next message for this request; skips messages that carry no tokens (TransferDone)."""
+        """The next message for this request; skips messages that carry no tokens (TransferDone,
+        Progress). `timeout` bounds the worker's silence: a Progress starts the wait afresh."""
         while True:
             try:
                 msg = await asyncio.wait_for(self.queue.get(), timeout)
@@ -235,6 +237,10 @@ class Call:
                 raise Retryable(f"{self.name} silent for {timeout:.0f}s", self.name) from None
             if msg is None:
                 raise Retryable(f"lost the connection to {self.name}", self.name)
+            if isinstance(msg, m.Progress):
+                if self.on_progress is not None:
+                    await self.on_progress()
+                continue
             if not isinstance(msg, m.TransferDone):
                 return msg
 
