@@ -4,6 +4,8 @@ and the choice between it and the torch path (forced either way, fallback where 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +134,16 @@ def test_no_working_compiler_falls_back(monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         native_decode.library.cache_clear()
+
+
+def test_loading_the_kernel_leaves_the_process_floating_point_state_alone() -> None:
+    # A library linked with -ffast-math (gcc 12) sets flush-to-zero / denormals-are-zero for the whole
+    # process as it loads (gcc's crtfastmath.o): subnormals vanish in Python, numpy and torch alike
+    # (hypothesis refuses to run; torch's numerics change). Checked in a fresh process, which the
+    # kernel has not yet been loaded into.
+    code = ("import sys, torch; from pdserve.model import native_decode as n; lib = n.library(); "
+            "assert not isinstance(lib, str), lib; tiny = sys.float_info.min; "
+            "assert tiny / 2 > 0, 'Python floats flushed to zero'; "
+            "assert (torch.tensor(tiny, dtype=torch.float64) / 2).item() > 0, 'torch flushed to zero'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -14,13 +14,38 @@
  *
  * The softmax is streamed block by block ("online softmax", as FlashAttention): a running
  * maximum and sum per query head, the accumulator rescaled when the maximum grows, so nothing of
- * the context's length is materialised. Built with -O3 -march=native -fopenmp -ffast-math by
- * native_decode.py; no infinities are used (fast-math assumes none): the running maximum starts
- * at -FLT_MAX, whose rescale factor underflows to 0.
+ * the context's length is materialised. Compiled with -O3 -march=native -fopenmp -ffast-math by
+ * native_decode.py (linked without it: see there); no infinities are used (fast-math assumes
+ * none): the running maximum starts at -FLT_MAX, whose rescale factor underflows to 0.
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+
+/* Flush-to-zero and denormals-are-zero on this thread, for this call only. Scores far below a
+ * block's maximum exponentiate to subnormals, and x86 arithmetic on subnormals is tens of times
+ * slower. Linking with -ffast-math would set these bits for the whole process, for good, as the
+ * library loads; native_decode.py links without it, and each call sets them for itself. */
+static inline unsigned int ftz_enter(void) {
+#if defined(__SSE__)
+    const unsigned int saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040); /* FTZ (bit 15) | DAZ (bit 6) */
+    return saved;
+#else
+    return 0;
+#endif
+}
+
+static inline void ftz_leave(unsigned int saved) {
+#if defined(__SSE__)
+    _mm_setcsr(saved);
+#else
+    (void)saved;
+#endif
+}
 
 /* A task's state lives on its thread's stack (~100 KB at these limits): no allocation per call. */
 #define MAX_ROW 8192 /* query heads x dim of one task (64 x 128: a 70B model's) */
@@ -116,7 +141,10 @@ void paged_decode_f32(const float *q, int64_t q_row_stride, float *out, int64_t 
     const int kv_per_task = kv_heads / head_split;
 
     /* dynamic: contexts differ in length, so tasks differ in cost. */
-#pragma omp parallel for collapse(2) schedule(dynamic, 1) num_threads(threads)
+#pragma omp parallel num_threads(threads)
+    {
+    const unsigned int csr = ftz_enter(); /* each thread has its own floating-point state */
+#pragma omp for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < batch; b++) {
         for (int s = 0; s < head_split; s++) {
             const int64_t off = (int64_t)s * kv_per_task * group * dim; /* first query head's */
@@ -130,5 +158,7 @@ void paged_decode_f32(const float *q, int64_t q_row_stride, float *out, int64_t 
             else ATTEND(dim);
 #undef ATTEND
         }
+    }
+    ftz_leave(csr); /* the thread goes back to torch's pool: leave its state as found */
     }
 }
