@@ -15,7 +15,7 @@ run: $(STAMP)
 	$(VENV)/bin/pdserve up --model demo --prefill 1 --decode 1 --port 8000
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -ra -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -q -ra -n 2 --dist loadfile --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pdserve tests bench
