@@ -14,21 +14,10 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine.model_runner import ModelRunner, step_metadata
 from pdserve.model import native_decode
 from pdserve.model.attention import paged_attention, reference_attention, write_kv
+from tests.test_engine_paths import BS, _shuffled_tables
 
-BS = 4
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(isinstance(native_decode.library(), str), reason="no C compiler here")
-
-
-def _shuffled_tables(lengths: list[int], rng: random.Random, spare: int = 5) -> list[list[int]]:
-    need = [-(-n // BS) for n in lengths]
-    pool = list(range(sum(need) + spare))
-    rng.shuffle(pool)
-    out, i = [], 0
-    for k in need:
-        out.append(pool[i : i + k])
-        i += k
-    return out
 
 
 def _native_vs_reference(spans: list[tuple[list[int], int, int]], heads: int, kv_heads: int, d: int, seed: int):
@@ -52,7 +41,7 @@ def test_decode_batch_of_mixed_lengths(heads, kv_heads, d) -> None:
     """Contexts 1..301 in one batch (partial last blocks, one crossing 76 blocks), blocks shuffled
     through the cache, GQA groups of 1 to 16 query heads."""
     ctx = [38, 1, 17, 16, 5, 301, 4, 2]
-    tables = _shuffled_tables(ctx, random.Random(heads + d))
+    tables = _shuffled_tables(ctx, random.Random(heads + d), spare=5)
     ours, ref, meta = _native_vs_reference([(t, c - 1, 1) for t, c in zip(tables, ctx, strict=True)],
                                            heads, kv_heads, d, seed=d)
     assert meta.native is not None and not meta.decode  # one kernel call, no SDPA groups
@@ -64,7 +53,7 @@ def test_decode_batch_of_mixed_lengths(heads, kv_heads, d) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_sequence(ctx, threads) -> None:
     """With more threads than sequences each KV head is a task of its own (the other split)."""
-    table = _shuffled_tables([ctx], random.Random(ctx))[0]
+    table = _shuffled_tables([ctx], random.Random(ctx), spare=5)[0]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -79,7 +68,7 @@ def test_decodes_packed_between_prefill_chunks() -> None:
     """Decode rows scattered through a step (between a fresh prompt and a later chunk): the kernel
     writes only its rows, and the prefill paths' rows are untouched by it."""
     ctx = [11, 10, 23, 6, 3]
-    tables = _shuffled_tables(ctx, random.Random(5))
+    tables = _shuffled_tables(ctx, random.Random(5), spare=5)
     spans = [(tables[0], 0, 11), (tables[1], 9, 1), (tables[2], 16, 7), (tables[3], 5, 1), (tables[4], 2, 1)]
     ours, ref, meta = _native_vs_reference(spans, 6, 2, 8, seed=3)
     assert meta.native is not None and meta.native.rows.tolist() == [11, 19, 20]
@@ -90,7 +79,7 @@ def test_decodes_packed_between_prefill_chunks() -> None:
 def test_large_scores_do_not_overflow() -> None:
     """Scores in the hundreds: the online softmax's rescaling keeps every exp in range."""
     ctx = [70, 33]
-    tables = _shuffled_tables(ctx, random.Random(9))
+    tables = _shuffled_tables(ctx, random.Random(9), spare=5)
     spans = [(t, c - 1, 1) for t, c in zip(tables, ctx, strict=True)]
     g = torch.Generator().manual_seed(0)
     cache = torch.randn(2, 1 + max(max(t) for t in tables), BS, 2, 16, generator=g) * 30
