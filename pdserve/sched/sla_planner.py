@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pdserve.sched.load_predictors import ConstantPredictor, HoltPredictor, make_predictor
+
 ROLES = ("prefill", "decode", "colocated")
 OVERLOAD = 0.95  # load over the model's saturated rate beyond which no correction factor is learned
 
@@ -104,60 +106,6 @@ class CapacityModel(Protocol):
         disaggregated cluster are both given by 'disagg'."""
 
     # (the rates with math.inf SLOs are the saturated rates)
-
-
-# ---- load predictors ------------------------------------------------------------------------
-
-class Predictor(Protocol):
-    def update(self, x: float) -> None: ...
-
-    def predict(self) -> float: ...
-
-
-@dataclass
-class ConstantPredictor:
-    """The next interval looks like the last one (Dynamo's `constant`)."""
-
-    last: float | None = None
-
-    def update(self, x: float) -> None:
-        self.last = x
-
-    def predict(self) -> float:
-        return self.last or 0.0
-
-
-@dataclass
-class HoltPredictor:
-    """Holt's linear (double exponential) smoothing: a level and a trend, one step ahead.
-
-    Follows a ramp (morning traffic) with a bounded lag instead of a constant one; alpha weighs the
-    newest value in the level, beta the newest slope in the trend. Never predicts below zero."""
-
-    alpha: float = 0.5
-    beta: float = 0.3
-    level: float | None = None
-    trend: float = 0.0
-
-    def update(self, x: float) -> None:
-        if self.level is None:
-            self.level = x
-            return
-        prev = self.level
-        self.level = self.alpha * x + (1 - self.alpha) * (prev + self.trend)
-        self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.trend
-
-    def predict(self) -> float:
-        return max(0.0, (self.level or 0.0) + self.trend)
-
-
-PREDICTORS = {"constant": ConstantPredictor, "holt": HoltPredictor}
-
-
-def make_predictor(name: str) -> Predictor:
-    if name not in PREDICTORS:
-        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}")
-    return PREDICTORS[name]()  # type: ignore[no-any-return]
 
 
 # ---- the planner -----------------------------------------------------------------------------
