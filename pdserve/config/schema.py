@@ -139,8 +139,7 @@ class DecodeConfig(Section):
     adaptive_batch: H(bool, "grow the batch with the queue, bounded by tpot_target_ms") = False
     tpot_target_ms: H(float, "adaptive batch: per-token time bound (0: none)", ge=0) = 0.0
     min_batch_size: H(int, "adaptive batch: smallest batch", ge=1) = 8
-    reservation_timeout_s: H(float, "reserved blocks are freed once their KV has not come and their prefill has "
-                             "reported no progress for this long", gt=0) = 30.0
+    reservation_timeout_s: H(float, "reserved blocks are freed after this with no KV and no prefill progress", gt=0) = 30.0
 
     def check(self) -> None:
         _check(self.max_num_seqs >= self.max_batch_size, "max_num_seqs", "must be >= max_batch_size")
