@@ -21,12 +21,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _step_labels(steps: list[dict]) -> list[str]:  # type: ignore[type-arg]
+    """x-axis labels of decode steps: batch, context, and whether the block tables are fragmented."""
+    return [f"b{d['batch']}\n{d['context']}" + ("\nfrag" if d["layout"] == "fragmented" else "") for d in steps]
+
+
 def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "engine_cpu.json")
     r = json.loads(path.read_text())
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 1.3, 1]})
     steps = r["decode_steps"]
-    labels = [f"b{d['batch']}\n{d['context']}" + ("\nfrag" if d["layout"] == "fragmented" else "") for d in steps]
+    labels = _step_labels(steps)
     x = range(len(steps))
     a.bar([i - 0.2 for i in x], [d["step_s_median"] * 1e3 for d in steps], 0.4, label="pdserve step (median)")
     a.bar([i + 0.2 for i in x], [d["roofline_s"] * 1e3 for d in steps], 0.4, label="roofline")
@@ -60,7 +65,7 @@ def native_vs_torch(r: dict, out: Path) -> None:  # type: ignore[type-arg]
     """Decode steps and offline runs, native kernel against torch path, this thread's CPU time."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
     nat, tor = r["decode_steps"], r["decode_steps_torch_attention"]
-    labels = [f"b{d['batch']}\n{d['context']}" + ("\nfrag" if d["layout"] == "fragmented" else "") for d in nat]
+    labels = _step_labels(nat)
     x = range(len(nat))
     a.bar([i - 0.27 for i in x], [d["step_cpu_s_median"] * 1e3 for d in nat], 0.27, label="native kernel")
     a.bar(list(x), [d["step_cpu_s_median"] * 1e3 for d in tor], 0.27, label="torch (gather + SDPA)")
