@@ -28,7 +28,7 @@ request cost beyond the engine steps above (engine thread to event loop, a messa
 router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
     "serving": {"colocated": {"step_overhead_s": .., "request_overhead_s": ..}, "disagg": {...}}
 `step_overhead_s` is added to every step; `request_overhead_s` delays each request's arrival.
-Two more, measured on a real run by `pdserve.bench.simcompare.prefill_factors_from` from the
+Two more, measured on a real run by `pdserve.bench.prefill_factors.prefill_factors_from` from the
 engine's own timing of each prompt's step (its "prefill" phase, first scheduled to first token):
     "prefill_factor": 1.1, "corun_prefill_factor": 1.3
 the served step's time beyond its decodes' own (the prefill chunks' share, fixed cost included)
