@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from pdserve.bench.prefill_factors import prefill_factors_from, step_samples
+from pdserve.bench.prefill_factors import decode_samples, prefill_factors_from, step_samples
 from pdserve.config.engine import SchedulerConfig
 from pdserve.sched.block_manager import BlockManager
 from pdserve.sched.colocated import ColocatedScheduler
@@ -119,7 +119,8 @@ def test_runs_of_decode_steps_change_nothing_with_peers(profile, mode: str) -> N
     from pdserve.workload import generate
 
     p = json.loads(profile.read_text())
-    p["serving"]["disagg"] = SERVING["colocated"]
+    p["serving"]["colocated"] = {**SERVING["colocated"], "corun_decode_factor": 1.3}  # decode steps co-run too
+    p["serving"]["disagg"] = p["serving"]["colocated"]
     profile.write_text(json.dumps(p))
     cfg = SimConfig.of(model="demo", mode=mode, num_prefill=1, num_decode=1, num_colocated=2, profile=str(profile))
     specs = generate("chatbot", 80, rate=6.0, seed=4, max_prompt_tokens=400, max_output_tokens=60)
@@ -137,3 +138,53 @@ def test_runs_of_decode_steps_change_nothing_with_peers(profile, mode: str) -> N
     for i in alone.instances:
         i.peers = []
     assert alone.run(specs).finish != a.finish
+
+
+def test_a_decode_step_that_starts_while_a_peer_prefills_is_charged_the_decode_factor(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Decode-only steps slow while another worker of the host prefills; a planned run of them is
+    cut at the peer's prompt and goes on step by step at the co-running time until it ends."""
+    path = tmp_path / "d.json"
+    write_profile(path, PREFILL, DECODE, attention="grouped",
+                  serving={"colocated": {"step_overhead_s": 0.001, "corun_decode_factor": 1.4}})
+    model = ProfiledModel.load(path, "colocated")
+    assert model.shares_host
+    ctx = [300, 310]
+    assert model.decode_time(ctx, corun=True) - 0.001 == pytest.approx(1.4 * (model.decode_time(ctx) - 0.001))
+    loop = EventLoop()
+    ends: list[float] = []
+    a, b = _instance("a", model, loop), _instance("b", model, loop)
+    a.attach(loop, lambda i, out, fin, now: ends.append(now), lambda i, reqs, e: ends.extend(e))
+    a.runs = True  # _instance's attach (no run hook) had turned runs off
+    share_host([a, b])
+    a.policy.add_request(Request("1", [0] * 16, 60, 0.0), 0.0)
+    a.kick(0.0)
+    loop.run(until=0.3)
+    assert a._run is not None  # decoding in a planned run
+    b.policy.add_request(Request("2", [0] * 500, 2, 0.3), 0.3)
+    b.kick(0.3)
+    assert b.prefilling
+    prompt_end = 0.3 + model.prefill_time([500])
+    loop.run()
+    gaps = {round(e1, 9): e1 - e0 for e0, e1 in zip(ends, ends[1:], strict=False)}
+    one = model.decode_time([40])  # about any of a's steps (contexts 17-76 change it by < 1%)
+    during = [g for e, g in gaps.items() if 0.3 + 0.5 * one < e - g < prompt_end]  # started inside b's prompt
+    after = [g for e, g in gaps.items() if e - g > prompt_end + one]
+    assert during and after
+    assert all(g == pytest.approx(1.4 * (one - 0.001) + 0.001, rel=0.02) for g in during)
+    assert all(g == pytest.approx(one, rel=0.02) for g in after)
+
+
+def test_the_decode_factor_is_read_off_decode_steps_under_another_workers_prompt(profile) -> None:  # type: ignore[no-untyped-def]
+    bare = ProfiledModel.load(profile)
+    # Request 0 decodes alone in 20 ms steps, then in 30 ms ones while request 1's prompt step
+    # (0.3 s, on the other worker) runs from 1.1 to 1.4, then in 20 ms ones again.
+    r0 = _record(0, 0.0, 100, 1.0, [0.02] * 5 + [0.03] * 10 + [0.02] * 5, 0.1)
+    r1 = _record(1, 1.1, 200, 0.30, [], 0.30)
+    got = decode_samples([r0, r1], bare)
+    corun = [f for f, c in got if c]
+    alone = [f for f, c in got if not c]
+    assert len(corun) == len(alone) == 9  # the step ending with request 1's first token is left out
+    assert all(f * bare.decode_time([110]) == pytest.approx(0.03, rel=0.02) for f in corun)
+    cmp_ = {"modes": {"disaggregated": {"runs": [{"requests": [r0, r1]}]}}}
+    found = prefill_factors_from(cmp_, str(profile), {"disaggregated": 512})["disaggregated"]
+    assert found["corun_decode_factor"] == pytest.approx(1.5, rel=0.02)

@@ -12,6 +12,14 @@ Per request, the factor f with  real = decodes' own step + f * (the rest of the 
 (`ProfiledModel.prefill_share`); the median per class is the profile's "prefill_factor" /
 "corun_prefill_factor" for the mode (`pdserve/sim/profile.py`). A step whose tokens overflow the
 token budget is left out (its prompt may have been chunked over several steps).
+The decode one, "corun_decode_factor", from the decode-only steps (`decode_samples`): a step is a
+token time shared by every request decoding in it (each had its previous token at the step
+before, within TOL_S, and none had its first token then: no prompt in the step), its batch those
+requests (context = prompt + tokens so far); its time over the profile's decode step for that
+batch, split by whether another request's prompt step (the engine's `timings["prefill"]` before
+its first token) covered at least half of it (co-running) or none of it (alone). The factor is
+the median co-running ratio over the median alone one: the slowdown relative to a step with no
+peer prefilling, whatever the machine's speed that day (the step overhead covers that).
 """
 
 from __future__ import annotations
@@ -71,6 +79,40 @@ def step_samples(requests: list[dict[str, Any]], model: ProfiledModel, budget: i
     return out
 
 
+CORUN_COVER = 0.5  # a decode step co-runs when another worker's prompt step covers this share of it
+
+
+def decode_samples(requests: list[dict[str, Any]], model: ProfiledModel) -> list[tuple[float, bool]]:
+    """(real step / profile step, co-running) for every decode-only step read off the records
+    (module doc); steps touched by a prompt step without being mostly under one are left out."""
+    tl = token_times(requests)
+    prompts = [(t[0] - r["timings"]["prefill"], t[0]) for r, t in tl.values()
+               if (r.get("timings") or {}).get("prefill")]
+    firsts = np.sort(np.array([t[0] for _, t in tl.values()]))
+    tokens = sorted((float(t[k]), float(t[k - 1]), r["prompt_tokens"] + k)  # (end, start, context)
+                    for r, t in tl.values() for k in range(2, len(t)))  # the first decode gap holds the hand-over
+    steps: list[list[tuple[float, float, int]]] = []
+    for tok in tokens:  # one step: token times within TOL_S of each other
+        if steps and tok[0] - steps[-1][-1][0] < TOL_S:
+            steps[-1].append(tok)
+        else:
+            steps.append([tok])
+    out: list[tuple[float, bool]] = []
+    for members in steps:
+        end = float(np.median([e for e, _, _ in members]))
+        start = float(np.median([s for _, s, _ in members]))
+        if any(abs(s - start) > TOL_S for _, s, _ in members) or end - start <= 0:
+            continue  # not one step of one worker
+        j = int(np.searchsorted(firsts, end - TOL_S))
+        if j < len(firsts) and firsts[j] < end + TOL_S:
+            continue  # a prompt's first token in this step: a mixed step
+        cover = max((min(end, b) - max(start, a) for a, b in prompts), default=0.0) / (end - start)
+        if 0 < cover < CORUN_COVER:
+            continue
+        out.append(((end - start) / model.decode_time([c for _, _, c in members]), cover >= CORUN_COVER))
+    return out
+
+
 def prefill_factors_from(compare: dict[str, Any], profile: str, budgets: dict[str, int]) -> dict[str, dict[str, Any]]:
     """Per mode of the compare (over all its rates): the two factors and their sample counts.
     budgets: per mode, the token budget of the worker that prefills (its policy's)."""
@@ -83,6 +125,13 @@ def prefill_factors_from(compare: dict[str, Any], profile: str, budgets: dict[st
         both = [f for f, c in samples if c]
         fa = float(np.median(alone)) if alone else 1.0
         fc = float(np.median(both)) if len(both) >= MIN_SAMPLES else fa
-        out[mode] = {"prefill_factor": fa, "corun_prefill_factor": fc, "samples_alone": len(alone),
-                     "samples_corun": len(both)}
+        dec = [s for run in m["runs"] for s in decode_samples(run["requests"], model)]
+        d_alone = [f for f, c in dec if not c]
+        d_both = [f for f, c in dec if c]
+        fd = float(np.median(d_both) / np.median(d_alone)) if len(d_both) >= MIN_SAMPLES and d_alone else 1.0
+        out[mode] = {"prefill_factor": fa, "corun_prefill_factor": fc, "corun_decode_factor": fd,
+                     "samples_alone": len(alone), "samples_corun": len(both),
+                     "decode_samples_alone": len(d_alone), "decode_samples_corun": len(d_both),
+                     "decode_over_profile_median": {"alone": float(np.median(d_alone)) if d_alone else None,
+                                                    "corun": float(np.median(d_both)) if d_both else None}}
     return out

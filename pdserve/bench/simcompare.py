@@ -27,6 +27,7 @@ from pdserve.config.load import cluster_from_dict
 from pdserve.metrics_summary import SLO
 from pdserve.sim.build import build
 from pdserve.sim.metrics import summarize
+from pdserve.sim.profile import FACTOR_KEYS
 from pdserve.workload import RequestSpec
 
 MODES = {"colocated": "colocated", "disaggregated": "disagg"}  # compare's mode names -> sim's
@@ -106,9 +107,6 @@ def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index:
         out[MODES[mode]] = {"step_overhead_s": step, "request_overhead_s": request, **extra,
                             "from_rate": compare["modes"][mode]["runs"][rate_index]["rate"]}
     return out
-
-
-FACTOR_KEYS = ("prefill_factor", "corun_prefill_factor")
 
 
 def prefill_budgets(compare: dict[str, Any]) -> dict[str, int]:

@@ -18,7 +18,11 @@ when the change left it valid (a reservation that leaves the blocks the run need
 Host sharing: `peers` are the instances that share this one's host (set by `sim.build` when the
 step model says its times depend on them, a profile measured with its cluster on one machine:
 `ProfiledModel.shares_host`); a step carrying prefill work that starts while one of them is busy
-is timed with `corun=True` (`pdserve/sim/profile.py`: the co-running prefill factor).
+is timed with `corun=True` (`pdserve/sim/profile.py`: the co-running prefill factor), and so is a
+decode-only step that starts while one of them runs a prefill step (`prefilling`: the co-running
+decode factor). Runs of decode steps keep that exact: none is planned while a peer prefills, and a
+peer that starts a prefill step cuts this one's run to the step in flight (`sync`), so every later
+step starts with the peer's state as step-by-step stepping would see it.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class SimInstance:
         self.port = port
         self.num_gpus = num_gpus
         self.busy = False
+        self.prefilling = False  # the step in flight carries prefill work (peers' decode steps slow)
         self.busy_time = 0.0
         self.num_steps = 0
         self.num_batched_tokens = 0
@@ -127,6 +132,8 @@ class SimInstance:
                 tokens += n
         tokens += len(decode)
         if not prefill:
+            if self._peer_prefilling():
+                return self.model.decode_time(decode, corun=True), tokens  # type: ignore[call-arg]
             return self.model.decode_time(decode), tokens
         if self.peers and any(p.busy for p in self.peers):
             return self.model.mixed_time(prefill, decode, corun=True), tokens  # type: ignore[call-arg]
@@ -138,7 +145,7 @@ class SimInstance:
         """Start a step if idle and the policy has one; else arm the policy's timer, if any."""
         if self.busy:
             return
-        if self.runs and self._plan_run(now):
+        if self.runs and not self._peer_prefilling() and self._plan_run(now):
             return
         out = self.policy.schedule(now)
         if not out.chunks:
@@ -154,10 +161,19 @@ class SimInstance:
             return
         dt, tokens = self._step_time(out)
         self.busy = True
+        # as _step_time tells decode chunks from prefill ones
+        self.prefilling = any(not (c.num_tokens == 1 and c.sample and c.request.num_computed_tokens)
+                              for c in out.chunks)
+        if self.prefilling:
+            for p in self.peers:
+                p.sync(now)  # its planned decode steps from here on start while this one prefills
         self.busy_time += dt
         self.num_steps += 1
         self.num_batched_tokens += tokens
         self.loop.at(now + dt, self._step_done, out)  # type: ignore[union-attr]
+
+    def _peer_prefilling(self) -> bool:
+        return any(p.prefilling for p in self.peers)
 
     def _other_work(self, out: SchedulerOutput) -> bool:
         """Work besides the requests `out` preempted. Without any, a poll would only re-admit
@@ -250,7 +266,7 @@ class SimInstance:
         (a reservation only takes blocks; running requests are untouched).
         """
         run = self._run
-        if run is None or run.last == run.planned_last or self.policy.waiting:
+        if run is None or run.last == run.planned_last or self.policy.waiting or self._peer_prefilling():
             return
         need = run.blocks_at[run.planned_last] - run.blocks_at[run.last]
         if need > self.policy.block_manager.num_free_blocks:
@@ -277,6 +293,7 @@ class SimInstance:
     def _step_done(self, now: float, out: SchedulerOutput) -> None:
         finished = self.policy.update(out, _ZEROS, now)
         self.busy = False
+        self.prefilling = False
         self.on_step(self, out, finished, now)  # type: ignore[misc]
         self.kick(now)
 

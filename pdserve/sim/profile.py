@@ -37,7 +37,15 @@ They are inside the step, so a slow prefill stalls the decodes batched with it (
 would not); the second is the co-running one: the workers of a cluster measured on one host share
 it (its cores' clocks, memory bandwidth, the router and client beside them), which the profile,
 timed on an otherwise idle machine, cannot see. The simulator charges it to a prefill step that
-starts while another instance is busy (`SimInstance.peers`).
+starts while another instance is busy (`SimInstance.peers`). A third, measured the same way from
+the decode-only steps' token gaps:
+    "corun_decode_factor": 1.2
+a decode-only step that starts while another instance of the host runs a prefill step takes this
+much longer than one that starts while none does (both timed against the profile, so it is a ratio
+of the two and the step overhead still applies to both): the peer's prompt contends for the same
+cores' caches and memory bandwidth. A mixed step's co-running slowdown is all in
+corun_prefill_factor (measured with its decodes' share as the profile has it), so this one is for
+decode-only steps.
 Decode steps inside the measured grid (batch sizes x contexts) are instead interpolated bilinearly
 in (B, mean c_i) from the measurements themselves, as Vidur does: on CPU the step time is not
 linear in B (one sequence takes a faster path, B = 2..8 cost 15-30% more than the plane through
@@ -99,11 +107,12 @@ class ProfiledModel:
     attention: str = "padded"  # how the engine's attention cost grows (module doc): one of ATTENTION
     prefill_factor: float = 1.0  # a served step's prefill share over the profile's (module doc)
     corun_prefill_factor: float = 1.0  # the same while another worker of the host computes
+    corun_decode_factor: float = 1.0  # a decode-only step while another worker of the host prefills
 
     @property
     def shares_host(self) -> bool:
         """Whether a step's time depends on what the host's other instances do (module doc)."""
-        return self.corun_prefill_factor != self.prefill_factor
+        return self.corun_prefill_factor != self.prefill_factor or self.corun_decode_factor != 1.0
 
     @classmethod
     def fit(cls, profile: dict[str, Any], mode: str | None = None) -> ProfiledModel:
@@ -118,12 +127,12 @@ class ProfiledModel:
         dc = _nnls(np.stack([np.ones_like(b), b, b * c], axis=1), dec[:, 2])
         meta = {k: v for k, v in profile.items() if k not in ("prefill", "decode")}
         step = serving_overheads(profile, mode)[0] if mode else 0.0
-        alone, corun = prefill_factors(profile, mode) if mode else (1.0, 1.0)
+        alone, corun, decode = host_factors(profile, mode) if mode else (1.0, 1.0, 1.0)
         attention = profile.get("attention", "padded")
         if attention not in ATTENTION:
             raise ValueError(f"profile attention {attention!r}: expected one of {', '.join(ATTENTION)}")
         return cls(tuple(map(float, pc)), tuple(map(float, dc)), meta, _grid(dec), step, attention,  # type: ignore[arg-type]
-                   alone, corun)
+                   alone, corun, decode)
 
     @classmethod
     def load(cls, path: str | Path, mode: str | None = None) -> ProfiledModel:
@@ -132,8 +141,12 @@ class ProfiledModel:
     def prefill_time(self, token_counts: list[int], corun: bool = False) -> float:
         return self.mixed_time([(n, 0) for n in token_counts], [], corun)
 
-    def decode_time(self, context_lens: list[int]) -> float:
-        return self.mixed_time([], context_lens)
+    def decode_time(self, context_lens: list[int], corun: bool = False) -> float:
+        """corun: another instance of the host runs a prefill step as this one starts (module doc)."""
+        t = self.mixed_time([], context_lens)
+        if corun and context_lens and self.corun_decode_factor != 1.0:
+            return self.corun_decode_factor * (t - self.step_overhead_s) + self.step_overhead_s
+        return t
 
     def _plane(self, b: float, ctx_sum: float) -> float:
         ad, bd, cd = self.decode_coef
@@ -217,11 +230,16 @@ def serving_overheads(profile: dict[str, Any], mode: str) -> tuple[float, float]
     return float(m.get("step_overhead_s", 0.0)), float(m.get("request_overhead_s", 0.0))
 
 
-def prefill_factors(profile: dict[str, Any], mode: str) -> tuple[float, float]:
-    """(prefill_factor, corun_prefill_factor) measured for `mode`; 1.0 if none (module doc)."""
+# The serving section's host-sharing factors (module doc), in the order host_factors returns them.
+FACTOR_KEYS = ("prefill_factor", "corun_prefill_factor", "corun_decode_factor")
+
+
+def host_factors(profile: dict[str, Any], mode: str) -> tuple[float, float, float]:
+    """(prefill_factor, corun_prefill_factor, corun_decode_factor) measured for `mode`; 1.0 if
+    none, the co-running prefill one the alone one if only that is there (module doc)."""
     m = (profile.get("serving") or {}).get(mode) or {}
     alone = float(m.get("prefill_factor", 1.0))
-    return alone, float(m.get("corun_prefill_factor", alone))
+    return alone, float(m.get("corun_prefill_factor", alone)), float(m.get("corun_decode_factor", 1.0))
 
 
 def _grid(dec: np.ndarray) -> tuple[list[float], list[float], list[list[float]]] | None:
