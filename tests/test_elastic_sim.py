@@ -67,3 +67,24 @@ def test_replay_follows_the_planner_and_is_seeded() -> None:
     assert again.requests == r.requests == sum(len(window_specs(iv, 2.0, 1000 + k)) for k, iv in enumerate(day))
     assert sim.replay(day, "fixed", fixed=Split(2, 1)).attainment == again.attainment  # seeded: same requests
     assert 0.0 <= again.attainment <= 1.0 and not math.isnan(r.attainment)
+
+
+def test_the_cool_down_counts_from_when_a_change_took_effect() -> None:
+    """As serve/planner_loop.py does: a change decided at the end of interval 0 lands once its
+    workers have switched (30 s into interval 1), so a 100 s cool-down still holds the scale-down
+    the planner wants at the end of interval 2 (120 s after the decision, 90 s after it landed)."""
+    slo = SLO(ttft_ms=3000, tpot_ms=40)
+    sim = ElasticSim(MODEL, slo, interval_s=60, window_s=2.0, switch_s=30.0)
+    day = [Interval(0, 12.0, *LONG, "long"), Interval(60, 0.5, *LONG, "long"), Interval(120, 0.5, *LONG, "long"),
+           Interval(180, 0.5, *LONG, "long")]
+    settings = dict(slo_ttft_s=3.0, slo_tpot_s=0.04, predictor="constant", elastic=True, max_total=16)
+
+    def splits(cooldown_s: float) -> list[Split]:
+        planner = SlaPlanner(roofline_capacity(MODEL, "h100", 4), PlannerSettings(**settings, cooldown_s=cooldown_s))
+        return [x.split for x in sim.replay(day, "p", planner=planner, start=Split(1, 1)).intervals]
+
+    free = splits(0.0)
+    assert free[1].total > 2 and free[2].total < free[1].total  # up for the burst, down right after
+    held = splits(100.0)
+    assert held[1] == free[1]  # scale-up is never delayed
+    assert held[2] == held[3] == held[1]  # 60 s, then 90 s since the change landed: held both times

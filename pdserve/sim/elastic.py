@@ -10,7 +10,9 @@ A role change costs `switch_s`: the workers that change role (or join) serve not
 at the start of the next interval (they drain the old role's work, then rejoin), and are paid for;
 in the window, that is the same share of it. If the
 workers that keep their role cannot form a cluster on their own (no prefill or no decode left),
-the switches are staged and the old split serves the drain time.
+the switches are staged and the old split serves the drain time. The planner hears when a change
+took effect (`SlaPlanner.settled`: the interval's start, plus the drain if workers switched), as
+the real one does from serve/planner_loop.py, so its cool-down counts from then.
 
 Simplifications, said where the figures are: each window starts with empty queues (no backlog
 carried from the previous interval), and a window stands for its whole interval. GPU-hours are
@@ -158,6 +160,10 @@ class ElasticSim:
         for k, iv in enumerate(day):
             specs = window_specs(iv, self.window_s, seed=1000 + k)
             m, switching = self._window(prev, split, specs)
+            if planner is not None and split != prev:
+                # the change took effect once its workers were done switching: the cool-down counts
+                # from then, as serve/planner_loop.py tells the real planner after acting
+                planner.settled(iv.start_s + (min(self.switch_s, self.interval_s) if switching else 0.0))
             res = IntervalResult(iv.start_s, iv.phase, split, len(specs), int(m["ok"].sum()),
                                  _p90(m["ttft"]), _p90(m["tpot"]), switching)
             prev = split
