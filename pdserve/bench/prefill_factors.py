@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from pdserve.config.load import cluster_from_dict
+from pdserve.sim.profile import FACTOR_KEYS as FACTOR_KEYS  # re-exported: bench modules may not import sim
 from pdserve.sim.profile import ProfiledModel
 
 TOL_S = 0.003  # client-side spread of one step's tokens (loopback SSE); two workers' steps rarely meet this close
@@ -113,25 +115,41 @@ def decode_samples(requests: list[dict[str, Any]], model: ProfiledModel) -> list
     return out
 
 
+def factors_of(runs: list[list[dict[str, Any]]], model: ProfiledModel, budget: int, colocated: bool) -> dict[str, Any]:
+    """One mode's three factors (module doc) over the request records of its runs, with the
+    sample counts behind them. budget: the token budget of the worker that prefills."""
+    samples = [s for reqs in runs for s in step_samples(reqs, model, budget, colocated)]
+    alone = [f for f, c in samples if not c]
+    both = [f for f, c in samples if c]
+    fa = float(np.median(alone)) if alone else 1.0
+    fc = float(np.median(both)) if len(both) >= MIN_SAMPLES else fa
+    dec = [s for reqs in runs for s in decode_samples(reqs, model)]
+    d_alone = [f for f, c in dec if not c]
+    d_both = [f for f, c in dec if c]
+    fd = float(np.median(d_both) / np.median(d_alone)) if len(d_both) >= MIN_SAMPLES and d_alone else 1.0
+    return {"prefill_factor": fa, "corun_prefill_factor": fc, "corun_decode_factor": fd,
+            "samples_alone": len(alone), "samples_corun": len(both),
+            "decode_samples_alone": len(d_alone), "decode_samples_corun": len(d_both),
+            "decode_over_profile_median": {"alone": float(np.median(d_alone)) if d_alone else None,
+                                           "corun": float(np.median(d_both)) if d_both else None}}
+
+
+def prefill_budget(model: str, mode: str) -> int:
+    """The token budget of the worker that prefills in `mode` ('colocated' | 'disaggregated'),
+    as `pdserve up` sets it for `model`."""
+    up = cluster_from_dict({"model": model})
+    return up.colocated.max_num_batched_tokens if mode == "colocated" else up.prefill.max_batch_tokens
+
+
+def factors_of_run(requests: list[dict[str, Any]], profile: dict[str, Any], model: str, mode: str) -> dict[str, Any]:
+    """factors_of for one run of `pdserve bench run` against `pdserve up`'s `mode` cluster of
+    `model` (`pdserve calibrate`); profile: the step profile's contents."""
+    return factors_of([requests], ProfiledModel.fit(profile), prefill_budget(model, mode), mode == "colocated")
+
+
 def prefill_factors_from(compare: dict[str, Any], profile: str, budgets: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """Per mode of the compare (over all its rates): the two factors and their sample counts.
+    """Per mode of the compare (over all its rates): the three factors and their sample counts.
     budgets: per mode, the token budget of the worker that prefills (its policy's)."""
     model = ProfiledModel.load(profile)
-    out: dict[str, dict[str, Any]] = {}
-    for mode, m in compare["modes"].items():
-        samples = [s for run in m["runs"] for s in step_samples(run["requests"], model, budgets[mode],
-                                                                mode == "colocated")]
-        alone = [f for f, c in samples if not c]
-        both = [f for f, c in samples if c]
-        fa = float(np.median(alone)) if alone else 1.0
-        fc = float(np.median(both)) if len(both) >= MIN_SAMPLES else fa
-        dec = [s for run in m["runs"] for s in decode_samples(run["requests"], model)]
-        d_alone = [f for f, c in dec if not c]
-        d_both = [f for f, c in dec if c]
-        fd = float(np.median(d_both) / np.median(d_alone)) if len(d_both) >= MIN_SAMPLES and d_alone else 1.0
-        out[mode] = {"prefill_factor": fa, "corun_prefill_factor": fc, "corun_decode_factor": fd,
-                     "samples_alone": len(alone), "samples_corun": len(both),
-                     "decode_samples_alone": len(d_alone), "decode_samples_corun": len(d_both),
-                     "decode_over_profile_median": {"alone": float(np.median(d_alone)) if d_alone else None,
-                                                    "corun": float(np.median(d_both)) if d_both else None}}
-    return out
+    return {mode: factors_of([run["requests"] for run in m["runs"]], model, budgets[mode], mode == "colocated")
+            for mode, m in compare["modes"].items()}

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from pdserve.bench.prefill_factors import prefill_budget
 from pdserve.bench.simcheck import CheckRun, sim_config
-from pdserve.config.load import cluster_from_dict
 from pdserve.metrics_summary import SLO
 from pdserve.sim.build import build
 from pdserve.sim.metrics import summarize
@@ -111,8 +111,7 @@ def overheads_from(compare: dict[str, Any], profile: str, link: str, rate_index:
 
 def prefill_budgets(compare: dict[str, Any]) -> dict[str, int]:
     """Per compare mode: the token budget of the worker that prefills, as `pdserve up` sets it."""
-    up = cluster_from_dict({"model": compare["config"]["model"]})
-    return {"colocated": up.colocated.max_num_batched_tokens, "disaggregated": up.prefill.max_batch_tokens}
+    return {m: prefill_budget(compare["config"]["model"], m) for m in ("colocated", "disaggregated")}
 
 
 def scaled(profile: dict[str, Any], factor: float) -> dict[str, Any]:
