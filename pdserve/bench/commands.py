@@ -39,8 +39,8 @@ def _calibrate_cmd(args: argparse.Namespace) -> int:
 
 
 def _calibrate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("calibrate", help="measure serving overheads on a lightly loaded real run; add them "
-                                         "to a profile for sim --profile")
+    p = sub.add_parser("calibrate", help="measure serving overheads and host-sharing factors on a lightly "
+                                         "loaded real run; add them to a profile for sim --profile")
     p.add_argument("--profile", required=True, help="profile JSON from pdserve profile (updated in place)")
     p.add_argument("--model", default="demo", help="the model of the run to predict")
     p.add_argument("--workload", default="chatbot-small", help="request length preset")
