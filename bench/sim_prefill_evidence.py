@@ -14,7 +14,7 @@ No real cluster is needed; it reads committed results only:
   prefill_factors   per compare and mode: the served prompt step over the model's, alone and
                     co-running (`pdserve/bench/prefill_factors.py`).
   decode_steps      per compare and mode: decode-only steps over the model's, alone and co-running
-                    (the same host effect on decode steps; the simulator does not model it).
+                    (the same host effect on decode steps; now modelled: corun_decode_factor).
 Writes bench/results/sim_prefill_evidence_r5.json.
 """
 

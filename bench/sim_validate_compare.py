@@ -25,6 +25,10 @@ Variants, each on every compare:
              counted as a request overhead). The same factors measured on every other compare are
              recorded too (`prefill_factors_measured`), for the run-to-run spread; never used
              in a prediction.
+  measured_r5  the round-5 model, for before/after: as measured without the co-running decode
+             factor (decode-only steps as the profile has them whatever the host's other worker
+             does); `measured` now also charges it (`corun_decode_factor`, read off the decode-only
+             steps' token gaps of the same calibration compare)
   own_factors  a diagnostic, not a prediction: as measured, with each compare's prefill factors
              measured on that compare itself (how much of the error is the host's state drifting
              between runs rather than the model: identical runs of one command differ 4x in
@@ -33,7 +37,8 @@ Variants, each on every compare:
     .venv/bin/python bench/sim_validate_compare.py --profile P.json REAL_longprompt.json REAL_chatbot.json
 
 Writes bench/results/sim_validation_compare.json (+ .png): the inputs' commands and load averages,
-the overheads, per variant, compare, rate and mode the real and simulated metrics and errors.
+the overheads, per variant, compare, rate and mode the real and simulated metrics and errors, and
+`per_rate_goodput_error`: per compare, rate and mode the goodput error of measured_r5 and measured.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     for row, name in enumerate(names):
         for col, (key, label) in enumerate(panels):
             ax = axes[row][col]
-            for variant, style in (("calibrated", ":"), ("measured", "--")):
+            for variant, style in (("measured_r5", ":"), ("measured", "--")):
                 rows = result["variants"][variant][name]["rates"]
                 for mode, c in colors.items():
                     xs = [r["rate"] for r in rows]
@@ -127,9 +132,35 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
     fig.suptitle("simulator vs real bench compare (2-core machine): solid real, dashed sim with the measured "
-                 "prefill factors, dotted sim calibrated without them", fontsize=9)
+                 "host-sharing factors incl. the co-running decode one, dotted the same without it (round 5)",
+                 fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=110)
+
+
+def per_rate(variants: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Per compare, rate and mode: real goodput, and each variant's simulated goodput and error;
+    per compare, the count of rates within 15% and of winner agreement per variant."""
+    out: dict[str, Any] = {}
+    for comp in variants[names[0]]:
+        rows = []
+        for k, r in enumerate(variants[names[0]][comp]["rates"]):
+            row: dict[str, Any] = {"rate": r["rate"]}
+            for mode in r["modes"]:
+                row[mode] = {"real": r["modes"][mode]["real"]["request_goodput"]}
+                for v in names:
+                    m = variants[v][comp]["rates"][k]["modes"][mode]
+                    row[mode][v] = {"sim": m["sim"]["request_goodput"], "error": m["error"]["request_goodput"]}
+            row["winner_agrees"] = {v: variants[v][comp]["rates"][k]["winner"]["real"]
+                                    == variants[v][comp]["rates"][k]["winner"]["sim"] for v in names}
+            rows.append(row)
+        counts = {v: {"winner_agrees": sum(x["winner_agrees"][v] for x in rows),
+                      **{mode: sum(abs(x[mode][v]["error"] or 0) <= 0.15 if x[mode][v]["error"] is not None
+                                   else x[mode][v]["sim"] == 0 for x in rows)
+                         for mode in variants[names[0]][comp]["rates"][0]["modes"]}, "of": len(rows)}
+                  for v in names}
+        out[comp] = {"rates": rows, "counts": counts}
+    return out
 
 
 def repeat_spread(compares: dict[str, Any]) -> list[dict[str, Any]]:
@@ -172,9 +203,12 @@ def main() -> int:
     slowdown = sc.slowdown_from(compares[first], grouped, link, args.calibrate_rate_index)
     factors = {name: prefill_factors_from(c, grouped, sc.prefill_budgets(c)) for name, c in compares.items()}
     measured = sc.overheads_from(compares[first], grouped, link, args.calibrate_rate_index, factors[first])
+    r5_factors = {m: {k: v for k, v in f.items() if k != "corun_decode_factor"} for m, f in factors[first].items()}
+    measured_r5 = sc.overheads_from(compares[first], grouped, link, args.calibrate_rate_index, r5_factors)
     paths: dict[str, Any] = {"before": variant_profile(args.profile, "padded", None), "profile": grouped,
                              "calibrated": variant_profile(args.profile, "grouped", overheads),
                              "scaled": {m: s.pop("profile") for m, s in slowdown.items()},
+                             "measured_r5": variant_profile(args.profile, "grouped", measured_r5),
                              "measured": variant_profile(args.profile, "grouped", measured)}
     variants: dict[str, Any] = {}
     load_factors: dict[str, Any] = {}
@@ -216,7 +250,9 @@ def main() -> int:
     payload = {**header({"compares": args.compares, "profile": args.profile}),
                "command": "python " + " ".join(sys.argv), "load_average_at_write": loadavg(),
                "wall_s": time.monotonic() - t0, "link": link_fit, "serving_overheads": overheads, "slowdown": slowdown, "load_factors": load_factors,
-               "serving_overheads_measured": measured, "prefill_factors_measured": factors,
+               "serving_overheads_measured": measured, "serving_overheads_measured_r5": measured_r5,
+               "prefill_factors_measured": factors,
+               "per_rate_goodput_error": per_rate(variants, ("measured_r5", "measured")),
                "calibrated_on": f"{first}: overheads at rate index {args.calibrate_rate_index}, "
                                 "prefill factors (variant measured) over all its rates",
                "held_out": [n for n in compares if n != first],
