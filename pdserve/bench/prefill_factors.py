@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from pdserve.config.load import cluster_from_dict
-from pdserve.sim.profile import FACTOR_KEYS as FACTOR_KEYS  # re-exported: bench modules may not import sim
-from pdserve.sim.profile import ProfiledModel
+# FACTOR_KEYS is also calibrate's, from here: a bench module may not import sim (tests/test_layers.py)
+from pdserve.sim.profile import FACTOR_KEYS, ProfiledModel
 
 TOL_S = 0.003  # client-side spread of one step's tokens (loopback SSE); two workers' steps rarely meet this close
 STEP_GAP_S = 0.01  # a batch member's token before this step came as it started (the last step's end)
@@ -127,7 +127,7 @@ def factors_of(runs: list[list[dict[str, Any]]], model: ProfiledModel, budget: i
     d_alone = [f for f, c in dec if not c]
     d_both = [f for f, c in dec if c]
     fd = float(np.median(d_both) / np.median(d_alone)) if len(d_both) >= MIN_SAMPLES and d_alone else 1.0
-    return {"prefill_factor": fa, "corun_prefill_factor": fc, "corun_decode_factor": fd,
+    return {**dict(zip(FACTOR_KEYS, (fa, fc, fd), strict=True)),
             "samples_alone": len(alone), "samples_corun": len(both),
             "decode_samples_alone": len(d_alone), "decode_samples_corun": len(d_both),
             "decode_over_profile_median": {"alone": float(np.median(d_alone)) if d_alone else None,

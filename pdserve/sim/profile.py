@@ -28,8 +28,9 @@ request cost beyond the engine steps above (engine thread to event loop, a messa
 router and worker RPC, KV push bookkeeping), measured per cluster mode on a lightly loaded run:
     "serving": {"colocated": {"step_overhead_s": .., "request_overhead_s": ..}, "disagg": {...}}
 `step_overhead_s` is added to every step; `request_overhead_s` delays each request's arrival.
-Two more, measured on a real run by `pdserve.bench.prefill_factors.prefill_factors_from` from the
-engine's own timing of each prompt's step (its "prefill" phase, first scheduled to first token):
+Two more, measured on a real run (`pdserve calibrate` on its own run, `pdserve.bench.prefill_factors.
+prefill_factors_from` on a recorded compare) from the engine's own timing of each prompt's step
+(its "prefill" phase, first scheduled to first token):
     "prefill_factor": 1.1, "corun_prefill_factor": 1.3
 the served step's time beyond its decodes' own (the prefill chunks' share, fixed cost included)
 over the profile's, when no other worker of the host computes at the same time, and when one does.
@@ -238,8 +239,9 @@ def host_factors(profile: dict[str, Any], mode: str) -> tuple[float, float, floa
     """(prefill_factor, corun_prefill_factor, corun_decode_factor) measured for `mode`; 1.0 if
     none, the co-running prefill one the alone one if only that is there (module doc)."""
     m = (profile.get("serving") or {}).get(mode) or {}
-    alone = float(m.get("prefill_factor", 1.0))
-    return alone, float(m.get("corun_prefill_factor", alone)), float(m.get("corun_decode_factor", 1.0))
+    alone_key, corun_key, decode_key = FACTOR_KEYS
+    alone = float(m.get(alone_key, 1.0))
+    return alone, float(m.get(corun_key, alone)), float(m.get(decode_key, 1.0))
 
 
 def _grid(dec: np.ndarray) -> tuple[list[float], list[float], list[list[float]]] | None:
