@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from pdserve.config.load import cluster_from_dict
-# FACTOR_KEYS is also calibrate's, from here: a bench module may not import sim (tests/test_layers.py)
-from pdserve.sim.profile import FACTOR_KEYS, ProfiledModel
+from pdserve.sim.profile import FACTOR_KEYS, ProfiledModel  # calibrate's FACTOR_KEYS too (bench may not import sim)
 
 TOL_S = 0.003  # client-side spread of one step's tokens (loopback SSE); two workers' steps rarely meet this close
 STEP_GAP_S = 0.01  # a batch member's token before this step came as it started (the last step's end)
