@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 
 from pdserve.config.load import cluster_from_dict
-from pdserve.sim.profile import FACTOR_KEYS, ProfiledModel  # calibrate's FACTOR_KEYS too (bench may not import sim)
+from pdserve.sim.profile import (  # calibrate's FACTOR_KEYS too (bench may not import sim)
+    FACTOR_KEYS,
+    ProfiledModel,
+)
 
 TOL_S = 0.003  # client-side spread of one step's tokens (loopback SSE); two workers' steps rarely meet this close
 STEP_GAP_S = 0.01  # a batch member's token before this step came as it started (the last step's end)
