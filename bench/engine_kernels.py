@@ -279,7 +279,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    res: dict[str, Any] = {"machine": {"cpu": platform.processor(), "cpu_count": os.cpu_count(),
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    res: dict[str, Any] = {"machine": {"cpu": cpu, "cpu_count": os.cpu_count(),
                                        "torch": torch.__version__, "loadavg_start": list(os.getloadavg())},
                            "command": "python bench/engine_kernels.py " + " ".join(
                                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
