@@ -19,10 +19,12 @@ decode-attention variants over a fragmented cache and the projections against MK
 `offline_breakdown` splits one offline run into prefill steps, decode steps and the time outside
 steps, at the batch budget and with the whole batch in one step, and gives the ratio to
 `transformers` each part's roofline would allow. `--quick` runs a subset in a few minutes.
-`--decode-attention both` (the default) times pdserve's native CPU decode-attention kernel and its
-torch path (gather + SDPA) alternated in the same run: the offline throughput (`pdserve` and
-`pdserve_torch_attention`) and every decode model step (`decode_steps` and
-`decode_steps_torch_attention`, alternated step by step on one runner).
+`--ab linear` (the default) times the engine as configured against the same engine with its
+projections by `F.linear` instead of the native small-batch kernel (`cache.decode_linear`),
+alternated in the same run: the offline throughput (`pdserve` and `pdserve_torch_linear`) and
+every decode model step (`decode_steps` and `decode_steps_torch_linear`, alternated step by step
+on one runner). `--ab attention` does the same for the native decode-attention kernel against
+gather + SDPA (`..._torch_attention`, round 5's runs).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
 `transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
@@ -303,12 +305,13 @@ def matmul_flops(device: str, n: int = 2048, reps: int = 4, dtype: torch.dtype =
 
 
 def _step_runner(model: str, dtype: str | None, device: str, tokens: int, seed: int,  # type: ignore[no-untyped-def]
-                 decode_attention: str = "auto"):
+                 decode_attention: str = "auto", decode_linear: str = "auto"):
     from pdserve.config.engine import CacheConfig
     from pdserve.engine.model_runner import ModelRunner
 
     return ModelRunner(model, CacheConfig(block_size=16, num_blocks=tokens // 16 + 64,
-                                          decode_attention=decode_attention),  # type: ignore[arg-type]
+                                          decode_attention=decode_attention,  # type: ignore[arg-type]
+                                          decode_linear=decode_linear),  # type: ignore[arg-type]
                        device=device, dtype=dtype, seed=seed)
 
 
@@ -337,25 +340,37 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
     return reqs
 
 
+# The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
+# how it is switched on a runner (on: the alternative; off: back to the default).
+AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear"}
+
+
+def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range]) -> None:  # type: ignore[no-untyped-def]
+    """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear."""
+    runner.native_decode = default[0] and not (on and ab == "attention")
+    runner.linear_rows = range(0) if on and ab == "linear" else default[1]
+
+
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
                  seed: int, profile_ops: bool = False, fragmented: bool = False,
-                 modes: tuple[str, ...] = ("default",)) -> dict[str, dict[str, Any]]:
+                 modes: tuple[str, ...] = ("default",), ab: str = "attention") -> dict[str, dict[str, Any]]:
     """Median model step decoding `batch` sequences at context ~`ctx`, against its roofline.
     Contiguous layout: each sequence's blocks consecutive (read in place); fragmented: the blocks
     past the prompt interleaved across sequences (gathered), as after decoding a while.
-    modes: decode-attention paths ("native", "torch"; "default": the runner's), alternated step by
-    step on the same runner and cache; one record per mode."""
+    modes: "default" (the runner as configured) and "alt" (`ab`'s alternative path: torch decode
+    attention or F.linear projections), alternated step by step on the same runner and cache;
+    one record per mode."""
     from pdserve.sched.output import ScheduledChunk, SchedulerOutput
 
     shape = runner.shape
     reqs = _requests(runner, [ctx + steps + 4] * batch, shape.vocab_size, seed,
                      prompt=ctx - 256 if fragmented else None)
-    default = runner.native_decode
+    default = (runner.native_decode, runner.linear_rows)
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}  # this thread's CPU time: without waits for a core
 
     def step(k: int, mode: str) -> None:
-        runner.native_decode = default if mode == "default" else mode == "native"
+        set_alternative(runner, ab, mode == "alt", default)
         for r in reqs:
             r.num_computed_tokens = ctx + k
         out = SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])
@@ -382,7 +397,8 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
             med = statistics.median(times[m])
             rec: dict[str, Any] = {
                 "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous",
-                "decode_attention": ("native" if default else "torch") if m == "default" else m,
+                "decode_attention": "native" if default[0] and not (m == "alt" and ab == "attention") else "torch",
+                "decode_linear": "native" if batch in default[1] and not (m == "alt" and ab == "linear") else "torch",
                 "steps": steps, "step_s_median": med, "step_s_min": min(times[m]),
                 "step_s_all": times[m], "step_cpu_s_median": statistics.median(cpu[m]), "step_cpu_s_all": cpu[m],
                 "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
@@ -393,13 +409,14 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
                 rec["op_profile"], rec["op_categories"] = op_profile(lambda m=m: step(steps + 1, m), 3)
             recs[m] = rec
     finally:
-        runner.native_decode = default
+        set_alternative(runner, ab, False, default)
     return recs
 
 
 # What each op's self time is spent on, for the per-op breakdown (first match wins).
 OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("matmul", ("pdserve::native_linear",)),
     ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "pdserve::native_decode")),
     ("kv_gather", ("aten::index_select",)),
     ("kv_write", ("aten::index_copy",)),
@@ -521,9 +538,14 @@ def main() -> None:
     ap.add_argument("--step-contexts", default="512,2048", help="decode model-step contexts")
     ap.add_argument("--step-decode-steps", type=int, default=8)
     ap.add_argument("--prefill-lengths", default="512,2048,8192", help="fresh prompt lengths (one step each)")
-    ap.add_argument("--decode-attention", default="both", choices=["auto", "native", "torch", "both"],
-                    help="cache.decode_attention of pdserve; both: native and torch alternated in each "
-                         "measurement (throughput, model steps), where native runs")
+    ap.add_argument("--decode-attention", default="auto", choices=["auto", "native", "torch"],
+                    help="cache.decode_attention of pdserve")
+    ap.add_argument("--decode-linear", default="auto", choices=["auto", "native", "torch"],
+                    help="cache.decode_linear of pdserve")
+    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "none"],
+                    help="alternated in each measurement (throughput, model steps) with the engine as "
+                         "configured: linear: projections by F.linear; attention: decode attention by "
+                         "gather + SDPA (round 5's A/B); none")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
     if args.quick:
@@ -551,15 +573,22 @@ def main() -> None:
     log(f"  matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s ({mm['n']}^3 {mm['dtype']})")
 
     log(f"loading pdserve model {args.model} on {dev}")
-    attn = "auto" if args.decode_attention == "both" else args.decode_attention
+    attn, lin = args.decode_attention, args.decode_linear
     llm = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=max(64, args.num_prompts),
-              seed=args.seed, decode_attention=attn)
+              seed=args.seed, decode_attention=attn, decode_linear=lin)
     shape = llm.runner.shape
-    # The engine as configured ("pdserve"), and with both: the torch path beside it, alternated.
-    compare = args.decode_attention == "both" and llm.runner.native_decode
-    result["decode_attention"] = {"setting": args.decode_attention, "engine_native": llm.runner.native_decode,
-                                  "torch_path_alongside": compare}
+    # The engine as configured ("pdserve"), and the --ab alternative beside it, alternated (where
+    # the engine runs the native path at all).
+    defaults = (llm.runner.native_decode, llm.runner.linear_rows)
+    compare = (args.ab == "attention" and llm.runner.native_decode) or (args.ab == "linear"
+                                                                        and len(llm.runner.linear_rows) > 0)
+    alt = AB_KEYS.get(args.ab, "")
+    result["decode_attention"] = {"setting": attn, "engine_native": llm.runner.native_decode,
+                                  "torch_path_alongside": compare and args.ab == "attention"}
+    result["decode_linear"] = {"setting": lin, "native_rows": [defaults[1].start, defaults[1].stop - 1]
+                               if len(defaults[1]) else [], "torch_path_alongside": compare and args.ab == "linear"}
+    result["ab"] = {"compared": args.ab if compare else "none", "key": alt}
     result["model"] = {"name": args.model, "dtype": shape.dtype, "params": shape.num_params(),
                        "weight_bytes": shape.weight_bytes(), "kv_bytes_per_token": shape.kv_bytes_per_token()}
     prompts = mixed_prompts(args.num_prompts, args.min_len, args.max_len, shape.vocab_size, args.seed)
@@ -581,7 +610,7 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"pdserve": [], "transformers": []}
     if compare:
-        times["pdserve_torch_attention"] = []
+        times[f"pdserve_{alt}"] = []
     # This thread's CPU time of each run (with --threads 1 every kernel runs on it): on a loaded
     # machine, the run without the waits for a core.
     cpu_times: dict[str, list[float]] = {k: [] for k in times}
@@ -595,14 +624,14 @@ def main() -> None:
         log(f"  run {rep + 1}/{args.repeats}: pdserve {times['pdserve'][-1]:.2f}s "
             f"({n_out / times['pdserve'][-1]:.0f} tok/s)")
         if compare:
-            llm.runner.native_decode = False
+            set_alternative(llm.runner, args.ab, True, defaults)
             t, c = time.perf_counter(), time.thread_time()
             torch_attn_out = ours_generate(llm, prompts, args.max_tokens)
-            times["pdserve_torch_attention"].append(time.perf_counter() - t)
-            cpu_times["pdserve_torch_attention"].append(time.thread_time() - c)
-            llm.runner.native_decode = True
-            log(f"  run {rep + 1}/{args.repeats}: pdserve, torch decode attention "
-                f"{times['pdserve_torch_attention'][-1]:.2f}s ({n_out / times['pdserve_torch_attention'][-1]:.0f} tok/s)")
+            times[f"pdserve_{alt}"].append(time.perf_counter() - t)
+            cpu_times[f"pdserve_{alt}"].append(time.thread_time() - c)
+            set_alternative(llm.runner, args.ab, False, defaults)
+            log(f"  run {rep + 1}/{args.repeats}: pdserve, {alt.replace('_', ' ')} "
+                f"{times[f'pdserve_{alt}'][-1]:.2f}s ({n_out / times[f'pdserve_{alt}'][-1]:.0f} tok/s)")
         if hf is not None:
             t, c = time.perf_counter(), time.thread_time()
             ref_out = hf_generate(hf, prompts, args.max_tokens, dev)
@@ -619,18 +648,18 @@ def main() -> None:
         thr["speedup_best"] = min(times["transformers"]) / min(times["pdserve"])
         thr["speedup_median"] = statistics.median(times["transformers"]) / statistics.median(times["pdserve"])
         if compare:
-            thr["speedup_median_torch_attention"] = (statistics.median(times["transformers"])
-                                                     / statistics.median(times["pdserve_torch_attention"]))
+            thr[f"speedup_median_{alt}"] = (statistics.median(times["transformers"])
+                                            / statistics.median(times[f"pdserve_{alt}"]))
         thr["speedup_cpu_median"] = (statistics.median(cpu_times["transformers"])
                                      / statistics.median(cpu_times["pdserve"]))
         if compare:
-            thr["speedup_cpu_median_torch_attention"] = (statistics.median(cpu_times["transformers"])
-                                                         / statistics.median(cpu_times["pdserve_torch_attention"]))
+            thr[f"speedup_cpu_median_{alt}"] = (statistics.median(cpu_times["transformers"])
+                                                / statistics.median(cpu_times[f"pdserve_{alt}"]))
     if compare:  # > 1: the native kernel is faster
-        thr["torch_over_native_attention_median"] = (statistics.median(times["pdserve_torch_attention"])
-                                                     / statistics.median(times["pdserve"]))
-        thr["torch_over_native_attention_cpu_median"] = (statistics.median(cpu_times["pdserve_torch_attention"])
-                                                         / statistics.median(cpu_times["pdserve"]))
+        thr[f"{alt}_over_native_median"] = (statistics.median(times[f"pdserve_{alt}"])
+                                            / statistics.median(times["pdserve"]))
+        thr[f"{alt}_over_native_cpu_median"] = (statistics.median(cpu_times[f"pdserve_{alt}"])
+                                                / statistics.median(cpu_times["pdserve"]))
     result["throughput"] = thr
 
     # Where the offline time goes, at the batch budget above and with the whole batch's prompts
@@ -638,21 +667,21 @@ def main() -> None:
     log("offline breakdown: prefill steps, decode steps, outside steps")
     whole = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
                 max_num_batched_tokens=sum(lens) + args.num_prompts, max_num_seqs=max(64, args.num_prompts),
-                seed=args.seed, decode_attention=attn)
+                seed=args.seed, decode_attention=attn, decode_linear=lin)
     ours_generate(whole, warm, 4)
     variants = [("budget", llm, True), ("whole_batch", whole, True)]
-    if compare:  # the budget run again on the torch decode-attention path
-        variants.append(("budget_torch_attention", llm, False))
+    if compare:  # the budget run again on the alternative path
+        variants.append((f"budget_{alt}", llm, False))
     rounds: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in variants}
     for _ in range(2):
         for key, engine, native in variants:
-            default = engine.runner.native_decode
-            engine.runner.native_decode = default and native
+            default = (engine.runner.native_decode, engine.runner.linear_rows)
+            set_alternative(engine.runner, args.ab, not native, default)
             try:
                 rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
                                                      mm["flops_per_s"]))
             finally:
-                engine.runner.native_decode = default
+                set_alternative(engine.runner, args.ab, False, default)
             b = rounds[key][-1]
             log(f"  {key} ({b['max_num_batched_tokens']} tokens/step): wall {b['wall_s']:.2f}s = prefill steps "
                 f"{b['prefill_steps_s']:.2f}s ({b['prefill_steps']}) + decode steps {b['decode_steps_s']:.2f}s "
@@ -694,8 +723,8 @@ def main() -> None:
                                  "common_prefix_unpadded": agreement([a], [alone])["common_prefix_tokens"][0]})
         agr["rechecked_unpadded"] = rechecks
         if torch_attn_out is not None:
-            agr["torch_attention_equal_to_native"] = torch_attn_out == ours_out
-            agr["torch_attention_sequences_equal_to_hf"] = agreement(torch_attn_out, ref_out)["sequences_equal"]
+            agr[f"{alt}_equal_to_native"] = torch_attn_out == ours_out
+            agr[f"{alt}_sequences_equal_to_hf"] = agreement(torch_attn_out, ref_out)["sequences_equal"]
         result["agreement"] = agr
         log(f"agreement: {agr['sequences_equal']}/{agr['sequences']} sequences equal, "
             f"{agr['common_prefix_fraction']:.1%} of tokens in the common prefix; rechecks {rechecks}")
@@ -708,36 +737,41 @@ def main() -> None:
     contexts = [int(x) for x in args.step_contexts.split(",")]
     lengths = [int(x) for x in args.prefill_lengths.split(",")]
     most = max(max(batches) * (max(contexts) + args.step_decode_steps + 8), max(lengths) + 16)
-    runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn)
+    runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn, lin)
     log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    modes = ("default", "torch") if compare else ("default",)
+    modes = ("default", "alt") if compare else ("default",)
     steps, torch_steps = [], []
     cases = [(ctx, b, False) for ctx in contexts for b in batches]
     cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
     for ctx, b, frag in cases:
         recs = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"], mm["flops_per_s"],
                             args.seed + b, profile_ops=frag or (b in (1, 16) and ctx == contexts[0]),
-                            fragmented=frag, modes=modes)
+                            fragmented=frag, modes=modes, ab=args.ab)
         for m, d in recs.items():
             d["loadavg_1"] = os.getloadavg()[0]
             (steps if m == "default" else torch_steps).append(d)
-            log(f"  batch {b:>2} ctx {ctx}{' (fragmented)' if frag else ''} {d['decode_attention']:>6}: "
+            log(f"  batch {b:>2} ctx {ctx}{' (fragmented)' if frag else ''} attention {d['decode_attention']:>6} "
+                f"linear {d['decode_linear']:>6}: "
                 f"{d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
                 f" -> {d['roofline_over_achieved']:.0%} of roofline (load {d['loadavg_1']:.1f})")
     result["decode_steps"] = steps
-    if torch_steps:  # the same steps on the torch path, alternated step by step with the native ones
-        result["decode_steps_torch_attention"] = torch_steps
+    if torch_steps:  # the same steps on the alternative path, alternated step by step
+        result[f"decode_steps_{alt}"] = torch_steps
     kb = min(16, max(batches))
     if dev == "cpu":  # CPU kernels (MKL, the CPU flash kernel): meaningless beside a GPU run
         log("kernels of the batched step on their own (bench/engine_kernels.py)")
         kern = {"decode_attention": engine_kernels.decode_attention_variants(shape, kb, contexts[0] + 4),
                 "projections": [engine_kernels.projection_costs(shape, b, bw["gbps_read_plus_write"])
-                                for b in sorted({1, kb})]}
+                                for b in sorted({1, kb})],
+                "linear_kernel": engine_kernels.linear_kernel(shape, (1, 2, 4, 8, 16, 32), bw["gbps_read_plus_write"])}
         log(f"  decode attention, batch {kb}, CPU ms: " + ", ".join(
             f"{k} {v:.1f}" for k, v in kern["decode_attention"]["cpu_ms_per_step"].items()))
         for p in kern["projections"]:
             log(f"  projections, batch {p['batch']}, CPU ms: " + ", ".join(f"{k} {v:.1f}" for k, v in p["cpu_ms_per_step"].items())
                 + f" (weights at copy bandwidth {p['weights_read_ms_at_copy_bw']:.1f} ms)")
+        for m, rec in kern["linear_kernel"]["batches"].items():
+            log(f"  projections, {m} rows, CPU ms: F.linear {rec['cpu_ms_per_step']['linear']:.1f}, "
+                f"native {rec['cpu_ms_per_step']['native']:.1f}")
         result["kernels"] = kern
     # The older summary (bench/gpu_check.py reads it): the steps at the first context.
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
@@ -773,12 +807,13 @@ def print_table(r: dict[str, Any]) -> None:
     if "agreement" in r:
         a = r["agreement"]
         rows.append(("greedy sequences equal to transformers", f"{a['sequences_equal']}/{a['sequences']}"))
-    if "pdserve_torch_attention" in t["seconds"]:
-        rows.append(("pdserve with torch decode attention tok/s (med)",
-                     f"{t['output_tokens'] / statistics.median(t['seconds']['pdserve_torch_attention']):.0f}"))
-    for d in r["decode_steps"] + r.get("decode_steps_torch_attention", []):
+    alt = r.get("ab", {}).get("key", "torch_attention")
+    if f"pdserve_{alt}" in t["seconds"]:
+        rows.append((f"pdserve, {alt.replace('_', ' ')}: tok/s (med)",
+                     f"{t['output_tokens'] / statistics.median(t['seconds'][f'pdserve_{alt}']):.0f}"))
+    for d in r["decode_steps"] + r.get(f"decode_steps_{alt}", []):
         rows.append((f"decode b{d['batch']} ctx {d['context']}{' frag' if d['layout'] == 'fragmented' else ''} "
-                     f"{d.get('decode_attention', '')}: ms (roof, share)",
+                     f"a:{d.get('decode_attention', '')} l:{d.get('decode_linear', '')}: ms (roof, share)",
                      f"{d['step_s_median'] * 1e3:.1f} ({d['roofline_s'] * 1e3:.1f}, {d['roofline_over_achieved']:.0%})"))
     for p in r["prefill_steps"]:
         rows.append((f"prefill {p['tokens']}: tok/s (share of matmul FLOP/s)",

@@ -15,6 +15,9 @@ Two questions the per-op profile of the batch-16 step raises, answered with the 
 * The projections at the decode batch size: `torch.nn.functional.linear` against MKL's prepacked
   GEMM (`torch.ops.mkl._mkl_linear`, weights packed once for one batch size), whether the two
   are bitwise equal, and the weights' read time at the measured copy bandwidth.
+* The same projections by pdserve's small-batch kernel (`pdserve/model/small_linear.c`, W read
+  in place) against `F.linear`, at 1 to 32 rows (`linear_kernel`; standalone: `python
+  bench/engine_kernels.py --threads 1 --out ...`, for 1 and 2 threads).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.config.model import ModelShape
-from pdserve.model import native_decode
+from pdserve.model import native_decode, small_linear
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -198,6 +201,41 @@ def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_siz
             **_interleaved(variants, reps, rounds), "max_abs_diff_vs_gather_one_sdpa": agree}
 
 
+def _step_weights(shape: ModelShape) -> list[torch.Tensor]:
+    """Fresh weights of every projection of one decode step, in the model's shapes and order."""
+    h, i, kvs = shape.hidden_size, shape.intermediate_size, shape.num_kv_heads * shape.head_dim
+    per_layer = [(shape.num_heads * shape.head_dim + 2 * kvs, h), (h, shape.num_heads * shape.head_dim),
+                 (2 * i, h), (h, i)]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(n, k, generator=gen) * 0.02 for n, k in per_layer * shape.num_layers + [(shape.vocab_size, h)]]
+
+
+def linear_kernel(shape: ModelShape, batches: tuple[int, ...], bw_gbps: float | None = None, reps: int = 7,
+                  rounds: int = 3) -> dict[str, Any]:
+    """Every projection of one decode step at each of `batches` rows: `F.linear` against
+    `small_linear.linear`, alternated; per-step ms (median of `rounds` interleaved medians), the
+    largest difference between the two, and the floors: weights at `bw_gbps`, FLOPs at none."""
+    ws = _step_weights(shape)
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "weight_bytes": sum(w.numel() * 4 for w in ws),
+                           "batches": {}}
+    if bw_gbps:
+        out["weights_read_ms_at_copy_bw"] = out["weight_bytes"] / (bw_gbps * 1e9) * 1e3
+    gen = torch.Generator().manual_seed(1)
+    for m in batches:
+        x = {k: torch.randn(m, k, generator=gen) for k in {w.shape[1] for w in ws}}
+        fns: dict[str, Callable[[], object]] = {
+            "linear": lambda x=x: [F.linear(x[w.shape[1]], w) for w in ws],
+            "native": lambda x=x: [small_linear.linear(x[w.shape[1]], w) for w in ws]}
+        rec = _interleaved(fns, reps, rounds)
+        rec["flops"] = sum(2 * m * w.numel() for w in ws)
+        rec["max_abs_diff"] = max(float((F.linear(x[w.shape[1]], w) - small_linear.linear(x[w.shape[1]], w)
+                                         ).abs().max()) for w in ws)
+        c = rec["cpu_ms_per_step"]
+        rec["native_over_linear_cpu"] = c["native"] / c["linear"]
+        out["batches"][str(m)] = rec
+    return out
+
+
 def projection_costs(shape: ModelShape, batch: int, bw_gbps: float, reps: int = 7, rounds: int = 3,
                      ) -> dict[str, Any]:
     """Every projection of one decode step at `batch` rows (fresh weights of the model's shapes):
@@ -223,3 +261,45 @@ def projection_costs(shape: ModelShape, batch: int, bw_gbps: float, reps: int = 
         out["mkl_prepacked_error"] = repr(e)[:200]
     out.update(_interleaved(fns, reps, rounds))
     return out
+
+
+def main() -> None:
+    import argparse
+    import json
+    import os
+    import platform
+    from pathlib import Path
+
+    from pdserve.config import CATALOG
+
+    ap = argparse.ArgumentParser(description="the small-batch linear kernel against F.linear, standalone")
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    res: dict[str, Any] = {"machine": {"cpu": cpu, "cpu_count": os.cpu_count(),
+                                       "torch": torch.__version__, "loadavg_start": list(os.getloadavg())},
+                           "command": "python bench/engine_kernels.py " + " ".join(
+                               f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                               for k, v in vars(args).items() if v is not None),
+                           "model": args.model, "runs": {}}
+    for t in args.threads:
+        torch.set_num_threads(t)
+        r = linear_kernel(CATALOG[args.model], tuple(args.batches), rounds=args.rounds)
+        res["runs"][str(t)] = r
+        for m, rec in r["batches"].items():
+            c = rec["cpu_ms_per_step"]
+            print(f"threads {t} rows {m:>3}: F.linear {c['linear']:7.2f} ms  native {c['native']:7.2f} ms  "
+                  f"ratio {rec['native_over_linear_cpu']:.2f}  GFLOP/s native {rec['flops'] / c['native'] / 1e6:6.1f}  "
+                  f"diff {rec['max_abs_diff']:.1e}", flush=True)
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    if args.out:
+        args.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

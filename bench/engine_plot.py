@@ -2,8 +2,10 @@
 the matmul FLOP/s, offline throughput beside `transformers`; with `kernels` and
 `offline_breakdown` in the JSON, a second figure (`<name>_breakdown.png`): where the offline time
 goes, the decode-attention variants and the projections, in CPU time; with
-`decode_steps_torch_attention`, a third (`<name>_native.png`): the native decode-attention kernel
-against the torch path, alternated in the same run (decode steps and offline runs, CPU time).
+`decode_steps_torch_attention` or `decode_steps_torch_linear` (engine_bench's `--ab`), a third
+(`<name>_native.png`): the engine as configured against the same engine with torch decode
+attention or with F.linear projections, alternated in the same run (decode steps and offline
+runs, CPU time).
 
     .venv/bin/python bench/engine_plot.py [bench/results/engine_cpu.json]
 """
@@ -57,18 +59,27 @@ def main() -> None:
     print(f"wrote {out}")
     if "kernels" in r and "offline_breakdown" in r:
         breakdown(r, path.with_name(path.stem + "_breakdown.png"))
-    if r.get("decode_steps_torch_attention"):
-        native_vs_torch(r, path.with_name(path.stem + "_native.png"))
+    alt = r.get("ab", {}).get("key", "torch_attention")
+    if r.get(f"decode_steps_{alt}"):
+        native_vs_torch(r, alt, path.with_name(path.stem + "_native.png"))
 
 
-def native_vs_torch(r: dict, out: Path) -> None:  # type: ignore[type-arg]
+ALT_LABELS = {"torch_attention": ("native decode attention", "torch (gather + SDPA)", "torch attn"),
+              "torch_linear": ("native linear", "F.linear", "F.linear")}
+
+
+def native_vs_torch(r: dict, alt: str, out: Path) -> None:  # type: ignore[type-arg]
     """Decode steps and offline runs, native kernel against torch path, this thread's CPU time."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
-    nat, tor = r["decode_steps"], r["decode_steps_torch_attention"]
+    nat, tor = r["decode_steps"], r[f"decode_steps_{alt}"]
+    ours, theirs, short_alt = ALT_LABELS[alt]
+    rows = r.get("decode_linear", {}).get("native_rows")
+    if alt == "torch_linear" and rows:  # steps outside these rows run F.linear on both sides
+        ours += f" ({rows[0]}-{rows[1]} rows; other steps F.linear)"
     labels = _step_labels(nat)
     x = range(len(nat))
-    a.bar([i - 0.27 for i in x], [d["step_cpu_s_median"] * 1e3 for d in nat], 0.27, label="native kernel")
-    a.bar(list(x), [d["step_cpu_s_median"] * 1e3 for d in tor], 0.27, label="torch (gather + SDPA)")
+    a.bar([i - 0.27 for i in x], [d["step_cpu_s_median"] * 1e3 for d in nat], 0.27, label=ours)
+    a.bar(list(x), [d["step_cpu_s_median"] * 1e3 for d in tor], 0.27, label=theirs)
     a.bar([i + 0.27 for i in x], [d["roofline_s"] * 1e3 for d in nat], 0.27, label="roofline (this run)")
     a.set_xticks(list(x), labels, fontsize=8)
     a.set_ylabel("CPU ms per decode step (median)")
@@ -76,14 +87,13 @@ def native_vs_torch(r: dict, out: Path) -> None:  # type: ignore[type-arg]
     a.legend()
     a.set_title("decode steps, alternated step by step")
     cpu = r["throughput"].get("cpu_seconds", {})
-    names = [k for k in ("pdserve", "pdserve_torch_attention", "transformers") if cpu.get(k)]
-    short = {"pdserve": "pdserve\nnative", "pdserve_torch_attention": "pdserve\ntorch attn",
-             "transformers": "transformers"}
+    names = [k for k in ("pdserve", f"pdserve_{alt}", "transformers") if cpu.get(k)]
+    short = {"pdserve": "pdserve\nnative", f"pdserve_{alt}": f"pdserve\n{short_alt}", "transformers": "transformers"}
     b.bar([short[n] for n in names], [statistics.median(cpu[n]) for n in names])
     b.set_ylabel("CPU s per offline run (median)")
     b.set_title("16-prompt offline batch")
     load = r["machine"]["loadavg_1_5_15"][0]
-    fig.suptitle(f"native decode attention vs torch path, {r['model']['name']}, "
+    fig.suptitle(f"{ours} vs {theirs}, {r['model']['name']}, "
                  f"{r['machine']['torch_threads']} thread(s), load average {load:.1f} at start (shared machine)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -113,11 +123,21 @@ def breakdown(r: dict, out: Path) -> None:  # type: ignore[type-arg]
     b.set_ylabel("CPU ms per step (all layers)")
     b.set_title(f"decode attention, batch {att['batch']}, {att['context']} ctx, fragmented")
     proj = r["kernels"]["projections"]
-    kinds = list(proj[0]["cpu_ms_per_step"])
-    for j, kind in enumerate(kinds):
-        c.bar([i + 0.4 * j for i in range(len(proj))], [p["cpu_ms_per_step"][kind] for p in proj], 0.4, label=kind)
+    if "linear_kernel" in r["kernels"]:  # F.linear against the native kernel at 1..32 rows
+        lk = r["kernels"]["linear_kernel"]["batches"]
+        rows = list(lk)
+        for j, kind in enumerate(("linear", "native")):
+            c.bar([i + 0.4 * j for i in range(len(rows))], [lk[m]["cpu_ms_per_step"][kind] for m in rows], 0.4,
+                  label={"linear": "F.linear", "native": "native kernel"}[kind])
+        c.set_xticks([i + 0.2 for i in range(len(rows))], rows)
+        c.set_xlabel("rows (decode batch)")
+    else:
+        kinds = list(proj[0]["cpu_ms_per_step"])
+        for j, kind in enumerate(kinds):
+            c.bar([i + 0.4 * j for i in range(len(proj))], [p["cpu_ms_per_step"][kind] for p in proj], 0.4,
+                  label=kind)
+        c.set_xticks([i + 0.2 for i in range(len(proj))], [f"batch {p['batch']}" for p in proj])
     c.axhline(proj[0]["weights_read_ms_at_copy_bw"], color="k", ls="--", label="weights / copy bandwidth")
-    c.set_xticks([i + 0.2 for i in range(len(proj))], [f"batch {p['batch']}" for p in proj])
     c.set_ylabel("CPU ms per step")
     c.set_title("projections")
     c.legend(fontsize=8)

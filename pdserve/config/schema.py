@@ -95,6 +95,10 @@ class CacheConfig(Section):
     decode_attention: H(Literal["auto", "native", "torch"],
                         "cpu float32 decode attention: native (C kernel reading blocks in place, built on first "
                         "use), torch (gather + SDPA), auto (native if it builds)") = "auto"
+    decode_linear: H(Literal["auto", "native", "torch"],
+                     "cpu float32 projections of decode-sized steps: native (C kernel, W read in place, batch-"
+                     "invariant; steps up to 32 tokens), torch (F.linear), auto (native where measured faster)"
+                     ) = "auto"
 
 
 class SchedulerConfig(Section):

@@ -10,7 +10,7 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
-from pdserve.model import native_decode
+from pdserve.model import native_decode, small_linear
 from pdserve.model.attention import (
     GROUP_SLACK_KEYS,
     AttentionMetadata,
@@ -53,6 +53,8 @@ class ModelRunner:
         self._workspace: list[torch.Tensor] = []
         self.native_decode = native_decode.choose(cache.decode_attention, self.device, self.dtype, s.num_heads,
                                                   s.num_kv_heads, s.head_dim, cache.block_size)
+        # Step sizes (tokens) whose projections run by the small-batch kernel: decode-sized steps.
+        self.linear_rows = small_linear.rows_for(cache.decode_linear, self.device, self.dtype)
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
@@ -81,6 +83,7 @@ class ModelRunner:
         positions = _long(pos, dev)
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
+        meta.native_linear = len(ids) in self.linear_rows
         hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done)
         # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
         q = 0
@@ -94,7 +97,7 @@ class ModelRunner:
         # --- end openai ---
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[_long(sample_rows, dev)]
-        return self.model.logits(hidden)
+        return self.model.logits(hidden, hidden.shape[0] in self.linear_rows)
 
     # ---- KV in and out (transfer plane) -------------------------------------------------------
     def read_blocks(self, layer: int, block_ids: list[int]) -> torch.Tensor:

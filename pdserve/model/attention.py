@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from pdserve.model import native_decode
+from pdserve.model import native_build, native_decode
 from pdserve.model.native_decode import NativeDecode
 from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
 
@@ -66,6 +66,7 @@ class AttentionMetadata:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[DecodeGroup] = field(default_factory=list)
     native: NativeDecode | None = None  # every decode sequence, for the native kernel (then `decode` is empty)
+    native_linear: bool = False  # the projections by the small-batch kernel (small_linear.py), not F.linear
     cos: torch.Tensor | None = None  # [T, head_dim] RoPE table rows for the packed positions
     sin: torch.Tensor | None = None
     # Reused gather buffer (grown as needed), [2, blocks, block_size * kv_heads * head_dim].
@@ -130,7 +131,7 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qq, k, v, attn_mask=c.mask, scale=scale, enable_gqa=group > 1)
         out[c.q_start : c.q_start + c.q_len] = o[0].transpose(0, 1)
     if meta.native is not None:
-        with torch.profiler.record_function(NATIVE_DECODE_OP):  # ctypes is no aten op: name it for profiles
+        with native_build.label(NATIVE_DECODE_OP):
             native_decode.paged_decode(q, out, cache, meta.native, scale)
     for g in meta.decode:
         b = g.rows.numel()

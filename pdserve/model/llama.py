@@ -18,6 +18,7 @@ from torch import nn
 from pdserve.config.model import ModelShape
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.model.rope import RotaryEmbedding, apply_rope, rotate
+from pdserve.model.small_linear import project
 
 # Fused parameter -> the Hugging Face parameters stacked in it (row-wise, in this order).
 FUSED: dict[str, tuple[str, ...]] = {
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = project(self.qkv_proj, x, meta.native_linear)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         assert meta.cos is not None and meta.sin is not None
         if self.qk_norm:
@@ -77,7 +78,7 @@ class Attention(nn.Module):
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         write_kv(cache, k, v, meta.slot_mapping)
         o = paged_attention(q, k, v, cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, -1))
+        return project(self.o_proj, o.reshape(t, -1), meta.native_linear)
 
 
 class MLP(nn.Module):
@@ -86,9 +87,9 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
         self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, native: bool = False) -> torch.Tensor:
+        gate, up = project(self.gate_up_proj, x, native).chunk(2, dim=-1)
+        return project(self.down_proj, F.silu(gate) * up, native)
 
 
 class DecoderLayer(nn.Module):
@@ -101,7 +102,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), meta.native_linear)
 
 
 class Backbone(nn.Module):
@@ -143,5 +144,6 @@ class CausalLM(nn.Module):
                 layer_done(i)
         return self.model.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """native: by the small-batch kernel (the caller checks it applies), else F.linear."""
+        return project(self.lm_head, hidden, native).float()
