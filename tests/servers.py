@@ -188,7 +188,7 @@ def _wait_ready(server: Server, args: list[str], health_path: str, timeout: floa
                     last_err = f"HTTP {r.status_code}"
                 except httpx.HTTPError as e:
                     last_err = repr(e)
-            time.sleep(0.2)
+            time.sleep(0.05)
     _stop(server.proc, 5.0)
     raise ServerError(f"pdserve {' '.join(args)} not ready at {server.url}{health_path} within {timeout:.0f}s "
                       f"(last: {last_err or 'no URL printed yet'}); output tail:\n{server.tail()}")

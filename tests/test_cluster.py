@@ -184,5 +184,5 @@ def _wait_for(cond, timeout: float = 15.0) -> None:  # type: ignore[no-untyped-d
     while time.monotonic() < deadline:
         if cond():
             return
-        time.sleep(0.25)
+        time.sleep(0.05)
     assert cond()
