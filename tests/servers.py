@@ -13,7 +13,8 @@ base URL, looked for in the process's combined stdout/stderr.
 
 `start_server` starts one without waiting (to start several side by side); then `wait_ready()`
 and `stop()`. `start_worker` starts an internal worker on port 0 and reads the port it bound from
-its READY line (no race at all).
+its READY line (no race at all); `start_workers` starts several side by side, and
+`launch_worker` + `worker_ready` start one in the background of something else.
 """
 
 from __future__ import annotations
@@ -187,7 +188,7 @@ def _wait_ready(server: Server, args: list[str], health_path: str, timeout: floa
                     last_err = f"HTTP {r.status_code}"
                 except httpx.HTTPError as e:
                     last_err = repr(e)
-            time.sleep(0.2)
+            time.sleep(0.05)
     _stop(server.proc, 5.0)
     raise ServerError(f"pdserve {' '.join(args)} not ready at {server.url}{health_path} within {timeout:.0f}s "
                       f"(last: {last_err or 'no URL printed yet'}); output tail:\n{server.tail()}")
@@ -211,14 +212,34 @@ def start_worker(role: str, model: str, *extra: str, env: dict[str, str] | None 
                  port: int = 0, timeout: float = 120.0) -> Server:
     """`pdserve serve --role ROLE --internal` on `port` (0: the OS picks one, no bind race); returns
     once it printed READY, with `port` the one it bound."""
+    return start_workers([(role, model, *extra)], env=env, port=port, timeout=timeout)[0]
+
+
+def start_workers(specs: list[tuple[str, ...]], env: dict[str, str] | None = None, *, port: int = 0,
+                  timeout: float = 120.0) -> list[Server]:
+    """Several `start_worker`s side by side, each spec `(role, model, *extra)`: all are started, then
+    each is waited for (a worker's start is mostly imports and model build: they overlap)."""
+    servers = [launch_worker(*spec, env=env, port=port) for spec in specs]
+    try:
+        for server in servers:
+            worker_ready(server, timeout)
+    except ServerError:
+        for server in servers:
+            server.stop(5)
+        raise
+    return servers
+
+
+def launch_worker(role: str, model: str, *extra: str, env: dict[str, str] | None = None, port: int = 0) -> Server:
+    """Start `pdserve serve --role ROLE --internal` and return at once: `worker_ready` waits for it."""
     args = ["serve", "--role", role, "--internal", "--model", model, "--threads", "1",
             "--host", HOST, "--port", str(port), *extra]
-    server = start_server(args, env, port_flag=None)
-    try:
-        m = wait_output(server, rf"READY {role} [0-9.]+:(\d+) pid=\d+", timeout)
-    except ServerError:
-        server.stop(5)
-        raise
+    return start_server(args, env, port_flag=None)
+
+
+def worker_ready(server: Server, timeout: float = 120.0) -> None:
+    """Until a `launch_worker` worker printed READY; then `port` is the one it bound."""
+    role = server.args[server.args.index("--role") + 1]
+    m = wait_output(server, rf"READY {role} [0-9.]+:(\d+) pid=\d+", timeout)
     server.port = int(m.group(1))
     server.url = f"{HOST}:{server.port}"  # an RPC address, not HTTP
-    return server

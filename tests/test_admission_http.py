@@ -225,9 +225,10 @@ def test_router_health_follows_the_workers(cluster):
                    timeout=TIMEOUT, trust_env=False)
     assert r.status_code == 503  # /health told the truth
 
-    for role in ("decode", "colocated"):
+    for role in ("decode", "colocated"):  # both restart side by side
         workers[role].stop()
         workers[role] = _worker(role, folder, spec[role], ports[role])
+    for role in ("decode", "colocated"):
         _ready(workers[role])
     _wait_for(lambda: health()[1]["status"] == "ok", 20, "ok after the restarts")
     r = httpx.post(router.url + "/v1/completions", json={"model": folder, "prompt": [5] * 40, "max_tokens": 2},

@@ -11,11 +11,12 @@ import time
 import httpx
 import pytest
 
-from tests.servers import Server, start_worker
+from tests.servers import Server, start_workers
 from tests.test_cluster import _up, _wait_for, _worker_gauge
 from tests.test_faults import _pids
 
 pytestmark = pytest.mark.slow
+RESET_S = 2.0  # --breaker-reset-s
 
 
 def _post(url: str, body: dict) -> httpx.Response:  # type: ignore[type-arg]
@@ -39,7 +40,8 @@ def test_half_open_probe_ending_on_a_stop_string_lets_the_worker_serve_again(tin
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = str(folder)
     base = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    with _up(model, "--prefill", "1", "--decode", "1", "--colocated", "0") as srv:
+    # A 2 s reset time (5 s by default) the test waits out.
+    with _up(model, "--prefill", "1", "--decode", "1", "--colocated", "0", "--breaker-reset-s", str(RESET_S)) as srv:
         ref = _post(srv.url, {**base, "return_token_ids": True})
         assert ref.status_code == 200, ref.text
         ids = ref.json()["choices"][0]["token_ids"]
@@ -64,7 +66,7 @@ def test_half_open_probe_ending_on_a_stop_string_lets_the_worker_serve_again(tin
         assert _role_gauge(srv.url, "breaker_state", "decode") == 2.0  # open
         opened = time.monotonic()
         _wait_for(lambda: _role_gauge(srv.url, "up", "decode") == 1.0)  # heartbeats are fine again
-        time.sleep(max(0.0, opened + 5.5 - time.monotonic()))  # the breaker's reset time (5 s)
+        time.sleep(max(0.0, opened + RESET_S + 0.5 - time.monotonic()))  # the breaker's reset time
 
         probe = _post(srv.url, {**base, "stop": [stop]})
         assert probe.status_code == 200, probe.text
@@ -85,14 +87,10 @@ def test_queue_full_refusals_do_not_open_the_breaker(tiny_models):
     model = str(tiny_models["llama"])
     env = {**os.environ, "PDSERVE_CLUSTER_SECRET": "s3cret", "OMP_NUM_THREADS": "1"}
     procs: list[Server] = []
-
-    def worker(role: str, *extra: str) -> str:
-        procs.append(start_worker(role, model, *extra, env=env))
-        return procs[-1].url
-
     try:
-        prefill = worker("prefill", "--max-waiting", "0")  # every request: "queue full"
-        decode = worker("decode")
+        procs += start_workers([("prefill", model, "--max-waiting", "0"),  # every request: "queue full"
+                                ("decode", model)], env=env)
+        prefill, decode = (p.url for p in procs)
         from tests.servers import running_server
 
         args = ["router", "--model", model, "--prefill", prefill, "--decode", decode]

@@ -107,17 +107,19 @@ def _config(tmp_path, text: str):  # type: ignore[no-untyped-def]
 
 
 def test_new_worker_joins_a_running_router(tiny_models):
-    """A decode worker started later joins through POST /admin/workers and takes over the load,
-    with the same greedy tokens the original decode worker gave."""
-    from tests.servers import start_worker
+    """A decode worker the router was not started with joins through POST /admin/workers while the
+    router runs, and takes over the load, with the same greedy tokens the original decode worker gave.
+    (It starts beside the cluster, to save a worker's start-up; it joins only after the first run.)"""
+    from tests.servers import launch_worker, worker_ready
 
     folder = tiny_models["llama"]
     prompts = [[7, 8, 9 + i] for i in range(6)]
     env = {"PDSERVE_CLUSTER_SECRET": "join-me"}
-    with running_server_env({**os.environ, **env}, str(folder)) as srv:
-        want = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
-        new = start_worker("decode", str(folder), env=env)
-        try:
+    new = launch_worker("decode", str(folder), env=env)  # starts beside the cluster; joins it later
+    try:
+        with running_server_env({**os.environ, **env}, str(folder)) as srv:
+            want = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
+            worker_ready(new)
             r = httpx.post(srv.url + "/admin/workers", json={"role": "decode", "address": new.url}, timeout=30)
             assert r.status_code == 200 and r.json()["up"] is True, r.text
             bad = httpx.post(srv.url + "/admin/workers", json={"role": "boss", "address": "x"}, timeout=30)
@@ -127,8 +129,8 @@ def test_new_worker_joins_a_running_router(tiny_models):
                       and _worker_gauge(srv.url, "up").get(f"decode@{_decode0(srv.output())}") == 0.0)
             got = asyncio.run(_stream_all(srv.url, str(folder), prompts, 6))
             assert got == want  # served by the new worker: the only decode worker left
-        finally:
-            new.stop(5)
+    finally:
+        new.stop(5)
 
 
 def _decode0(output: str) -> str:

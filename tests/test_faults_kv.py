@@ -16,14 +16,22 @@ from tests.test_faults import _config, _stream_all
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transport):
-    """KV chunks corrupted and connections cut mid-transfer: outputs stay right, blocks come back."""
+@pytest.fixture(scope="module")
+def no_fault_run(tiny_models) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts and their tokens from a 1P1D cluster without faults: the same reference for both
+    transports (computed once: a cluster start and 60 requests less)."""
     folder = tiny_models["llama"]
     rng = random.Random(9)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.choice([20, 50, 90]))] for _ in range(60)]
     with _up(str(folder), "--prefill", "1", "--decode", "1") as ref:
-        want = asyncio.run(_stream_all(ref.url, str(folder), prompts, 12))
+        return prompts, asyncio.run(_stream_all(ref.url, str(folder), prompts, 12))
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_transfer_faults_never_give_wrong_tokens(tiny_models, tmp_path, transport, no_fault_run):
+    """KV chunks corrupted and connections cut mid-transfer: outputs stay right, blocks come back."""
+    folder = tiny_models["llama"]
+    prompts, want = no_fault_run
     cfg = _config(tmp_path, f"transfer: {{transport: {transport}, fault_corrupt_prob: 0.05, fault_cut_prob: 0.03}}\n")
     with _up(str(folder), "--config", cfg, "--prefill", "1", "--decode", "2") as srv:
         start = _worker_gauge(srv.url, "kv_free_blocks")

@@ -12,7 +12,7 @@ from pdserve.config.model import resolve_shape
 from pdserve.config.schema import RouterConfig
 from pdserve.engine.sampler import SamplingParams
 from pdserve.serve.router import ClusterBackend
-from tests.servers import Server, start_worker
+from tests.servers import Server, start_workers
 
 pytestmark = pytest.mark.slow
 SECRET = "routing-cluster"
@@ -26,8 +26,8 @@ def cluster(tiny_models) -> Iterator[dict[str, object]]:  # type: ignore[no-unty
     env = {"PDSERVE_CLUSTER_SECRET": SECRET}
     procs: list[Server] = []
     try:
-        for extra in ((), (), ("--fault-prompt-delay-ms", str(SLOW_MS))):
-            procs.append(start_worker("colocated", model, "--num-blocks", "64", *extra, env=env))
+        procs += start_workers([("colocated", model, "--num-blocks", "64", *extra)
+                                for extra in ((), (), ("--fault-prompt-delay-ms", str(SLOW_MS)))], env=env)
         yield {"model": model, "fast": [p.url for p in procs[:2]], "slow": procs[2].url}
     finally:
         for p in procs:

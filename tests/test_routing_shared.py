@@ -23,7 +23,7 @@ from pdserve.sim.hardware import get_link
 from pdserve.sim.instance import SimInstance
 from pdserve.sim.network import Port
 from pdserve.workload import RequestSpec
-from tests.servers import Server, start_worker
+from tests.servers import Server, start_workers
 from tests.test_sim import FixedModel
 
 pytestmark = pytest.mark.slow
@@ -43,11 +43,6 @@ def _counted(policy: RoutingPolicy) -> Counter[str]:
     return calls
 
 
-def _worker(model: str, role: str, procs: list[Server], *extra: str) -> str:
-    procs.append(start_worker(role, model, *extra, env={"PDSERVE_CLUSTER_SECRET": SECRET}))
-    return procs[-1].url
-
-
 def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_models) -> None:  # type: ignore[no-untyped-def]
     policy = RoutingPolicy(decode_serves_whole=False)
     calls = _counted(policy)
@@ -55,9 +50,10 @@ def test_one_routing_policy_object_in_the_router_and_in_the_simulator(tiny_model
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     procs: list[Server] = []
     try:
-        prefill = _worker(model, "prefill", procs)
-        decode = _worker(model, "decode", procs, "--max-batch-size", "1", "--min-batch-size", "1",
-                         "--max-num-seqs", "1")
+        procs += start_workers([("prefill", model), ("decode", model, "--max-batch-size", "1", "--min-batch-size",
+                                                      "1", "--max-num-seqs", "1")],
+                               env={"PDSERVE_CLUSTER_SECRET": SECRET})  # side by side
+        prefill, decode = (p.url for p in procs)
 
         async def real() -> list[int]:
             backend = ClusterBackend(resolve_shape(model), [prefill], [decode], [], secret=SECRET.encode(),

@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.serve import messages as m
 from pdserve.transfer.frames import HEAD_LEN, MAGIC, encode_frame, read_frame_sync, write_frame_sync
-from tests.servers import running_server, start_worker
+from tests.servers import running_server, start_workers
 from tests.test_cluster import URL_RE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,8 +127,9 @@ def workers(tiny_models):  # type: ignore[no-untyped-def]
     folder = str(tiny_models["llama"])
     procs = {}
     try:
-        for role in ("decode", "prefill"):
-            procs[role] = start_worker(role, folder, env={"PDSERVE_CLUSTER_SECRET": SECRET.decode()})
+        roles = ("decode", "prefill")
+        started = start_workers([(role, folder) for role in roles], env={"PDSERVE_CLUSTER_SECRET": SECRET.decode()})
+        procs = dict(zip(roles, started, strict=True))
         yield {role: srv.port for role, srv in procs.items()}, procs
     finally:
         for srv in procs.values():

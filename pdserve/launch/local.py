@@ -33,6 +33,7 @@ class WorkerProc:
     index: int
     port: int
     proc: subprocess.Popen[bytes]
+    pump: threading.Thread | None = None  # copies its output to our stderr until it exits
 
     @property
     def name(self) -> str:
@@ -86,7 +87,8 @@ def start_worker(role: str, index: int, secret: str, settings_path: str) -> Work
     proc = subprocess.Popen(worker_command(settings_path, role, port), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
     w = WorkerProc(role, index, port, proc)
-    threading.Thread(target=_pump, args=(proc, w.name), daemon=True).start()
+    w.pump = threading.Thread(target=_pump, args=(proc, w.name), daemon=True)
+    w.pump.start()
     return w
 
 
@@ -109,7 +111,7 @@ def wait_ready(workers: list[WorkerProc], timeout: float = 180.0) -> None:
                 pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"workers not ready after {timeout}s: {[w.name for w in pending]}")
-        time.sleep(0.2)
+        time.sleep(0.05)  # a connect attempt per pending worker: cheap
 
 
 def stop_workers(workers: list[WorkerProc], grace: float = 30.0) -> None:
@@ -124,6 +126,9 @@ def stop_workers(workers: list[WorkerProc], grace: float = 30.0) -> None:
         except subprocess.TimeoutExpired:
             w.proc.kill()
             w.proc.wait()
+    for w in workers:  # their last lines (drained, stopped) are on our stderr before we go on or exit
+        if w.pump is not None:
+            w.pump.join(timeout=2.0)
 
 
 def _die_with_parent() -> None:
