@@ -108,7 +108,9 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, s: ModelShape) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        # An empty weight: no normal_ init (the loader fills every weight), which on the meta device
+        # would import torch._dynamo (~1.5 s of a worker's start).
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size, _weight=torch.empty(s.vocab_size, s.hidden_size))
         self.layers = nn.ModuleList([DecoderLayer(s) for _ in range(s.num_layers)])
         self.norm = RMSNorm(s.hidden_size, s.rms_norm_eps)
 
