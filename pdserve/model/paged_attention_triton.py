@@ -39,6 +39,7 @@ class DecodeMetadata:
     context_lens: torch.Tensor  # [B] int32: keys each row attends to, its own token included
     cos: torch.Tensor | None = None  # [B, head_dim] RoPE rows, filled before the forward (see cuda_graph)
     sin: torch.Tensor | None = None
+    native_linear: bool = False  # graphs replay CUDA work: the projections stay F.linear
 
 
 def paged_decode(
