@@ -39,7 +39,9 @@ async def _burst(url: str, model: str) -> list[tuple[int, str]]:
 def test_decode_bottleneck_holds_prefill_back(tiny_models, tmp_path):
     folder = str(tiny_models["llama"])
     cfg = _config(tmp_path, CONFIG)
-    with _up(folder, "--config", cfg, "--prefill", "1", "--decode", "1") as srv:
+    # Decode steps slowed by 20 ms: with fast small-batch steps the whole burst once drained in
+    # about a second, five samples, most of them the drain's last sequence (a median of 0.375).
+    with _up(folder, "--config", cfg, "--prefill", "1", "--decode", "1", "--fault-decode-step-delay-ms", "20") as srv:
         start = _worker_gauge(srv.url, "kv_free_blocks")
         dec = next(k for k in start if k.startswith("decode"))
         samples: list[tuple[float, float]] = []  # (decode's free KV blocks, sequences running on it)

@@ -26,7 +26,10 @@ SECRET = "role-switch"
 KEY = "role-switch-key"
 N = 8
 MAX_TOKENS = 24
-LONG = 160  # the colocated worker's steps are not slowed: longer outputs keep it busy
+# The colocated worker's steps are not slowed: long outputs keep it busy until its switch begins
+# (160 tokens ran out first in about one run in three once small decode batches got the native
+# linear kernel); the prompts that go disaggregated run on the slowed decode role, 160 is plenty there.
+LONG = (480,) * 6 + (160,) * 2  # per prompt of the third phase's `c` (6 x 505 tokens fit the 256 blocks)
 
 
 def _prompts(seed: int, lengths: tuple[int, ...] = tuple(8 + 9 * k for k in range(N))) -> list[list[int]]:
@@ -40,7 +43,7 @@ def cluster(tiny_models) -> Iterator[tuple[Server, str]]:  # type: ignore[no-unt
     # for a switch to land while they are in flight; fast heartbeats so pools follow quickly.
     # Prompts under 32 tokens run whole (on a colocated worker if there is one, else on decode).
     args = ["up", "--model", model, "--threads", "1", "--port", "0", "--prefill", "2", "--decode", "1",
-            "--colocated", "0", "--num-blocks", "160", "--disagg-threshold", "32", "--api-key", KEY, "--stats-interval-s", "0.2",
+            "--colocated", "0", "--num-blocks", "256", "--disagg-threshold", "32", "--api-key", KEY, "--stats-interval-s", "0.2",
             "--fault-decode-step-delay-ms", "30", "--fault-prefill-delay-ms", "400"]
     with running_server(args, env={"PDSERVE_CLUSTER_SECRET": SECRET}, port_flag=None, url_pattern=URL_RE,
                         timeout=240) as srv:
@@ -61,19 +64,21 @@ def _name(url: str, port: int) -> str:
     return name
 
 
-async def _stream_all(url: str, model: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[str]:
+async def _stream_all(url: str, model: str, prompts: list[list[int]],
+                      max_tokens: int | tuple[int, ...] = MAX_TOKENS) -> list[str]:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
-    async def one(p: list[int]) -> str:
+    async def one(p: list[int], n: int) -> str:
         text = ""
-        s = await client.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0,
+        s = await client.completions.create(model=model, prompt=p, max_tokens=n, temperature=0,
                                             stream=True, extra_body={"ignore_eos": True})
         async for chunk in s:
             text += chunk.choices[0].text if chunk.choices else ""
         return text
 
     try:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        counts = (max_tokens,) * len(prompts) if isinstance(max_tokens, int) else max_tokens
+        return list(await asyncio.gather(*(one(p, n) for p, n in zip(prompts, counts, strict=True))))
     finally:
         await client.close()
 
@@ -98,7 +103,8 @@ def _holds_work(port: int) -> bool:
 
 
 async def _under_load(url: str, model: str, prompts: list[list[int]],
-                      switches: list[tuple[str, int, str, float | None]], max_tokens: int = MAX_TOKENS) -> list[str]:
+                      switches: list[tuple[str, int, str, float | None]],
+                      max_tokens: int | tuple[int, ...] = MAX_TOKENS) -> list[str]:
     """Stream `prompts`; run each switch (worker name, its port, role, grace) in order, each as soon
     as the worker holds requests (its own Stats say so), so it switches with work in flight."""
     load = asyncio.create_task(_stream_all(url, model, prompts, max_tokens))
