@@ -7,71 +7,20 @@ count), so a worker and the simulator built from the same file run identical pol
 
 Everything else is derived from these classes: the YAML reader (`pdserve.config.load`), the CLI
 flags of `up`, `serve`, `router` and `sim` (`pdserve.config.flags`), the README's YAML reference
-(`reference_yaml`). Bounds live in `Meta` (checked when a file or flag is read, and by
-`__post_init__` when code builds a config directly); rules between fields live in `check`.
+(`reference_yaml`). Fields are declared with `section.py`'s `H`; bounds live in `Meta` (checked
+when a file or flag is read, and by `Section.__post_init__` when code builds a config directly);
+rules between fields live in `check`.
 This module is torch-free and does no I/O.
 """
 
-import functools
 import typing
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct, field
+from msgspec import Meta, field
 
-
-class ConfigError(ValueError):
-    """A configuration value or key that is not accepted; the message names it."""
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-@functools.cache
-def _bounds(cls: type) -> tuple[tuple[str, Any], ...]:
-    """(field name, annotated type) of the fields of cls that carry a bound or a set of choices."""
-    out = []
-    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
-        if typing.get_origin(tp) is Annotated or typing.get_origin(tp) is Literal:
-            out.append((name, tp))
-    return tuple(out)
-
-
-def _check_value(key: str, tp: Any, value: Any) -> None:
-    if typing.get_origin(tp) is Literal:
-        _check(value in typing.get_args(tp), key, f"must be one of {', '.join(map(str, typing.get_args(tp)))}")
-        return
-    base, *metas = typing.get_args(tp)
-    if typing.get_origin(base) is Literal:
-        _check_value(key, base, value)
-    for meta in metas:
-        if not isinstance(meta, Meta):
-            continue
-        for attr, ok, word in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                               ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-            bound = getattr(meta, attr)
-            if bound is not None and isinstance(value, int | float):
-                _check(ok(value, bound), key, f"must be {word} {bound}")
-
-
-class Section(Struct, forbid_unknown_fields=True):
-    """Base of every config class: bounds from the annotations, then the class's own rules."""
-
-    def __post_init__(self) -> None:
-        for name, tp in _bounds(type(self)):
-            _check_value(name, tp, getattr(self, name))
-        self.check()
-
-    def check(self) -> None:
-        """Rules between fields; raise ConfigError naming the field."""
-
-
-def H(tp: Any, help: str, **bounds: Any) -> Any:  # noqa: A002 - `help` reads best at the call sites
-    """A field type carrying its one-line help text (and optional bounds: ge, gt, le, lt)."""
-    return Annotated[tp, Meta(description=help, **bounds)]
-
+from pdserve.config.section import ConfigError as ConfigError
+from pdserve.config.section import H, Section, require
 
 # ---- per-instance policies (the `sched/` and `transfer/` configs) ------------------------------
 
@@ -128,9 +77,9 @@ class PrefillConfig(Section):
                       "the last one (0: never hold)", ge=0) = 0.0
 
     def check(self) -> None:
-        _check(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",
+        require(all(isinstance(b, int) and b > 0 for b in self.length_buckets), "length_buckets",
                "must be positive integers")
-        _check(list(self.length_buckets) == sorted(set(self.length_buckets)), "length_buckets",
+        require(list(self.length_buckets) == sorted(set(self.length_buckets)), "length_buckets",
                "must be strictly increasing")
 
 
@@ -146,8 +95,8 @@ class DecodeConfig(Section):
     reservation_timeout_s: H(float, "reserved blocks are freed after this with no KV and no prefill progress", gt=0) = 30.0
 
     def check(self) -> None:
-        _check(self.max_num_seqs >= self.max_batch_size, "max_num_seqs", "must be >= max_batch_size")
-        _check(self.min_batch_size <= self.max_batch_size, "min_batch_size",
+        require(self.max_num_seqs >= self.max_batch_size, "max_num_seqs", "must be >= max_batch_size")
+        require(self.min_batch_size <= self.max_batch_size, "min_batch_size",
                "must be <= max_batch_size (lower min_batch_size too)")
 
 
@@ -252,7 +201,7 @@ class PlannerConfig(Section):
     def check(self) -> None:
         for role in ("prefill", "decode", "colocated"):
             lo, hi = getattr(self, f"min_{role}"), getattr(self, f"max_{role}")
-            _check(hi == 0 or lo <= hi, f"min_{role}", f"must be <= max_{role}")
+            require(hi == 0 or lo <= hi, f"min_{role}", f"must be <= max_{role}")
 
 
 # ---- the cluster file -------------------------------------------------------------------------
@@ -332,8 +281,8 @@ class ClusterConfig(Section):
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def check(self) -> None:
-        _check(self.num_workers > 0, "workers", "the cluster needs at least one worker")
-        _check(self.prefill.workers == 0 or self.decode.workers > 0, "decode.workers",
+        require(self.num_workers > 0, "workers", "the cluster needs at least one worker")
+        require(self.prefill.workers == 0 or self.decode.workers > 0, "decode.workers",
                "prefill workers need at least one decode worker to send KV to")
 
     @property
@@ -347,7 +296,7 @@ class ClusterConfig(Section):
 
     def role(self, name: str) -> PrefillSection | DecodeSection | ColocatedSection:
         """The section (= the policy config) of a role: 'prefill', 'decode' or 'colocated'."""
-        _check(name in ROLES, "role", f"must be one of {', '.join(ROLES)}")
+        require(name in ROLES, "role", f"must be one of {', '.join(ROLES)}")
         return typing.cast(PrefillSection | DecodeSection | ColocatedSection, getattr(self, name))
 
 
