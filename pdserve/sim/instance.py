@@ -117,8 +117,8 @@ class SimInstance:
     def step_time(self, out: SchedulerOutput) -> float:
         return self._step_time(out)[0]
 
-    def _step_time(self, out: SchedulerOutput) -> tuple[float, int]:
-        """(step seconds, tokens computed): one pass over the chunks."""
+    def _step_time(self, out: SchedulerOutput) -> tuple[float, int, bool]:
+        """(step seconds, tokens computed, whether it carries prefill work): one pass over the chunks."""
         decode: list[int] = []
         prefill: list[tuple[int, int]] = []
         tokens = 0
@@ -133,13 +133,13 @@ class SimInstance:
         tokens += len(decode)
         if not prefill:
             if self._peer_prefilling():
-                return self.model.decode_time(decode, corun=True), tokens  # type: ignore[call-arg]
-            return self.model.decode_time(decode), tokens
+                return self.model.decode_time(decode, corun=True), tokens, False  # type: ignore[call-arg]
+            return self.model.decode_time(decode), tokens, False
         if self.peers and any(p.busy for p in self.peers):
-            return self.model.mixed_time(prefill, decode, corun=True), tokens  # type: ignore[call-arg]
+            return self.model.mixed_time(prefill, decode, corun=True), tokens, True  # type: ignore[call-arg]
         if not decode and not any(p for _, p in prefill):
-            return self.model.prefill_time([n for n, _ in prefill]), tokens
-        return self.model.mixed_time(prefill, decode), tokens
+            return self.model.prefill_time([n for n, _ in prefill]), tokens, True
+        return self.model.mixed_time(prefill, decode), tokens, True
 
     def kick(self, now: float) -> None:
         """Start a step if idle and the policy has one; else arm the policy's timer, if any."""
@@ -159,11 +159,8 @@ class SimInstance:
                 self._wake_at = max(wake, now + 1e-9)
                 self.loop.at(self._wake_at, self._wake)  # type: ignore[union-attr]
             return
-        dt, tokens = self._step_time(out)
+        dt, tokens, self.prefilling = self._step_time(out)
         self.busy = True
-        # as _step_time tells decode chunks from prefill ones
-        self.prefilling = any(not (c.num_tokens == 1 and c.sample and c.request.num_computed_tokens)
-                              for c in out.chunks)
         if self.prefilling:
             for p in self.peers:
                 p.sync(now)  # its planned decode steps from here on start while this one prefills
