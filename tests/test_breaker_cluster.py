@@ -16,7 +16,7 @@ from tests.test_cluster import _up, _wait_for, _worker_gauge
 from tests.test_faults import _pids
 
 pytestmark = pytest.mark.slow
-RESET_S = 2.0  # --breaker-reset-s
+RESET_S = 4.0  # --breaker-reset-s: longer than the burst below takes to fail, with room
 
 
 def _post(url: str, body: dict) -> httpx.Response:  # type: ignore[type-arg]
@@ -40,8 +40,11 @@ def test_half_open_probe_ending_on_a_stop_string_lets_the_worker_serve_again(tin
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = str(folder)
     base = {"model": model, "prompt": [5, 6, 7, 8, 9], "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    # A 2 s reset time (5 s by default) the test waits out.
-    with _up(model, "--prefill", "1", "--decode", "1", "--colocated", "0", "--breaker-reset-s", str(RESET_S)) as srv:
+    # A 4 s reset time (5 s by default) the test waits out. No waiting for room after a failed
+    # Reserve: the burst fails at one Reserve timeout (2 s), so the breaker is still open when it is
+    # read (with the 5 s wait, retried Reserves ended the burst near a 2 s reset time: flaky).
+    with _up(model, "--prefill", "1", "--decode", "1", "--colocated", "0", "--breaker-reset-s", str(RESET_S),
+             "--reserve-wait-s", "0") as srv:
         ref = _post(srv.url, {**base, "return_token_ids": True})
         assert ref.status_code == 200, ref.text
         ids = ref.json()["choices"][0]["token_ids"]
