@@ -31,7 +31,10 @@ def cluster(tiny_models, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     folder = str(tiny_models["llama"])
     cfg = tmp_path_factory.mktemp("openai-fields") / "cluster.yaml"
     # A decode step slowed by 10 ms: the SIGKILL test must find its stream still being generated.
-    cfg.write_text("router: {first_token_timeout_s: 10, token_timeout_s: 10}\nfault_decode_step_delay_ms: 10\n")
+    # A Reserve answered within 1 s, no waiting for room: a decode worker that builds its grammar
+    # compiler (seconds) before answering the first guided Reserve makes that request a 503.
+    cfg.write_text("router: {first_token_timeout_s: 10, token_timeout_s: 10, reserve_timeout_s: 1, reserve_wait_s: 0}\n"
+                   "fault_decode_step_delay_ms: 10\n")
     args = ["up", "--config", str(cfg), "--model", folder, "--threads", "1", "--port", "0",
             "--prefill", "1", "--decode", "2"]
     with running_server(args, env={"PDSERVE_CLUSTER_SECRET": SECRET}, port_flag=None,

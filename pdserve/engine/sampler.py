@@ -13,6 +13,8 @@ exactly what it would have drawn. The noise of a whole batch is one set of integ
 from __future__ import annotations
 
 import hashlib
+import logging
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from pdserve.engine.grammar import GrammarCompiler, GrammarState
     from pdserve.sched.request import Request
 
+log = logging.getLogger("pdserve.sampler")
 
 @dataclass
 class SamplingParams:
@@ -282,6 +285,8 @@ class BatchSampler:
     def __init__(self, make_compiler: Callable[[], GrammarCompiler] | None = None) -> None:
         self._make_compiler = make_compiler  # built on first use: xgrammar and the tokenizer load then
         self._compiler: GrammarCompiler | None = None
+        self._build_lock = threading.Lock()  # one build, whichever thread asks first
+        self._warming: threading.Thread | None = None
         # Per-request grammar state; dropped with the request (no bookkeeping on finish or abort).
         self._grammars: weakref.WeakKeyDictionary[Request, GrammarState] = weakref.WeakKeyDictionary()
         # Prompt log-probabilities gathered chunk by chunk until the first token is sampled.
@@ -317,10 +322,30 @@ class BatchSampler:
     @property
     def compiler(self) -> GrammarCompiler:
         if self._compiler is None:
-            if self._make_compiler is None:
-                raise ValueError("this engine has no grammar compiler (structured outputs need a tokenizer)")
-            self._compiler = self._make_compiler()
+            with self._build_lock:  # a build under way in the background (`warm`): wait for it
+                if self._compiler is None:
+                    if self._make_compiler is None:
+                        raise ValueError("this engine has no grammar compiler (structured outputs need a tokenizer)")
+                    self._compiler = self._make_compiler()
         return self._compiler
+
+    def warm(self) -> bool:
+        """Build the compiler on a background thread, once (it takes seconds: xgrammar imports
+        transformers); whoever needs it meanwhile waits for that build. True while the build is
+        under way; False once the compiler is built or its build failed (`check` then compiles,
+        or says why it cannot)."""
+        if self._compiler is not None or self._make_compiler is None:
+            return False
+        if self._warming is None:
+            self._warming = threading.Thread(target=self._build_quietly, name="grammar-build", daemon=True)
+            self._warming.start()
+        return self._warming.is_alive()
+
+    def _build_quietly(self) -> None:
+        try:
+            _ = self.compiler
+        except Exception:  # noqa: BLE001 - the next request's own check reports it
+            log.exception("building the grammar compiler failed")
 
     def check(self, spec: GuidedSpec) -> None:
         """Compile now (cached), so that a bad grammar is refused at admission, not mid-step.

@@ -207,7 +207,11 @@ class WorkerBase(Generic[P]):
             params = msg.params.sampling()
         except ValueError as e:
             return str(e)
-        if params.guided is not None:  # openai: a grammar that does not compile is refused here, not mid-step
+        # openai: a grammar that does not compile is refused here, not mid-step. Not while the
+        # compiler is first built (seconds): a Reserve must be answered within reserve_timeout_s and
+        # this loop keeps answering heartbeats; the router's front compiled this grammar with the
+        # same xgrammar and tokenizer, and the engine thread waits for the build if it comes first.
+        if params.guided is not None and not self.core.sampler.warm():
             try:
                 self.core.sampler.check(params.guided)
             except ValueError as e:
