@@ -20,15 +20,17 @@
  * AVX-512 the whole-width 6 x 1..4 tiles keep every accumulator in a register, with one
  * prefetch row per x tile and nothing else per k step.
  *
- * Measured (bench/engine_kernels.py --baseline, the demo model's 33 projections, 1 thread, loaded
- * machine, interleaved with F.linear and with the 4 x 4 kernel before it:
- * bench/results/engine_cpu_linear_loaded_r7.json): 52-80 GFLOP/s at 16-32 rows (the 4 x 4 kernel
- * 48-70, +7-29% at 12-48 rows), 0.7-0.8x F.linear's time at 16-32 rows, 0.3-0.5x at 4-12; 37-62%
- * of the roofline (weights at copy bandwidth, FLOPs at MKL's large-matmul rate) at 16-32 rows.
- * With the weights in L2 (one 1 MB matrix repeated) it reaches ~105 GFLOP/s, ~75% of one core's
- * FMA peak: from memory the weight stream and the FMAs overlap only partly. At one row it reads
- * the weights at about the copy bandwidth, within a few percent of MKL's sgemv (0.95-0.97x its
- * time in two interleaved runs of 11-15 rounds, within the run-to-run noise of the same build).
+ * Measured (bench/engine_kernels.py --baseline, the demo model's 33 projections, 1 thread, a
+ * loaded 2-core machine, each row count interleaved with F.linear and with the 4 x 4 kernel before
+ * this one: bench/results/engine_cpu_linear_loaded_r7*.json): 49-81 GFLOP/s at 16-32 rows (the 4 x 4
+ * kernel 47-70 in the same runs), its CPU time 0.78-0.94x the 4 x 4 kernel's at 12-32 rows (1.05x
+ * at 28 in one noisy run), with the same bits; 0.65-0.95x F.linear's time at 16-32 rows, 0.34-0.6x
+ * at 4-12; 1.5-1.8x its roofline (weights at copy bandwidth, FLOPs at MKL's large-matmul rate)
+ * at 16 rows. With the weights in L2 (one 1 MB matrix over and over; a C harness, not committed)
+ * it reached ~105 GFLOP/s, ~75% of one core's FMA peak: from memory the weight stream and the FMAs overlap only partly. At one row it reads the
+ * weights at 85-100% of the copy bandwidth, 0.89-0.97x MKL's sgemv's time in three interleaved
+ * runs of 11-25 rounds (0.97x and 1.04x in two of 5 rounds; the same code built twice differs by
+ * 2-13% there).
  */
 #include <stdint.h>
 #include <string.h>
