@@ -17,7 +17,7 @@
  *
  * Tiles: 16 x 1 at one row (each W row read once, 16 streams), 8 x 2 at two rows, 6 x 4 (24
  * accumulators of the 32 zmm registers, 6 W + 4 x loads per 24 FMAs) from three rows up; on
- * AVX-512 the whole-width 6 x 1..4 tiles keep every accumulator in a register, with one
+ * AVX-512 the 6 x 1..4 tiles keep every accumulator in a register, with one
  * prefetch row per x tile and nothing else per k step.
  *
  * Measured (bench/engine_kernels.py --baseline, the demo model's 33 projections, 1 thread, a
@@ -148,16 +148,18 @@ DEFINE_TILE(16, 1)
 DEFINE_TILE(8, 2)
 DEFINE_TILE(6, 4)
 
-/* A whole-width tile (all NR W rows) against MR x rows, with no per-k branch beyond the prefetch:
- * the accumulators live in registers, and the held operand (the shorter side) is loaded once per
- * k step. Same sequence per element as tile_NRxMR. */
+/* A tile of nr <= NR W rows against MR x rows, with no per-k branch beyond the prefetch: the
+ * accumulators live in registers, and the held operand (the shorter side) is loaded once per k
+ * step; a narrower last tile (N % 6, or a caller's slice of W) computes NR rows and stores nr.
+ * Same sequence per element as tile_NRxMR. */
 #if defined(__AVX512F__)
 #define DEFINE_FAST(NR, MR)                                                                                    \
 static void fast_##NR##x##MR(const float *x, int64_t ldx, const float *W, int64_t K, const float *b, float *y, \
-                             int64_t ldy, int64_t m0, int64_t n0, const float *pf, int pf_rows, int64_t pf_stride) { \
+                             int64_t ldy, int64_t m0, int64_t n0, int nr, const float *pf, int pf_rows, int64_t pf_stride) { \
     __m512 acc[NR * MR];                                                                                       \
     for (int i = 0; i < NR * MR; i++) acc[i] = _mm512_setzero_ps();                                            \
-    const float *w = W + n0 * K, *xm = x + m0 * ldx;                                                           \
+    const float *wr[NR], *xm = x + m0 * ldx; /* rows past nr repeat row n0 and are not stored */               \
+    for (int n = 0; n < NR; n++) wr[n] = W + (n0 + (n < nr ? n : 0)) * K;                                      \
     const int64_t K16 = K & ~(int64_t)(LANES - 1);                                                             \
     for (int64_t k = 0; k < K16; k += LANES) {                                                                 \
         for (int r = 0; r < pf_rows; r++) PREFETCH(pf + r * pf_stride + k);                                    \
@@ -165,12 +167,12 @@ static void fast_##NR##x##MR(const float *x, int64_t ldx, const float *W, int64_
             __m512 xv[MR];                                                                                     \
             for (int m = 0; m < MR; m++) xv[m] = _mm512_loadu_ps(xm + m * ldx + k);                            \
             for (int n = 0; n < NR; n++) {                                                                     \
-                __m512 wv = _mm512_loadu_ps(w + n * K + k);                                                    \
+                __m512 wv = _mm512_loadu_ps(wr[n] + k);                                                    \
                 for (int m = 0; m < MR; m++) acc[n * MR + m] = _mm512_fmadd_ps(wv, xv[m], acc[n * MR + m]);    \
             }                                                                                                  \
         } else {                                                                                               \
             __m512 wv[NR];                                                                                     \
-            for (int n = 0; n < NR; n++) wv[n] = _mm512_loadu_ps(w + n * K + k);                               \
+            for (int n = 0; n < NR; n++) wv[n] = _mm512_loadu_ps(wr[n] + k);                               \
             for (int m = 0; m < MR; m++) {                                                                     \
                 __m512 xv = _mm512_loadu_ps(xm + m * ldx + k);                                                 \
                 for (int n = 0; n < NR; n++) acc[n * MR + m] = _mm512_fmadd_ps(wv[n], xv, acc[n * MR + m]);    \
@@ -179,8 +181,8 @@ static void fast_##NR##x##MR(const float *x, int64_t ldx, const float *W, int64_
     }                                                                                                          \
     float s[(NR * MR + 15) / 16 * 16];                                                                         \
     reduce_all(acc, NR * MR, s);                                                                               \
-    for (int n = 0; n < NR; n++) {                                                                             \
-        const float *wn = w + n * K;                                                                           \
+    for (int n = 0; n < nr; n++) {                                                                             \
+        const float *wn = wr[n];                                                                               \
         for (int m = 0; m < MR; m++) {                                                                         \
             float v = s[n * MR + m];                                                                           \
             for (int64_t k = K16; k < K; k++) v = __builtin_fmaf(wn[k], xm[m * ldx + k], v);                   \
@@ -227,27 +229,24 @@ DEFINE_FAST(6, 2)
 DEFINE_FAST(6, 3)
 DEFINE_FAST(6, 4)
 
-/* tiles_6x4 with whole-width tiles by fast_6xMR; as there, each W tile's rows come from memory
+/* tiles_6x4 by fast_6xMR; as there, each W tile's rows come from memory
  * in its first x tile, and the tile PF_TILES ahead is prefetched spread over the x tiles. */
 static void tiles_fast_6x4(const float *x, int64_t ldx, const float *W, int64_t N, int64_t K, const float *b,
                            float *y, int64_t ldy, int64_t M, int64_t t0, int64_t t1) {
     typedef void (*fast_fn)(const float *, int64_t, const float *, int64_t, const float *, float *, int64_t,
-                            int64_t, int64_t, const float *, int, int64_t);
+                            int64_t, int64_t, int, const float *, int, int64_t);
     static const fast_fn by_rows[] = {NULL, fast_6x1, fast_6x2, fast_6x3, fast_6x4};
     const int64_t P = (M + 3) / 4;
     for (int64_t t = t0; t < t1; t++) {
         const int64_t n0 = t * 6;
-        if (N - n0 < 6) { /* the last, narrower tile */
-            tiles_6x4(x, ldx, W, N, K, b, y, ldy, M, t, t + 1);
-            continue;
-        }
+        const int nr = (int)(N - n0 < 6 ? N - n0 : 6);
         const int64_t nf = n0 + PF_TILES * 6; /* first row of the tile prefetched */
         for (int64_t p = 0; p < P; p++) {
             const int64_t m0 = p * 4;
             const int mr = (int)(M - m0 < 4 ? M - m0 : 4);
             int pf_rows = 0;
             for (int64_t r = nf + p; r < nf + 6 && r < N; r += P) pf_rows++;
-            by_rows[mr](x, ldx, W, K, b, y, ldy, m0, n0, W + (nf + p) * K, pf_rows, P * K);
+            by_rows[mr](x, ldx, W, K, b, y, ldy, m0, n0, nr, W + (nf + p) * K, pf_rows, P * K);
         }
     }
 }
