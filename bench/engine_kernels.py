@@ -17,21 +17,26 @@ Two questions the per-op profile of the batch-16 step raises, answered with the 
   are bitwise equal, and the weights' read time at the measured copy bandwidth.
 * The same projections by pdserve's small-batch kernel (`pdserve/model/small_linear.c`, W read
   in place) against `F.linear`, at 1 to 32 rows (`linear_kernel`; standalone: `python
-  bench/engine_kernels.py --threads 1 --out ...`, for 1 and 2 threads).
+  bench/engine_kernels.py --threads 1 2 --out ...`), optionally against a second build of the
+  kernel from another source (`--baseline FILE`, e.g. the previous commit's small_linear.c), all
+  interleaved; each with GFLOP/s and effective GB/s (weights read per second) beside the roofline
+  max(weight bytes / copy bandwidth, FLOPs / matmul FLOP/s), both measured in the same run.
 """
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from pdserve.config.model import ModelShape
-from pdserve.model import native_decode, small_linear
+from pdserve.model import native_build, native_decode, small_linear
 
 
 def _median_ms(fn: Callable[[], object], reps: int) -> tuple[float, float]:
@@ -210,11 +215,30 @@ def _step_weights(shape: ModelShape) -> list[torch.Tensor]:
     return [torch.randn(n, k, generator=gen) * 0.02 for n, k in per_layer * shape.num_layers + [(shape.vocab_size, h)]]
 
 
+def baseline_kernel(source: Path) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`small_linear.linear` (no bias) by the kernel built from `source` instead (the same flags)."""
+    lib = native_build.build(source, small_linear.COMPILE_FLAGS, small_linear.LINK_FLAGS)
+    if isinstance(lib, str):
+        raise RuntimeError(lib)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.small_linear_f32.argtypes = [p, i64, p, i64, i64, p, p, i64, i64, ctypes.c_int]
+
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], w.shape[0])
+        lib.small_linear_f32(x.data_ptr(), x.stride(0), w.data_ptr(), w.shape[0], w.shape[1], None, y.data_ptr(),
+                             w.shape[0], x.shape[0], torch.get_num_threads())
+        return y
+    return linear
+
+
 def linear_kernel(shape: ModelShape, batches: tuple[int, ...], bw_gbps: float | None = None, reps: int = 7,
-                  rounds: int = 3) -> dict[str, Any]:
+                  rounds: int = 3, matmul_flops: float | None = None,
+                  baseline: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
     """Every projection of one decode step at each of `batches` rows: `F.linear` against
-    `small_linear.linear`, alternated; per-step ms (median of `rounds` interleaved medians), the
-    largest difference between the two, and the floors: weights at `bw_gbps`, FLOPs at none."""
+    `small_linear.linear` (and `baseline`, another build of it, when given), alternated; per-step ms
+    (median of `rounds` interleaved medians), the largest difference between the two, GFLOP/s and
+    effective GB/s (weight bytes / wall time) of each, and the floors: weights at `bw_gbps`, FLOPs at
+    `matmul_flops`, their max the roofline."""
     ws = _step_weights(shape)
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "weight_bytes": sum(w.numel() * 4 for w in ws),
                            "batches": {}}
@@ -226,12 +250,25 @@ def linear_kernel(shape: ModelShape, batches: tuple[int, ...], bw_gbps: float | 
         fns: dict[str, Callable[[], object]] = {
             "linear": lambda x=x: [F.linear(x[w.shape[1]], w) for w in ws],
             "native": lambda x=x: [small_linear.linear(x[w.shape[1]], w) for w in ws]}
+        if baseline is not None:
+            fns["native_baseline"] = lambda x=x: [baseline(x[w.shape[1]], w) for w in ws]
         rec = _interleaved(fns, reps, rounds)
-        rec["flops"] = sum(2 * m * w.numel() for w in ws)
+        rec["flops"] = flops = sum(2 * m * w.numel() for w in ws)
         rec["max_abs_diff"] = max(float((F.linear(x[w.shape[1]], w) - small_linear.linear(x[w.shape[1]], w)
                                          ).abs().max()) for w in ws)
-        c = rec["cpu_ms_per_step"]
+        if baseline is not None:
+            rec["baseline_bitwise_equal"] = all(torch.equal(baseline(x[w.shape[1]], w),
+                                                            small_linear.linear(x[w.shape[1]], w)) for w in ws)
+        c, wall = rec["cpu_ms_per_step"], rec["ms_per_step"]
         rec["native_over_linear_cpu"] = c["native"] / c["linear"]
+        rec["native_over_linear_wall"] = wall["native"] / wall["linear"]
+        rec["gflops_per_s"] = {k: flops / v / 1e6 for k, v in wall.items()}
+        rec["effective_gbps"] = {k: out["weight_bytes"] / v / 1e6 for k, v in wall.items()}
+        if bw_gbps and matmul_flops:
+            floor = {"weights_at_copy_bw": out["weights_read_ms_at_copy_bw"], "flops_at_matmul": flops / matmul_flops * 1e3}
+            rec["roofline_ms"] = max(floor.values())
+            rec["roofline_parts_ms"] = floor
+            rec["over_roofline"] = {k: v / rec["roofline_ms"] for k, v in wall.items()}
         out["batches"][str(m)] = rec
     return out
 
@@ -263,12 +300,39 @@ def projection_costs(shape: ModelShape, batch: int, bw_gbps: float, reps: int = 
     return out
 
 
+def plot(res: dict[str, Any], path: Path) -> None:
+    """GFLOP/s per row count of each variant, per thread count, beside the roofline's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = res["runs"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, (t, r) in zip(axes[0], runs.items(), strict=True):
+        ms = sorted(r["batches"], key=int)
+        rows = [int(m) for m in ms]
+        for k in r["batches"][ms[0]]["gflops_per_s"]:
+            ax.plot(rows, [r["batches"][m]["gflops_per_s"][k] for m in ms], marker="o", label=k)
+        if "roofline_ms" in r["batches"][ms[0]]:
+            ax.plot(rows, [r["batches"][m]["flops"] / r["batches"][m]["roofline_ms"] / 1e6 for m in ms], "k--",
+                    label="roofline")
+        ax.set_xlabel("rows (decode batch)")
+        ax.set_ylabel("GFLOP/s, the 33 projections of a step")
+        ax.set_title(f"{res['model']}, {t} thread(s), load {res['machine']['loadavg_start'][0]:.1f}")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
 def main() -> None:
     import argparse
     import json
     import os
     import platform
-    from pathlib import Path
+
+    import engine_bench  # beside this file: the copy bandwidth and matmul rate, measured as it does
 
     from pdserve.config import CATALOG
 
@@ -277,7 +341,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline", type=Path, help="another small_linear.c, timed interleaved as native_baseline")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--png", type=Path)
     args = ap.parse_args()
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
@@ -287,18 +353,27 @@ def main() -> None:
                                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                                for k, v in vars(args).items() if v is not None),
                            "model": args.model, "runs": {}}
+    baseline = baseline_kernel(args.baseline) if args.baseline else None
     for t in args.threads:
         torch.set_num_threads(t)
-        r = linear_kernel(CATALOG[args.model], tuple(args.batches), rounds=args.rounds)
+        bw = engine_bench.copy_bandwidth("cpu", 256 << 20)
+        mm = engine_bench.matmul_flops("cpu")
+        r = linear_kernel(CATALOG[args.model], tuple(args.batches), bw_gbps=bw["gbps_read_plus_write"],
+                          rounds=args.rounds, matmul_flops=mm["flops_per_s"], baseline=baseline)
+        r["copy_bandwidth"], r["matmul"] = bw, mm
         res["runs"][str(t)] = r
+        print(f"threads {t}: copy {bw['gbps_read_plus_write']:.1f} GB/s, matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s",
+              flush=True)
         for m, rec in r["batches"].items():
-            c = rec["cpu_ms_per_step"]
-            print(f"threads {t} rows {m:>3}: F.linear {c['linear']:7.2f} ms  native {c['native']:7.2f} ms  "
-                  f"ratio {rec['native_over_linear_cpu']:.2f}  GFLOP/s native {rec['flops'] / c['native'] / 1e6:6.1f}  "
+            g = "  ".join(f"{k} {v:6.1f}" for k, v in rec["gflops_per_s"].items())
+            print(f"threads {t} rows {m:>3}: GFLOP/s {g}  roofline {rec['flops'] / rec['roofline_ms'] / 1e6:6.1f}  "
+                  f"native/linear wall {rec['native_over_linear_wall']:.2f} cpu {rec['native_over_linear_cpu']:.2f}  "
                   f"diff {rec['max_abs_diff']:.1e}", flush=True)
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
+    if args.png:
+        plot(res, args.png)
 
 
 if __name__ == "__main__":

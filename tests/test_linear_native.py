@@ -3,20 +3,24 @@ invariance, its input checks, and the engine's choice between it and F.linear.""
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pdserve.config.engine import CacheConfig
 from pdserve.engine.model_runner import ModelRunner
-from pdserve.model import small_linear
+from pdserve.model import native_build, small_linear
 from pdserve.model.small_linear import NATIVE_LINEAR_OP, linear
 
 CPU = torch.device("cpu")
 needs_kernel = pytest.mark.skipif(isinstance(small_linear.library(), str), reason="no C compiler here")
-# N and K off multiples of the 16 lanes and of the 4/8/16-row tiles; N = 300 also splits over 2 threads.
-SHAPES = [(1, 1), (5, 3), (17, 33), (40, 512), (300, 70)]
-ROWS = [1, 2, 3, 4, 5, 7, 16, 17, 32]
+# N and K off multiples of the 16 lanes and of the 6/8/16-row W tiles (N = 40, 301: a narrower last
+# tile), K on and off them; N = 300, 301 also split over 2 threads. Every row count: the x tiles
+# of 1..4 rows and their partial last tiles.
+SHAPES = [(1, 1), (5, 3), (17, 33), (40, 512), (300, 70), (301, 32)]
+ROWS = range(1, small_linear.MAX_ROWS + 1)
 
 
 @pytest.fixture
@@ -51,7 +55,7 @@ def test_batch_invariant_bitwise() -> None:
     g = torch.Generator().manual_seed(1)
     before = torch.get_num_threads()
     try:
-        for n, k in [(300, 70), (40, 512)]:
+        for n, k in [(300, 70), (40, 512), (301, 32)]:
             w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
             x = torch.randn(small_linear.MAX_ROWS, k, generator=g)
             torch.set_num_threads(1)
@@ -62,6 +66,26 @@ def test_batch_invariant_bitwise() -> None:
                     assert torch.equal(linear(x[:m], w, b), alone[:m]), (n, k, m, threads)
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+def test_portable_build_gives_the_same_bits() -> None:
+    """The C fallback (built here without AVX-512) computes every element by the same sequence as
+    the AVX-512 tiles: the same bits at every row count (on a CPU without AVX-512 both are it)."""
+    portable = native_build.build(small_linear.SOURCE, (*small_linear.COMPILE_FLAGS, "-mno-avx512f"),
+                                  small_linear.LINK_FLAGS)
+    assert not isinstance(portable, str), portable
+    g = torch.Generator().manual_seed(3)
+    for n, k in [(300, 70), (40, 512)]:
+        w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+        x = torch.randn(small_linear.MAX_ROWS, k, generator=g)
+        for m in range(1, len(x) + 1):
+            y = torch.empty(m, n)
+            portable.small_linear_f32(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(k), ctypes.c_void_p(w.data_ptr()),
+                                      ctypes.c_int64(n), ctypes.c_int64(k), ctypes.c_void_p(b.data_ptr()),
+                                      ctypes.c_void_p(y.data_ptr()), ctypes.c_int64(n), ctypes.c_int64(m),
+                                      ctypes.c_int(1))
+            assert torch.equal(y, linear(x[:m], w, b)), (n, k, m)
 
 
 @needs_kernel

@@ -27,10 +27,13 @@ COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC")
 LINK_FLAGS = ("-shared", "-fopenmp")
 # The kernel serves steps of up to MAX_ROWS tokens; under "auto" only AUTO_ROWS, where it beat
 # F.linear on the demo model's shapes, 1 thread, loaded machine (bench/engine_kernels.py,
-# engine_cpu_linear_loaded_r6.json): 0.5-0.9x its time from 2 to 28 rows; at 1 row MKL's sgemv
-# is as fast (0.97-1.16x), at 32 rows MKL's blocked GEMM mostly faster. Prefill keeps F.linear.
+# engine_cpu_linear_loaded_r7*.json, CPU time): 0.34-0.95x its time from 3 to 32 rows (6 x 4 tiles:
+# 0.74-0.95x at 32), 0.92-0.93x at 40, 1.09-1.11x at 48; at 2 rows (the 8 x 2 tile, unchanged since
+# round 6 measured it faster) 0.95x and 1.12x in two runs; at 1 row 0.89-0.97x MKL's sgemv
+# (medians of 11-25 interleaved rounds, faster in 23 of 25), so the batch-1 step runs it too.
+# 2 threads on this loaded 2-core machine measured only scheduling waits. Prefill keeps F.linear.
 MAX_ROWS = 32
-AUTO_ROWS = range(2, 29)
+AUTO_ROWS = range(1, MAX_ROWS + 1)
 
 
 @functools.cache
