@@ -92,11 +92,23 @@ static void rope(const float *x, const float *cos, const float *sin, float *out,
 /* [lo, hi) of n items for thread id of nt, contiguous */
 #define SLICE(n, id, nt, lo, hi) const int64_t lo = (n) * (id) / (nt), hi = (n) * ((id) + 1) / (nt)
 
+/* Rows [lo, hi) of y = x W^T (+ b): small_linear's run on that slice of W, one part (each element
+ * is computed by the same sequence whatever slice it falls in). */
+static void rows(const float *x, int64_t ldx, const float *W, int64_t lo, int64_t hi, int64_t K, const float *b,
+                 float *y, int64_t ldy, int64_t M) {
+    if (hi > lo) run(x, ldx, W + lo * K, hi - lo, K, b == NULL ? NULL : b + lo, y + lo, ldy, M, 0, 1);
+}
+
+/* Four barriers a layer: a thread works on what it computed itself wherever it can. Each thread
+ * forms the normed input privately (a few thousand flops, redundant); computes whole heads of
+ * q/k/v and rotates and stores them; computes matching rows of gate and up and their product. Only
+ * attention (all of q, k, v), o_proj (all heads), the residual (all of o) and down (all of the
+ * product) wait for the others: on a loaded machine each barrier can wait for a descheduled thread. */
 void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
     const int64_t T = s->T, H = m->hidden, I = m->inter, D = m->dim, NQ = m->heads * D, NKV = m->kv_heads * D;
-    const int64_t NQKV = NQ + 2 * NKV, group = m->heads / m->kv_heads;
-    float *xn = m->scratch, *qkv = xn + T * H, *att = qkv + T * NQKV, *tmp = att + T * NQ, *gu = tmp + T * H,
-          *act = gu + T * 2 * I;
+    const int64_t NQKV = NQ + 2 * NKV, group = m->heads / m->kv_heads, units = m->heads + 2 * m->kv_heads;
+    float *qkv = m->scratch, *att = qkv + T * NQKV, *tmp = att + T * NQ, *gu = tmp + T * H, *act = gu + T * 2 * I;
+    float *priv = act + T * I; /* per thread: xn [T][H], xmid [T][H] */
     float *x = s->x;
     const int64_t token_stride = NKV, v_offset = m->num_blocks * m->block_size * token_stride;
     const int split = s->head_split, kv_per_task = (int)(m->kv_heads / split);
@@ -108,25 +120,28 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
 #else
         const int64_t id = 0, nt = 1;
 #endif
-        for (int64_t r = id; r < T; r += nt) rmsnorm(x + r * H, w->in_norm, xn + r * H, H, m->eps);
-#pragma omp barrier
-        run(xn, H, w->w_qkv, NQKV, H, w->b_qkv, qkv, NQKV, T, id, nt);
-#pragma omp barrier
-        /* per head: [q/k norm], RoPE; q in place, k (rotated) and v into the token's cache slot */
-        for (int64_t u = id; u < T * (m->heads + m->kv_heads); u += nt) {
-            const int64_t r = u / (m->heads + m->kv_heads), h = u % (m->heads + m->kv_heads);
-            float *src = qkv + r * NQKV + h * D; /* q heads, then k heads: side by side */
-            const float *cs = s->cos + r * D, *sn = s->sin + r * D;
-            if (h < m->heads) {
-                if (w->q_norm != NULL) rmsnorm(src, w->q_norm, src, D, m->eps);
-                rope(src, cs, sn, src, D);
-            } else {
-                const int64_t kh = h - m->heads;
-                float *dst = w->cache + s->slots[r] * token_stride + kh * D;
-                if (w->k_norm != NULL) rmsnorm(src, w->k_norm, src, D, m->eps);
-                rope(src, cs, sn, dst, D);
-                const float *v = qkv + r * NQKV + NQ + NKV + kh * D;
-                for (int64_t i = 0; i < D; i++) dst[v_offset + i] = v[i];
+        float *xn = priv + id * 2 * T * H, *xmid = xn + T * H;
+        for (int64_t r = 0; r < T; r++) rmsnorm(x + r * H, w->in_norm, xn + r * H, H, m->eps);
+        {
+            /* whole heads: q heads, k heads, v heads are consecutive rows of W_qkv */
+            SLICE(units, id, nt, u0, u1);
+            rows(xn, H, w->w_qkv, u0 * D, u1 * D, H, w->b_qkv, qkv, NQKV, T);
+            for (int64_t r = 0; r < T; r++) {
+                const float *cs = s->cos + r * D, *sn = s->sin + r * D;
+                for (int64_t h = u0; h < u1; h++) {
+                    float *src = qkv + r * NQKV + h * D;
+                    if (h < m->heads) { /* q: rotated in place */
+                        if (w->q_norm != NULL) rmsnorm(src, w->q_norm, src, D, m->eps);
+                        rope(src, cs, sn, src, D);
+                    } else if (h < m->heads + m->kv_heads) { /* k: rotated into the token's slot */
+                        float *dst = w->cache + s->slots[r] * token_stride + (h - m->heads) * D;
+                        if (w->k_norm != NULL) rmsnorm(src, w->k_norm, src, D, m->eps);
+                        rope(src, cs, sn, dst, D);
+                    } else { /* v */
+                        float *dst = w->cache + v_offset + s->slots[r] * token_stride + (h - m->heads - m->kv_heads) * D;
+                        for (int64_t i = 0; i < D; i++) dst[i] = src[i];
+                    }
+                }
             }
         }
 #pragma omp barrier
@@ -145,34 +160,34 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
 #pragma omp barrier
         run(att, NQ, w->w_o, H, NQ, NULL, tmp, H, T, id, nt);
 #pragma omp barrier
-        for (int64_t r = id; r < T; r += nt) {
-            float *xr = x + r * H;
-            const float *tr = tmp + r * H;
-            for (int64_t i = 0; i < H; i++) xr[i] = xr[i] + tr[i];
-            rmsnorm(xr, w->post_norm, xn + r * H, H, m->eps);
+        for (int64_t r = 0; r < T; r++) {
+            const float *xr = x + r * H, *tr = tmp + r * H;
+            float *mr = xmid + r * H;
+            for (int64_t i = 0; i < H; i++) mr[i] = xr[i] + tr[i];
+            rmsnorm(mr, w->post_norm, xn + r * H, H, m->eps);
         }
-#pragma omp barrier
-        run(xn, H, w->w_gu, 2 * I, H, NULL, gu, 2 * I, T, id, nt);
-#pragma omp barrier
         {
-            SLICE(T * I, id, nt, lo, hi);
-            for (int64_t e = lo; e < hi; e++) {
-                const int64_t r = e / I, j = e % I;
-                const float g = gu[r * 2 * I + j], up = gu[r * 2 * I + I + j];
-                act[e] = (g / (1.0f + expf(-g))) * up;
-            }
+            SLICE(I, id, nt, j0, j1); /* the same rows of gate and of up: their product needs no wait */
+            rows(xn, H, w->w_gu, j0, j1, H, NULL, gu, 2 * I, T);
+            rows(xn, H, w->w_gu + I * H, j0, j1, H, NULL, gu + I, 2 * I, T);
+            for (int64_t r = 0; r < T; r++)
+                for (int64_t j = j0; j < j1; j++) {
+                    const float g = gu[r * 2 * I + j], up = gu[r * 2 * I + I + j];
+                    act[r * I + j] = (g / (1.0f + expf(-g))) * up;
+                }
         }
 #pragma omp barrier
         run(act, I, w->w_down, H, I, NULL, tmp, H, T, id, nt);
 #pragma omp barrier
         {
             SLICE(T * H, id, nt, lo, hi);
-            for (int64_t e = lo; e < hi; e++) x[e] = x[e] + tmp[e];
+            for (int64_t e = lo; e < hi; e++) x[e] = xmid[e] + tmp[e];
         }
     }
 }
 
-/* floats of scratch per row of a step (Model.scratch holds max_rows of them) */
-int64_t decode_layer_scratch_per_row(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t dim) {
-    return 2 * hidden + (heads + 2 * kv_heads) * dim + heads * dim + 3 * inter;
+/* floats of scratch per row of a step at `threads` threads (Model.scratch holds max_rows of them) */
+int64_t decode_layer_scratch_per_row(int64_t hidden, int64_t inter, int64_t heads, int64_t kv_heads, int64_t dim,
+                                     int64_t threads) {
+    return (heads + 2 * kv_heads) * dim + heads * dim + hidden + 3 * inter + threads * 2 * hidden;
 }

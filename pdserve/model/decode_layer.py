@@ -62,7 +62,7 @@ def library() -> ctypes.CDLL | str:
         return so
     so.decode_layer_f32.argtypes = [_p, _p, _p]
     so.decode_layer_f32.restype = None
-    so.decode_layer_scratch_per_row.argtypes = [_i64] * 5
+    so.decode_layer_scratch_per_row.argtypes = [_i64] * 6
     so.decode_layer_scratch_per_row.restype = _i64
     return so
 
@@ -112,12 +112,14 @@ class FusedDecode:
         assert not isinstance(lib, str), lib
         s = model.shape  # type: ignore[attr-defined]
         _, nb, bs, kv, dim = kv_caches[0].shape
-        per_row = lib.decode_layer_scratch_per_row(s.hidden_size, s.intermediate_size, s.num_heads, kv, dim)
         self.max_rows = max_rows
-        self._scratch = torch.empty(max_rows * per_row)  # reused by every layer and step
+        self._per_row = functools.partial(lib.decode_layer_scratch_per_row, s.hidden_size, s.intermediate_size,
+                                          s.num_heads, kv, dim)
         attend = ctypes.cast(native_decode.library().paged_decode_task_f32, ctypes.c_void_p).value  # type: ignore[union-attr]
         self._model = _Model(s.hidden_size, s.intermediate_size, s.num_heads, kv, dim, nb, bs, max_rows,
-                             s.rms_norm_eps, dim**-0.5, self._scratch.data_ptr(), attend)
+                             s.rms_norm_eps, dim**-0.5, None, attend)
+        self._threads = 0
+        self._scratch = torch.empty(0)
         self._layers = []
         for layer, cache in zip(model.model.layers, kv_caches, strict=True):  # type: ignore[attr-defined]
             a, mlp = layer.self_attn, layer.mlp
@@ -142,6 +144,9 @@ class FusedDecode:
         assert 0 < t <= self.max_rows and d.rows.numel() == t and slots.dtype == torch.int64
         assert x.is_contiguous() and x.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
         s, threads = self._step, torch.get_num_threads()
+        if threads > self._threads:  # each thread has a private part: sized for the most threads seen
+            self._scratch = torch.empty(self.max_rows * self._per_row(threads))  # reused by every layer and step
+            self._model.scratch, self._threads = self._scratch.data_ptr(), threads
         s.T, s.table_width, s.threads = t, d.tables.shape[1], threads
         # Whole token rows per attention task unless that leaves threads idle (as native_decode).
         s.head_split = self._model.kv_heads if t < threads else 1
