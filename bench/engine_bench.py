@@ -554,6 +554,64 @@ def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[
     result["decode_steps"] = steps
     if torch_steps:  # the same steps on the alternative path, alternated step by step
         result[f"decode_steps_{alt}"] = torch_steps
+    if args.ab == "layer" and compare and 1 in runner.layer_rows:
+        b = result["fused_breakdown"] = fused_breakdown(runner, contexts[0], 2 * args.step_decode_steps,
+                                                        bw["gbps_read_plus_write"], args.seed)
+        m = b["median_s"]
+        log(f"  batch 1 ctx {contexts[0]}, fused: step {m['step_s'] * 1e3:.2f} ms = layers {m['layers_s'] * 1e3:.2f}"
+            f" ({b['layer_s_median'] * 1e3:.3f} a layer, bound {b['layer_bound_s'] * 1e3:.3f}) + lm_head "
+            f"{m['lm_head_s'] * 1e3:.2f} (bound {b['lm_head_bound_s'] * 1e3:.2f}) + rest {m['rest_s'] * 1e3:.2f}")
+
+
+def fused_breakdown(runner, ctx: int, steps: int, bw_gbps: float, seed: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Where a batch-1 decode step's time goes under the fused layer, by timers around the real
+    step's parts (the profiler's own cost is larger than what remains): the layer calls, the
+    lm_head, and the rest (packing, metadata, RoPE rows, embedding, argmax, Python); per-layer
+    bounds are its weights + KV bytes at the copy bandwidth."""
+    from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+
+    fused, shape = runner.fused, runner.shape
+    assert fused is not None and 1 in runner.layer_rows and runner.native_decode
+    (req,) = _requests(runner, [ctx + steps + 4], shape.vocab_size, seed)
+    acc = {"layers": 0.0, "lm_head": 0.0}
+    layer, logits = fused.layer, runner.model.logits
+
+    def timed_layer(i: int, cache: torch.Tensor) -> None:
+        t = time.perf_counter()
+        layer(i, cache)
+        acc["layers"] += time.perf_counter() - t
+
+    def timed_logits(hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
+        t = time.perf_counter()
+        out = logits(hidden, native)
+        acc["lm_head"] += time.perf_counter() - t
+        return out
+
+    fused.layer, runner.model.logits = timed_layer, timed_logits
+    parts: dict[str, list[float]] = {"step_s": [], "layers_s": [], "lm_head_s": [], "rest_s": []}
+    try:
+        for k in range(steps + 1):
+            acc["layers"] = acc["lm_head"] = 0.0
+            req.num_computed_tokens = ctx + k
+            t = time.perf_counter()
+            runner.execute(SchedulerOutput([ScheduledChunk(req, 1, sample=True)])).argmax(-1).tolist()
+            total = time.perf_counter() - t
+            if k:  # the first is a warm-up
+                parts["step_s"].append(total)
+                parts["layers_s"].append(acc["layers"])
+                parts["lm_head_s"].append(acc["lm_head"])
+                parts["rest_s"].append(total - acc["layers"] - acc["lm_head"])
+    finally:
+        del fused.layer, runner.model.logits  # the instance attributes: back to the methods
+    s = shape
+    layer_bytes = 4 * (s.hidden_size * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+                       + s.num_heads * s.head_dim * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
+                       + 2 * s.hidden_size) + (ctx + steps / 2) * s.kv_bytes_per_token() / s.num_layers
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return {"batch": 1, "context": ctx, "steps": steps, "median_s": med, "all_s": parts,
+            "layer_s_median": med["layers_s"] / s.num_layers, "layer_bytes": layer_bytes,
+            "layer_bound_s": layer_bytes / (bw_gbps * GB),
+            "lm_head_bound_s": 4 * s.hidden_size * s.vocab_size / (bw_gbps * GB)}
 
 
 def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
