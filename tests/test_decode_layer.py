@@ -113,8 +113,9 @@ def _decode_step(n: int) -> SchedulerOutput:
 
 @needs_kernel
 def test_the_runner_fuses_decode_steps_only(tiny_models) -> None:
-    """native: fused at 1-32 sequences (not 33+, not a step with a prefill chunk); auto: at 1;
-    torch: never; native without the native attention: an error."""
+    """native: fused at 1-32 sequences (not 33+, not a step with a prefill chunk); auto: at 1 (1-32
+    with decode_linear native, none with it torch); torch: never; native without the native
+    attention: an error."""
     folder = str(tiny_models["llama"])
     runner = ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=80, decode_layer="native"), dtype="float32")
     assert runner.layer_rows == range(1, 33) and runner.fused is not None
@@ -131,6 +132,11 @@ def test_the_runner_fuses_decode_steps_only(tiny_models) -> None:
     assert calls == []
     auto = ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=80), dtype="float32")
     assert auto.layer_rows == range(1, 2) and auto.fused is not None
+    # decode_linear native (batch-invariant steps): every decode step fused, one arithmetic for all
+    invariant = ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=80, decode_linear="native"), dtype="float32")
+    assert invariant.layer_rows == range(1, 33)
+    assert not ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=80, decode_linear="torch"),
+                           dtype="float32").layer_rows
     off = ModelRunner(folder, CacheConfig(block_size=BS, num_blocks=80, decode_layer="torch"), dtype="float32")
     assert off.fused is None and not off.layer_rows
     with pytest.raises(RuntimeError, match="decode_layer = native"):

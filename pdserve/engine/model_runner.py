@@ -56,7 +56,7 @@ class ModelRunner:
         # Step sizes (tokens) whose projections run by the small-batch kernel: decode-sized steps.
         self.linear_rows = small_linear.rows_for(cache.decode_linear, self.device, self.dtype)
         # Decode step sizes (sequences) whose layers run as one native call each (decode_layer.py).
-        self.layer_rows = decode_layer.rows_for(cache.decode_layer, self.native_decode, self.device, self.dtype,
+        self.layer_rows = decode_layer.rows_for(cache.decode_layer, self.native_decode, cache.decode_linear, self.device, self.dtype,
                                                 s.num_heads, s.num_kv_heads, s.head_dim, cache.block_size)
         self.fused = decode_layer.FusedDecode(self.model, self.kv_caches) if len(self.layer_rows) else None
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda

@@ -80,11 +80,13 @@ def unsupported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: 
     return lib if isinstance(lib, str) else None
 
 
-def rows_for(setting: str, native_attention: bool, device: torch.device, dtype: torch.dtype, heads: int,
-             kv_heads: int, head_dim: int, block_size: int) -> range:
-    """The decode step sizes (sequences) that run fused under `setting` ("auto": `AUTO_ROWS`;
-    "native": 1 .. MAX_ROWS; "torch": none). It needs the native decode attention on."""
-    if setting == "torch":
+def rows_for(setting: str, native_attention: bool, linear: str, device: torch.device, dtype: torch.dtype,
+             heads: int, kv_heads: int, head_dim: int, block_size: int) -> range:
+    """The decode step sizes (sequences) that run fused under `setting` ("native": 1 .. MAX_ROWS;
+    "torch": none; "auto": `AUTO_ROWS`, or 1 .. MAX_ROWS where `linear` (decode_linear) is
+    "native", so that every decode step keeps one arithmetic (batch invariance), or none where it
+    is "torch", which asks for F.linear). It needs the native decode attention on."""
+    if setting == "torch" or (setting == "auto" and linear == "torch"):
         return range(0)
     why = unsupported(device, dtype, heads, kv_heads, head_dim, block_size)
     if why is None and not native_attention:
@@ -93,7 +95,7 @@ def rows_for(setting: str, native_attention: bool, device: torch.device, dtype: 
         raise RuntimeError(f"decode_layer = native, but {why}")
     if why is not None:
         return range(0)
-    return range(1, MAX_ROWS + 1) if setting == "native" else AUTO_ROWS
+    return range(1, MAX_ROWS + 1) if "native" in (setting, linear) else AUTO_ROWS
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
