@@ -126,6 +126,10 @@ def test_the_runner_fuses_decode_steps_only(tiny_models) -> None:
         calls.clear()
         runner.execute(_decode_step(n))
         assert calls == ([0, 1] if fused else []), n
+    done: list[int] = []  # the KV streaming hook still runs after each fused layer
+    calls.clear()
+    runner.execute(_decode_step(1), layer_done=done.append)
+    assert calls == [0, 1] and done == [0, 1]
     prefill = Request("p", [5] * 3, max_tokens=2, arrival_time=0.0, block_ids=[79])
     calls.clear()
     runner.execute(SchedulerOutput([*_decode_step(2).chunks, ScheduledChunk(prefill, 3, sample=True)]))
