@@ -554,25 +554,36 @@ def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[
     result["decode_steps"] = steps
     if torch_steps:  # the same steps on the alternative path, alternated step by step
         result[f"decode_steps_{alt}"] = torch_steps
-    if args.ab == "layer" and compare and 1 in runner.layer_rows:
-        b = result["fused_breakdown"] = fused_breakdown(runner, contexts[0], 2 * args.step_decode_steps,
-                                                        bw["gbps_read_plus_write"], args.seed)
-        m = b["median_s"]
-        log(f"  batch 1 ctx {contexts[0]}, fused: step {m['step_s'] * 1e3:.2f} ms = layers {m['layers_s'] * 1e3:.2f}"
-            f" ({b['layer_s_median'] * 1e3:.3f} a layer, bound {b['layer_bound_s'] * 1e3:.3f}) + lm_head "
-            f"{m['lm_head_s'] * 1e3:.2f} (bound {b['lm_head_bound_s'] * 1e3:.2f}) + rest {m['rest_s'] * 1e3:.2f}")
+    if args.ab == "layer" and compare:
+        result["fused_breakdown"] = []
+        for batch in (1, 16):
+            if batch not in runner.layer_rows:
+                continue
+            b = fused_breakdown(runner, batch, contexts[0], 2 * args.step_decode_steps, bw["gbps_read_plus_write"],
+                                mm["flops_per_s"], args.seed)
+            result["fused_breakdown"].append(b)
+            m = b["median_s"]
+            log(f"  batch {batch} ctx {contexts[0]}, fused: step {m['step_s'] * 1e3:.2f} ms = layers "
+                f"{m['layers_s'] * 1e3:.2f} ({b['layer_s_median'] * 1e3:.3f} a layer, bound "
+                f"{b['layer_bound_s'] * 1e3:.3f}) + lm_head {m['lm_head_s'] * 1e3:.2f} (bound "
+                f"{b['lm_head_bound_s'] * 1e3:.2f}) + rest {m['rest_s'] * 1e3:.2f}")
+            log("    phases, ms (bound): " + ", ".join(f"{p} {v * 1e3:.2f} ({b['phase_bound_s'][p] * 1e3:.2f})"
+                                                       for p, v in b["phases_s_median"].items()))
 
 
-def fused_breakdown(runner, ctx: int, steps: int, bw_gbps: float, seed: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Where a batch-1 decode step's time goes under the fused layer, by timers around the real
-    step's parts (the profiler's own cost is larger than what remains): the layer calls, the
-    lm_head, and the rest (packing, metadata, RoPE rows, embedding, argmax, Python); per-layer
-    bounds are its weights + KV bytes at the copy bandwidth."""
+def fused_breakdown(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
+                    seed: int) -> dict[str, Any]:
+    """Where a decode step's time goes under the fused layer, by timers around the real step's
+    parts (the profiler's own cost is larger than what remains): the layer calls, the lm_head, and
+    the rest (packing, metadata, RoPE rows, embedding, argmax, Python); inside the layers, each
+    phase's wall time (decode_layer.c's own timers, `FusedDecode.time_phases`) beside its bound:
+    max(its weights + KV bytes / copy bandwidth, its FLOPs / matmul FLOP/s)."""
+    from pdserve.model.decode_layer import PHASES
     from pdserve.sched.output import ScheduledChunk, SchedulerOutput
 
-    fused, shape = runner.fused, runner.shape
-    assert fused is not None and 1 in runner.layer_rows and runner.native_decode
-    (req,) = _requests(runner, [ctx + steps + 4], shape.vocab_size, seed)
+    fused, s = runner.fused, runner.shape
+    assert fused is not None and batch in runner.layer_rows and runner.native_decode
+    reqs = _requests(runner, [ctx + steps + 4] * batch, s.vocab_size, seed)
     acc = {"layers": 0.0, "lm_head": 0.0}
     layer, logits = fused.layer, runner.model.logits
 
@@ -587,31 +598,44 @@ def fused_breakdown(runner, ctx: int, steps: int, bw_gbps: float, seed: int) -> 
         acc["lm_head"] += time.perf_counter() - t
         return out
 
-    fused.layer, runner.model.logits = timed_layer, timed_logits
     parts: dict[str, list[float]] = {"step_s": [], "layers_s": [], "lm_head_s": [], "rest_s": []}
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    fused.layer, runner.model.logits = timed_layer, timed_logits
     try:
         for k in range(steps + 1):
             acc["layers"] = acc["lm_head"] = 0.0
-            req.num_computed_tokens = ctx + k
+            fused.time_phases(True)
+            for r in reqs:
+                r.num_computed_tokens = ctx + k
             t = time.perf_counter()
-            runner.execute(SchedulerOutput([ScheduledChunk(req, 1, sample=True)])).argmax(-1).tolist()
+            runner.execute(SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])).argmax(-1).tolist()
             total = time.perf_counter() - t
             if k:  # the first is a warm-up
                 parts["step_s"].append(total)
                 parts["layers_s"].append(acc["layers"])
                 parts["lm_head_s"].append(acc["lm_head"])
                 parts["rest_s"].append(total - acc["layers"] - acc["lm_head"])
+                for p, v in fused.phase_seconds().items():
+                    phases[p].append(v)
     finally:
+        fused.time_phases(False)
         del fused.layer, runner.model.logits  # the instance attributes: back to the methods
-    s = shape
-    layer_bytes = 4 * (s.hidden_size * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
-                       + s.num_heads * s.head_dim * s.hidden_size + 3 * s.hidden_size * s.intermediate_size
-                       + 2 * s.hidden_size) + (ctx + steps / 2) * s.kv_bytes_per_token() / s.num_layers
+    h, nq, nkv, i_ = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
+    kv_read = batch * (ctx + steps / 2) * s.kv_bytes_per_token()  # all layers
+    # per step, all layers: (bytes, FLOPs) of each phase
+    cost = {"norm_qkv_rope_kv_write": (4 * h * (nq + 2 * nkv) * s.num_layers, 2 * batch * h * (nq + 2 * nkv) * s.num_layers),
+            "attention": (kv_read, 4 * batch * (ctx + steps / 2) * nq * s.num_layers),
+            "o_proj": (4 * nq * h * s.num_layers, 2 * batch * nq * h * s.num_layers),
+            "residual_norm_gate_up_silu": (8 * i_ * h * s.num_layers, 4 * batch * i_ * h * s.num_layers),
+            "down": (4 * i_ * h * s.num_layers, 2 * batch * i_ * h * s.num_layers),
+            "residual": (0, 0)}
     med = {k: statistics.median(v) for k, v in parts.items()}
-    return {"batch": 1, "context": ctx, "steps": steps, "median_s": med, "all_s": parts,
-            "layer_s_median": med["layers_s"] / s.num_layers, "layer_bytes": layer_bytes,
-            "layer_bound_s": layer_bytes / (bw_gbps * GB),
-            "lm_head_bound_s": 4 * s.hidden_size * s.vocab_size / (bw_gbps * GB)}
+    return {"batch": batch, "context": ctx, "steps": steps, "median_s": med, "all_s": parts,
+            "phases_s_median": {p: statistics.median(v) for p, v in phases.items()},
+            "phase_bound_s": {p: max(b / (bw_gbps * GB), f / flops) for p, (b, f) in cost.items()},
+            "phase_bytes_flops": cost, "layer_s_median": med["layers_s"] / s.num_layers,
+            "layer_bound_s": (sum(b for b, _ in cost.values())) / s.num_layers / (bw_gbps * GB),
+            "lm_head_bound_s": 4 * h * s.vocab_size / (bw_gbps * GB)}
 
 
 def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]

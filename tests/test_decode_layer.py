@@ -4,6 +4,7 @@ its batch invariance, the runner's choice of it, and greedy tokens through it ag
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -99,6 +100,29 @@ def test_a_row_is_bitwise_the_same_alone_and_in_a_batch_of_8(arch, runners) -> N
             assert torch.equal(alone[0], batch[j]), f"row {j}"
     finally:
         torch.set_num_threads(before)
+
+
+@needs_kernel
+@torch.inference_mode()
+def test_phase_timers_add_up_to_the_layer_calls(runners) -> None:
+    """The bench's per-phase breakdown (decode_layer.c's own timers): every phase timed, their sum
+    within the calls' wall time, nothing written while off."""
+    runner = runners["qwen3"]
+    x, caches, meta = _step(runner, CTX, seed=4)
+    f = FusedDecode(runner.model, caches)
+    f.start(x, meta.slot_mapping, meta.cos, meta.sin, meta.native)
+    f.layer(0, caches[0])  # untimed
+    f.time_phases(True)
+    t = time.perf_counter()
+    for i in range(len(caches)):
+        f.layer(i, caches[i])
+    wall = time.perf_counter() - t
+    phases = f.phase_seconds()
+    assert list(phases) == list(decode_layer.PHASES) and all(v > 0 for v in phases.values()), phases
+    assert sum(phases.values()) <= wall
+    f.time_phases(False)
+    with pytest.raises(AssertionError):
+        f.phase_seconds()
 
 
 def _decode_step(n: int) -> SchedulerOutput:

@@ -52,7 +52,18 @@ typedef struct { /* one step; set once per step, read by every layer */
     const float *cos, *sin;
     const int32_t *ctx_lens, *tables;
     int head_split, threads;
+    double *phase_s; /* NULL, or PHASES wall-clock accumulators (seconds), for the bench's breakdown */
 } Step;
+
+/* Phases timed when Step.phase_s is set, each up to the barrier that ends it: norm + qkv + rope +
+ * KV write (with the fork), attention, o_proj, residual + norm + gate_up + silu, down, residual
+ * (with the join). Read by thread 0 after each barrier: the slowest thread's time. */
+#define PHASES 6
+#if defined(_OPENMP)
+#define STAMP(k) do { if (s->phase_s != NULL && id == 0) { const double t_ = omp_get_wtime(); s->phase_s[k] += t_ - t_last; t_last = t_; } } while (0)
+#else
+#define STAMP(k) do { } while (0)
+#endif
 
 static inline unsigned int ftz_enter(void) { /* as paged_decode.c: FTZ/DAZ for its tasks only */
 #if defined(__SSE__)
@@ -99,7 +110,7 @@ static void rows(const float *x, int64_t ldx, const float *W, int64_t lo, int64_
     if (hi > lo) run(x, ldx, W + lo * K, hi - lo, K, b == NULL ? NULL : b + lo, y + lo, ldy, M, 0, 1);
 }
 
-/* Four barriers a layer: a thread works on what it computed itself wherever it can. Each thread
+/* Five barriers a layer (eight op by op): a thread works on what it computed itself wherever it can. Each thread
  * forms the normed input privately (a few thousand flops, redundant); computes whole heads of
  * q/k/v and rotates and stores them; computes matching rows of gate and up and their product. Only
  * attention (all of q, k, v), o_proj (all heads), the residual (all of o) and down (all of the
@@ -112,6 +123,9 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
     float *x = s->x;
     const int64_t token_stride = NKV, v_offset = m->num_blocks * m->block_size * token_stride;
     const int split = s->head_split, kv_per_task = (int)(m->kv_heads / split);
+#if defined(_OPENMP)
+    double t_last = s->phase_s != NULL ? omp_get_wtime() : 0.0; /* written by thread 0 only */
+#endif
 
 #pragma omp parallel num_threads(s->threads)
     {
@@ -145,6 +159,7 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
             }
         }
 #pragma omp barrier
+        STAMP(0);
         {
             const unsigned int csr = ftz_enter();
 #pragma omp for schedule(dynamic, 1) nowait
@@ -158,8 +173,10 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
             ftz_leave(csr);
         }
 #pragma omp barrier
+        STAMP(1);
         run(att, NQ, w->w_o, H, NQ, NULL, tmp, H, T, id, nt);
 #pragma omp barrier
+        STAMP(2);
         for (int64_t r = 0; r < T; r++) {
             const float *xr = x + r * H, *tr = tmp + r * H;
             float *mr = xmid + r * H;
@@ -177,13 +194,18 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
                 }
         }
 #pragma omp barrier
+        STAMP(3);
         run(act, I, w->w_down, H, I, NULL, tmp, H, T, id, nt);
 #pragma omp barrier
+        STAMP(4);
         {
             SLICE(T * H, id, nt, lo, hi);
             for (int64_t e = lo; e < hi; e++) x[e] = xmid[e] + tmp[e];
         }
     }
+#if defined(_OPENMP)
+    if (s->phase_s != NULL) s->phase_s[PHASES - 1] += omp_get_wtime() - t_last;
+#endif
 }
 
 /* floats of scratch per row of a step at `threads` threads (Model.scratch holds max_rows of them) */

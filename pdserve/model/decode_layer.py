@@ -51,7 +51,11 @@ class _Layer(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = [("T", _i64), ("table_width", _i64), ("x", _p), ("slots", _p), ("cos", _p), ("sin", _p),
-                ("ctx_lens", _p), ("tables", _p), ("head_split", _int), ("threads", _int)]
+                ("ctx_lens", _p), ("tables", _p), ("head_split", _int), ("threads", _int), ("phase_s", _p)]
+
+
+# decode_layer.c's timed phases (`FusedDecode.time_phases`), in order
+PHASES = ("norm_qkv_rope_kv_write", "attention", "o_proj", "residual_norm_gate_up_silu", "down", "residual")
 
 
 @functools.cache
@@ -137,6 +141,17 @@ class FusedDecode:
         self._layer_refs = [ctypes.addressof(x) for x in self._layers]
         self._call = lib.decode_layer_f32
         self._keep: tuple[torch.Tensor, ...] = ()
+        self._phases: ctypes.Array[ctypes.c_double] | None = None
+
+    def time_phases(self, on: bool) -> None:
+        """Accumulate each phase's wall time (seconds, `phase_seconds`) from now on, or stop."""
+        self._phases = (ctypes.c_double * len(PHASES))() if on else None
+        self._step.phase_s = None if self._phases is None else ctypes.addressof(self._phases)
+
+    def phase_seconds(self) -> dict[str, float]:
+        """The phases' wall time since `time_phases(True)`, summed over layers and steps."""
+        assert self._phases is not None, "time_phases(True) first"
+        return dict(zip(PHASES, self._phases, strict=True))
 
     def start(self, x: torch.Tensor, slots: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               d: native_decode.NativeDecode) -> None:
