@@ -24,7 +24,10 @@ projections by `F.linear` instead of the native small-batch kernel (`cache.decod
 alternated in the same run: the offline throughput (`pdserve` and `pdserve_torch_linear`) and
 every decode model step (`decode_steps` and `decode_steps_torch_linear`, alternated step by step
 on one runner). `--ab attention` does the same for the native decode-attention kernel against
-gather + SDPA (`..._torch_attention`, round 5's runs).
+gather + SDPA (`..._torch_attention`, round 5's runs). `--ab layer`: the fused decoder layer
+(`cache.decode_layer`, one native call per layer) against the per-op path with the same native
+kernels (`..._per_op`). `--steps-only`: the decode model steps alone (no throughput, breakdown,
+kernels or prefill).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
 `transformers` model, or one checkpoint folder loaded by both) and the same batch of mixed-length
@@ -305,13 +308,14 @@ def matmul_flops(device: str, n: int = 2048, reps: int = 4, dtype: torch.dtype =
 
 
 def _step_runner(model: str, dtype: str | None, device: str, tokens: int, seed: int,  # type: ignore[no-untyped-def]
-                 decode_attention: str = "auto", decode_linear: str = "auto"):
+                 decode_attention: str = "auto", decode_linear: str = "auto", decode_layer: str = "auto"):
     from pdserve.config.engine import CacheConfig
     from pdserve.engine.model_runner import ModelRunner
 
     return ModelRunner(model, CacheConfig(block_size=16, num_blocks=tokens // 16 + 64,
                                           decode_attention=decode_attention,  # type: ignore[arg-type]
-                                          decode_linear=decode_linear),  # type: ignore[arg-type]
+                                          decode_linear=decode_linear,  # type: ignore[arg-type]
+                                          decode_layer=decode_layer),  # type: ignore[arg-type]
                        device=device, dtype=dtype, seed=seed)
 
 
@@ -342,13 +346,21 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 
 # The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
 # how it is switched on a runner (on: the alternative; off: back to the default).
-AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear"}
+AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op"}
 
 
-def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range]) -> None:  # type: ignore[no-untyped-def]
-    """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear."""
+def defaults_of(runner) -> tuple[bool, range, range]:  # type: ignore[no-untyped-def]
+    """The runner's own choices, as `set_alternative` restores them."""
+    return runner.native_decode, runner.linear_rows, runner.layer_rows
+
+
+def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range]) -> None:  # type: ignore[no-untyped-def]
+    """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear;
+    "layer": the per-op path instead of the fused layer (which needs the native projections and
+    attention, so it is off under every alternative)."""
     runner.native_decode = default[0] and not (on and ab == "attention")
     runner.linear_rows = range(0) if on and ab == "linear" else default[1]
+    runner.layer_rows = range(0) if on else default[2]
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
@@ -365,7 +377,7 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
     shape = runner.shape
     reqs = _requests(runner, [ctx + steps + 4] * batch, shape.vocab_size, seed,
                      prompt=ctx - 256 if fragmented else None)
-    default = (runner.native_decode, runner.linear_rows)
+    default = defaults_of(runner)
     times: dict[str, list[float]] = {m: [] for m in modes}
     cpu: dict[str, list[float]] = {m: [] for m in modes}  # this thread's CPU time: without waits for a core
 
@@ -399,6 +411,7 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
                 "batch": batch, "context": ctx, "layout": "fragmented" if fragmented else "contiguous",
                 "decode_attention": "native" if default[0] and not (m == "alt" and ab == "attention") else "torch",
                 "decode_linear": "native" if batch in default[1] and not (m == "alt" and ab == "linear") else "torch",
+                "decode_layer": "native" if batch in default[2] and default[0] and m != "alt" else "torch",
                 "steps": steps, "step_s_median": med, "step_s_min": min(times[m]),
                 "step_s_all": times[m], "step_cpu_s_median": statistics.median(cpu[m]), "step_cpu_s_all": cpu[m],
                 "tokens_per_s": batch / med, "weight_bytes": shape.weight_bytes(),
@@ -417,6 +430,7 @@ def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops
 OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("matmul", ("pdserve::native_linear",)),
+    ("fused_layer", ("pdserve::decode_layer",)),
     ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "pdserve::native_decode")),
     ("kv_gather", ("aten::index_select",)),
     ("kv_write", ("aten::index_copy",)),
@@ -516,6 +530,120 @@ def model_prefill(runner, length: int, flops: float, seed: int, reps: int = 1) -
 
 
 # ---- main -----------------------------------------------------------------------------------------
+def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[str, Any], compare: bool,  # type: ignore[no-untyped-def]
+               alt: str, result: dict[str, Any]) -> None:
+    """Every decode model-step case (result["decode_steps"], and the --ab alternative's beside it)."""
+    batches = [int(x) for x in args.step_batches.split(",")]
+    contexts = [int(x) for x in args.step_contexts.split(",")]
+    log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
+    modes = ("default", "alt") if compare else ("default",)
+    steps, torch_steps = [], []
+    cases = [(ctx, b, False) for ctx in contexts for b in batches]
+    cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
+    for ctx, b, frag in cases:
+        recs = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"], mm["flops_per_s"],
+                            args.seed + b, profile_ops=frag or (b in (1, 16) and ctx == contexts[0]),
+                            fragmented=frag, modes=modes, ab=args.ab)
+        for m, d in recs.items():
+            d["loadavg_1"] = os.getloadavg()[0]
+            (steps if m == "default" else torch_steps).append(d)
+            log(f"  batch {b:>2} ctx {ctx}{' (fragmented)' if frag else ''} attention {d['decode_attention']:>6} "
+                f"linear {d['decode_linear']:>6} layer {d['decode_layer']:>6}: "
+                f"{d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
+                f" -> {d['roofline_over_achieved']:.0%} of roofline (load {d['loadavg_1']:.1f})")
+    result["decode_steps"] = steps
+    if torch_steps:  # the same steps on the alternative path, alternated step by step
+        result[f"decode_steps_{alt}"] = torch_steps
+    if args.ab == "layer" and compare:
+        result["fused_breakdown"] = []
+        for batch in (1, 16):
+            if batch not in runner.layer_rows:
+                continue
+            b = fused_breakdown(runner, batch, contexts[0], 2 * args.step_decode_steps, bw["gbps_read_plus_write"],
+                                mm["flops_per_s"], args.seed)
+            result["fused_breakdown"].append(b)
+            m = b["median_s"]
+            log(f"  batch {batch} ctx {contexts[0]}, fused: step {m['step_s'] * 1e3:.2f} ms = layers "
+                f"{m['layers_s'] * 1e3:.2f} ({b['layer_s_median'] * 1e3:.3f} a layer, bound "
+                f"{b['layer_bound_s'] * 1e3:.3f}) + lm_head {m['lm_head_s'] * 1e3:.2f} (bound "
+                f"{b['lm_head_bound_s'] * 1e3:.2f}) + rest {m['rest_s'] * 1e3:.2f}")
+            log("    phases, ms (bound): " + ", ".join(f"{p} {v * 1e3:.2f} ({b['phase_bound_s'][p] * 1e3:.2f})"
+                                                       for p, v in b["phases_s_median"].items()))
+
+
+def fused_breakdown(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
+                    seed: int) -> dict[str, Any]:
+    """Where a decode step's time goes under the fused layer, by timers around the real step's
+    parts (the profiler's own cost is larger than what remains): the layer calls, the lm_head, and
+    the rest (packing, metadata, RoPE rows, embedding, argmax, Python); inside the layers, each
+    phase's wall time (decode_layer.c's own timers, `FusedDecode.time_phases`) beside its bound:
+    max(its weights + KV bytes / copy bandwidth, its FLOPs / matmul FLOP/s)."""
+    from pdserve.model.decode_layer import PHASES
+    from pdserve.sched.output import ScheduledChunk, SchedulerOutput
+
+    fused, s = runner.fused, runner.shape
+    assert fused is not None and batch in runner.layer_rows and runner.native_decode
+    reqs = _requests(runner, [ctx + steps + 4] * batch, s.vocab_size, seed)
+    acc = {"layers": 0.0, "lm_head": 0.0}
+    layer, logits = fused.layer, runner.model.logits
+
+    def timed_layer(i: int, cache: torch.Tensor) -> None:
+        t = time.perf_counter()
+        layer(i, cache)
+        acc["layers"] += time.perf_counter() - t
+
+    def timed_logits(hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
+        t = time.perf_counter()
+        out = logits(hidden, native)
+        acc["lm_head"] += time.perf_counter() - t
+        return out
+
+    parts: dict[str, list[float]] = {"step_s": [], "layers_s": [], "lm_head_s": [], "rest_s": []}
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    fused.layer, runner.model.logits = timed_layer, timed_logits
+    try:
+        for k in range(steps + 1):
+            acc["layers"] = acc["lm_head"] = 0.0
+            fused.time_phases(True)
+            for r in reqs:
+                r.num_computed_tokens = ctx + k
+            t = time.perf_counter()
+            runner.execute(SchedulerOutput([ScheduledChunk(r, 1, sample=True) for r in reqs])).argmax(-1).tolist()
+            total = time.perf_counter() - t
+            if k:  # the first is a warm-up
+                parts["step_s"].append(total)
+                parts["layers_s"].append(acc["layers"])
+                parts["lm_head_s"].append(acc["lm_head"])
+                parts["rest_s"].append(total - acc["layers"] - acc["lm_head"])
+                for p, v in fused.phase_seconds().items():
+                    phases[p].append(v)
+    finally:
+        fused.time_phases(False)
+        del fused.layer, runner.model.logits  # the instance attributes: back to the methods
+    h, nq, nkv, i_ = s.hidden_size, s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.intermediate_size
+    kv_read = batch * (ctx + steps / 2) * s.kv_bytes_per_token()  # all layers
+    # per step, all layers: (bytes, FLOPs) of each phase
+    cost = {"norm_qkv_rope_kv_write": (4 * h * (nq + 2 * nkv) * s.num_layers, 2 * batch * h * (nq + 2 * nkv) * s.num_layers),
+            "attention": (kv_read, 4 * batch * (ctx + steps / 2) * nq * s.num_layers),
+            "o_proj": (4 * nq * h * s.num_layers, 2 * batch * nq * h * s.num_layers),
+            "residual_norm_gate_up_silu": (8 * i_ * h * s.num_layers, 4 * batch * i_ * h * s.num_layers),
+            "down": (4 * i_ * h * s.num_layers, 2 * batch * i_ * h * s.num_layers),
+            "residual": (0, 0)}
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    return {"batch": batch, "context": ctx, "steps": steps, "median_s": med, "all_s": parts,
+            "phases_s_median": {p: statistics.median(v) for p, v in phases.items()},
+            "phase_bound_s": {p: max(b / (bw_gbps * GB), f / flops) for p, (b, f) in cost.items()},
+            "phase_bytes_flops": cost, "layer_s_median": med["layers_s"] / s.num_layers,
+            "layer_bound_s": (sum(b for b, _ in cost.values())) / s.num_layers / (bw_gbps * GB),
+            "lm_head_bound_s": 4 * h * s.vocab_size / (bw_gbps * GB)}
+
+
+def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the runner as configured runs the path `ab` switches off (else nothing to compare)."""
+    return ((ab == "attention" and runner.native_decode) or (ab == "linear" and len(runner.linear_rows) > 0)
+            or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo", help="catalog name (dummy weights) or HF checkpoint folder")
@@ -542,10 +670,13 @@ def main() -> None:
                     help="cache.decode_attention of pdserve")
     ap.add_argument("--decode-linear", default="auto", choices=["auto", "native", "torch"],
                     help="cache.decode_linear of pdserve")
-    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "none"],
+    ap.add_argument("--decode-layer", default="auto", choices=["auto", "native", "torch"],
+                    help="cache.decode_layer of pdserve")
+    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "none"],
                     help="alternated in each measurement (throughput, model steps) with the engine as "
                          "configured: linear: projections by F.linear; attention: decode attention by "
-                         "gather + SDPA (round 5's A/B); none")
+                         "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; none")
+    ap.add_argument("--steps-only", action="store_true", help="the decode model steps only")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
     if args.quick:
@@ -573,16 +704,31 @@ def main() -> None:
     log(f"  matmul {mm['flops_per_s'] / 1e9:.1f} GFLOP/s ({mm['n']}^3 {mm['dtype']})")
 
     log(f"loading pdserve model {args.model} on {dev}")
-    attn, lin = args.decode_attention, args.decode_linear
+    attn, lin, lay = args.decode_attention, args.decode_linear, args.decode_layer
+    if args.steps_only:  # the decode model steps alone, the --ab alternative alternated with them
+        batches = [int(x) for x in args.step_batches.split(",")]
+        most = max(batches) * (max(int(x) for x in args.step_contexts.split(",")) + args.step_decode_steps + 8)
+        runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn, lin, lay)
+        compare, alt = compares(runner, args.ab), AB_KEYS.get(args.ab, "")
+        s = runner.shape
+        result["ab"] = {"compared": args.ab if compare else "none", "key": alt}
+        result["model"] = {"name": args.model, "dtype": s.dtype, "params": s.num_params(),
+                           "weight_bytes": s.weight_bytes(), "kv_bytes_per_token": s.kv_bytes_per_token()}
+        step_cases(runner, args, bw, mm, compare, alt, result)
+        result["total_s"] = time.perf_counter() - t_all
+        result["loadavg_at_end"] = list(os.getloadavg())
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=1) + "\n")
+        log(f"wrote {out_path}")
+        return
     llm = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=max(64, args.num_prompts),
-              seed=args.seed, decode_attention=attn, decode_linear=lin)
+              seed=args.seed, decode_attention=attn, decode_linear=lin, decode_layer=lay)
     shape = llm.runner.shape
     # The engine as configured ("pdserve"), and the --ab alternative beside it, alternated (where
     # the engine runs the native path at all).
-    defaults = (llm.runner.native_decode, llm.runner.linear_rows)
-    compare = (args.ab == "attention" and llm.runner.native_decode) or (args.ab == "linear"
-                                                                        and len(llm.runner.linear_rows) > 0)
+    defaults = defaults_of(llm.runner)
+    compare = compares(llm.runner, args.ab)
     alt = AB_KEYS.get(args.ab, "")
     result["decode_attention"] = {"setting": attn, "engine_native": llm.runner.native_decode,
                                   "torch_path_alongside": compare and args.ab == "attention"}
@@ -667,7 +813,7 @@ def main() -> None:
     log("offline breakdown: prefill steps, decode steps, outside steps")
     whole = LLM(args.model, dtype=args.dtype, device=dev, enable_prefix_caching=False,
                 max_num_batched_tokens=sum(lens) + args.num_prompts, max_num_seqs=max(64, args.num_prompts),
-                seed=args.seed, decode_attention=attn, decode_linear=lin)
+                seed=args.seed, decode_attention=attn, decode_linear=lin, decode_layer=lay)
     ours_generate(whole, warm, 4)
     variants = [("budget", llm, True), ("whole_batch", whole, True)]
     if compare:  # the budget run again on the alternative path
@@ -675,7 +821,7 @@ def main() -> None:
     rounds: dict[str, list[dict[str, Any]]] = {key: [] for key, _, _ in variants}
     for _ in range(2):
         for key, engine, native in variants:
-            default = (engine.runner.native_decode, engine.runner.linear_rows)
+            default = defaults_of(engine.runner)
             set_alternative(engine.runner, args.ab, not native, default)
             try:
                 rounds[key].append(offline_breakdown(engine, prompts, args.max_tokens, bw["gbps_read_plus_write"],
@@ -737,26 +883,8 @@ def main() -> None:
     contexts = [int(x) for x in args.step_contexts.split(",")]
     lengths = [int(x) for x in args.prefill_lengths.split(",")]
     most = max(max(batches) * (max(contexts) + args.step_decode_steps + 8), max(lengths) + 16)
-    runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn, lin)
-    log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    modes = ("default", "alt") if compare else ("default",)
-    steps, torch_steps = [], []
-    cases = [(ctx, b, False) for ctx in contexts for b in batches]
-    cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
-    for ctx, b, frag in cases:
-        recs = model_decode(runner, b, ctx, args.step_decode_steps, bw["gbps_read_plus_write"], mm["flops_per_s"],
-                            args.seed + b, profile_ops=frag or (b in (1, 16) and ctx == contexts[0]),
-                            fragmented=frag, modes=modes, ab=args.ab)
-        for m, d in recs.items():
-            d["loadavg_1"] = os.getloadavg()[0]
-            (steps if m == "default" else torch_steps).append(d)
-            log(f"  batch {b:>2} ctx {ctx}{' (fragmented)' if frag else ''} attention {d['decode_attention']:>6} "
-                f"linear {d['decode_linear']:>6}: "
-                f"{d['step_s_median'] * 1e3:7.2f} ms, roofline {d['roofline_s'] * 1e3:6.2f} ms"
-                f" -> {d['roofline_over_achieved']:.0%} of roofline (load {d['loadavg_1']:.1f})")
-    result["decode_steps"] = steps
-    if torch_steps:  # the same steps on the alternative path, alternated step by step
-        result[f"decode_steps_{alt}"] = torch_steps
+    runner = _step_runner(args.model, args.dtype, dev, most, args.seed, attn, lin, lay)
+    step_cases(runner, args, bw, mm, compare, alt, result)
     kb = min(16, max(batches))
     if dev == "cpu":  # CPU kernels (MKL, the CPU flash kernel): meaningless beside a GPU run
         log("kernels of the batched step on their own (bench/engine_kernels.py)")
@@ -775,7 +903,7 @@ def main() -> None:
         result["kernels"] = kern
     # The older summary (bench/gpu_check.py reads it): the steps at the first context.
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
-                         "bound_over_achieved": d["roofline_over_achieved"]} for d in steps if d["context"] == contexts[0] and d["layout"] == "contiguous"]
+                         "bound_over_achieved": d["roofline_over_achieved"]} for d in result["decode_steps"] if d["context"] == contexts[0] and d["layout"] == "contiguous"]
     log("prefill model steps against the matmul FLOP/s")
     pre = []
     for n in lengths:

@@ -48,6 +48,11 @@ class CacheConfig(Section):
                      "cpu float32 projections of decode-sized steps: native (C kernel, W read in place, batch-"
                      "invariant; steps up to 32 tokens), torch (F.linear), auto (native where measured faster)"
                      ) = "auto"
+    decode_layer: H(Literal["auto", "native", "torch"],
+                    "cpu float32 decode steps (every sequence one token): native (each decoder layer one C call: "
+                    "the native projections and attention in one OpenMP region; up to 32 sequences), torch (op "
+                    "by op), auto (native at 1 sequence, at all where decode_linear is native, none where it is torch; "
+                    "needs decode_attention native)") = "auto"
 
 
 class SchedulerConfig(Section):

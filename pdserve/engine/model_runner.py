@@ -10,7 +10,7 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
-from pdserve.model import native_decode, small_linear
+from pdserve.model import decode_layer, native_decode, small_linear
 from pdserve.model.attention import (
     GROUP_SLACK_KEYS,
     AttentionMetadata,
@@ -55,6 +55,10 @@ class ModelRunner:
                                                   s.num_kv_heads, s.head_dim, cache.block_size)
         # Step sizes (tokens) whose projections run by the small-batch kernel: decode-sized steps.
         self.linear_rows = small_linear.rows_for(cache.decode_linear, self.device, self.dtype)
+        # Decode step sizes (sequences) whose layers run as one native call each (decode_layer.py).
+        self.layer_rows = decode_layer.rows_for(cache.decode_layer, self.native_decode, cache.decode_linear, self.device, self.dtype,
+                                                s.num_heads, s.num_kv_heads, s.head_dim, cache.block_size)
+        self.fused = decode_layer.FusedDecode(self.model, self.kv_caches) if len(self.layer_rows) else None
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
@@ -84,6 +88,8 @@ class ModelRunner:
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
         meta.native_linear = len(ids) in self.linear_rows
+        if self.fused is not None and meta.native is not None and not meta.prefill and len(ids) in self.layer_rows:
+            meta.fused = self.fused
         hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done)
         # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
         q = 0

@@ -17,6 +17,7 @@ step in `AttentionMetadata` and reused by every layer:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ import torch.nn.functional as F
 from pdserve.model import native_build, native_decode
 from pdserve.model.native_decode import NativeDecode
 from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
+
+if TYPE_CHECKING:
+    from pdserve.model.decode_layer import FusedDecode
 
 # Padding (in keys) a decode sequence may add to a group rather than start its own SDPA call: one
 # call costs about as much as attending to this many extra keys on a CPU.
@@ -67,6 +71,7 @@ class AttentionMetadata:
     decode: list[DecodeGroup] = field(default_factory=list)
     native: NativeDecode | None = None  # every decode sequence, for the native kernel (then `decode` is empty)
     native_linear: bool = False  # the projections by the small-batch kernel (small_linear.py), not F.linear
+    fused: FusedDecode | None = None  # every layer as one native call (decode_layer.py): an all-decode step
     cos: torch.Tensor | None = None  # [T, head_dim] RoPE table rows for the packed positions
     sin: torch.Tensor | None = None
     # Reused gather buffer (grown as needed), [2, blocks, block_size * kv_heads * head_dim].

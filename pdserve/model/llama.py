@@ -140,8 +140,15 @@ class CausalLM(nn.Module):
         if meta.cos is None:  # the runner fills these once per step; direct callers may not
             cos, sin = self.rope.table(positions)
             meta.cos, meta.sin = cos.to(x.dtype), sin.to(x.dtype)
+        fused = meta.fused if isinstance(meta, AttentionMetadata) else None  # not in a CUDA graph's DecodeMetadata
+        if fused is not None:  # x is this step's own (the embedding's output): updated in place
+            assert meta.native is not None and meta.cos is not None and meta.sin is not None
+            fused.start(x, meta.slot_mapping, meta.cos, meta.sin, meta.native)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, kv_caches[i], meta)
+            if fused is not None:
+                fused.layer(i, kv_caches[i])
+            else:
+                x = layer(x, kv_caches[i], meta)
             if layer_done is not None:
                 layer_done(i)
         return self.model.norm(x)

@@ -42,8 +42,10 @@ def cpu_id() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def build(source: Path, compile_flags: tuple[str, ...], link_flags: tuple[str, ...]) -> ctypes.CDLL | str:
-    """`source` compiled and loaded, or why it cannot be had (a string). Callers cache the result."""
+def build(source: Path, compile_flags: tuple[str, ...], link_flags: tuple[str, ...],
+          includes: tuple[Path, ...] = ()) -> ctypes.CDLL | str:
+    """`source` compiled and loaded, or why it cannot be had (a string). Callers cache the result.
+    `includes`: the files `source` #includes, hashed into the cache name with it."""
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
         return "no C compiler (cc or gcc) on PATH"
@@ -51,7 +53,7 @@ def build(source: Path, compile_flags: tuple[str, ...], link_flags: tuple[str, .
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         return f"{cc} --version failed: {e}"
-    key = hashlib.sha256("\0".join([source.read_text(), *compile_flags, *link_flags, version, cpu_id()]).encode()
+    key = hashlib.sha256("\0".join([source.read_text(), *(f.read_text() for f in includes), *compile_flags, *link_flags, version, cpu_id()]).encode()
                          ).hexdigest()[:16]
     lib = cache_dir() / f"{source.stem}-{key}.so"
     if not lib.exists():

@@ -129,6 +129,19 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
+/* One task (see attend), exported: the fused decoder layer (decode_layer.c, built without
+ * -ffast-math) calls it through a pointer, so its attention is this very machine code and its
+ * results are bitwise this kernel's. The caller sets FTZ/DAZ (ftz_enter) around its calls. */
+void paged_decode_task_f32(const float *qb, float *ob, const float *cache, const int32_t *table, int ctx,
+                           int64_t v_offset, int64_t token_stride, int block_size, int kv_per_task, int group,
+                           int dim, float scale) {
+#define ATTEND(D) attend(qb, ob, cache, table, ctx, v_offset, token_stride, block_size, kv_per_task, group, D, scale)
+    if (dim == 64) ATTEND(64);
+    else if (dim == 128) ATTEND(128);
+    else ATTEND(dim);
+#undef ATTEND
+}
+
 /* Limits (checked by the caller, which falls back to torch beyond them): heads * dim <= MAX_ROW,
  * heads <= MAX_HEADS, block_size <= MAX_BLOCK; kv_heads % head_split == 0; ctx_lens[b] >= 1. */
 void paged_decode_f32(const float *q, int64_t q_row_stride, float *out, int64_t out_row_stride,
@@ -152,11 +165,8 @@ void paged_decode_f32(const float *q, int64_t q_row_stride, float *out, int64_t 
             float *ob = out + rows[b] * out_row_stride + off;
             const float *c = cache + (int64_t)s * kv_per_task * dim;
             const int32_t *table = tables + (int64_t)b * table_width;
-#define ATTEND(D) attend(qb, ob, c, table, ctx_lens[b], v_offset, token_stride, block_size, kv_per_task, group, D, scale)
-            if (dim == 64) ATTEND(64);
-            else if (dim == 128) ATTEND(128);
-            else ATTEND(dim);
-#undef ATTEND
+            paged_decode_task_f32(qb, ob, c, table, ctx_lens[b], v_offset, token_stride, block_size, kv_per_task,
+                                  group, dim, scale);
         }
     }
     ftz_leave(csr); /* the thread goes back to torch's pool: leave its state as found */
