@@ -51,8 +51,7 @@ class CacheConfig(Section):
     decode_layer: H(Literal["auto", "native", "torch"],
                     "cpu float32 decode steps (every sequence one token): native (each decoder layer one C call: "
                     "the native projections and attention in one OpenMP region; up to 32 sequences), torch (op "
-                    "by op), auto (native at 1 sequence, at all where decode_linear is native, none where it is torch; "
-                    "needs decode_attention native)") = "auto"
+                    "by op), auto (native unless decode_linear is torch; needs decode_attention native)") = "auto"
 
 
 class SchedulerConfig(Section):

@@ -27,12 +27,11 @@ SOURCE = Path(__file__).with_name("decode_layer.c")
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-ffp-contract=off")
 LINK_FLAGS = ("-shared", "-fopenmp")
 MAX_ROWS = small_linear.MAX_ROWS
-# Under "auto": batch 1, where the per-op dispatch is the largest share of the step (loaded machine,
-# 1 thread, demo model: 10.6 against 17.1 ms, bench/results/engine_cpu_layer_loaded_r7.json). It
-# measured faster at 8-32 too, but there "auto" keeps the per-op path for now: the default engine's
-# decode steps of 2+ sequences are what tests/test_linear_native.py counts the per-op kernel's calls
-# in; "native" fuses every decode step up to MAX_ROWS.
-AUTO_ROWS = range(1, 2)
+# Under "auto": every decode step the small-batch kernel serves. Measured faster than the per-op
+# path at every batch size (loaded machine, demo model: 0.60-0.63x its time at batch 1, 0.68-0.94x
+# at 8-32, bench/results/engine_cpu_layer_*_loaded_r7.json); one arithmetic for every decode step
+# also keeps a row's result the same at any batch size.
+AUTO_ROWS = range(1, MAX_ROWS + 1)
 MAX_HEAD_DIM = 1024  # decode_layer.c's rope buffer
 DECODE_LAYER_OP = "pdserve::decode_layer"  # its name in torch.profiler traces
 
