@@ -65,7 +65,8 @@ def main() -> None:
 
 
 ALT_LABELS = {"torch_attention": ("native decode attention", "torch (gather + SDPA)", "torch attn"),
-              "torch_linear": ("native linear", "F.linear", "F.linear")}
+              "torch_linear": ("native linear", "F.linear", "F.linear"),
+              "per_op": ("fused layer", "per-op (same native kernels)", "per op")}
 
 
 def native_vs_torch(r: dict, alt: str, out: Path) -> None:  # type: ignore[type-arg]
