@@ -100,6 +100,22 @@ static inline void reduce_all(const vec *acc, int n, float *out) {
 #endif
 }
 
+/* Every tile ends here, whatever its shape: an element is its reduced lanes s[n * MR + m], then
+ * the K % 16 tail by fused multiply-adds, then the bias; rows n < nr of W (wr) against rows
+ * m < mr of xm (x's row m0 on, ldx apart), stored at y's row m0 + m, column n0 + n. */
+static inline void store_tile(const float *s, int MR, const float *const *wr, int nr, const float *xm, int64_t ldx,
+                              int mr, int64_t K16, int64_t K, const float *b, float *y, int64_t ldy, int64_t m0,
+                              int64_t n0) {
+    for (int n = 0; n < nr; n++) {
+        for (int m = 0; m < mr; m++) {
+            float v = s[n * MR + m];
+            for (int64_t k = K16; k < K; k++) v = __builtin_fmaf(wr[n][k], xm[m * ldx + k], v);
+            if (b != NULL) v += b[n0 + n];
+            y[(m0 + m) * ldy + n0 + n] = v;
+        }
+    }
+}
+
 /* One tile: W rows n0 .. n0+nr-1 against x rows m0 .. m0+mr-1 (nr <= NR, mr <= MR), K16 = K
  * rounded down to 16. Unused accumulators stay zero and are not stored. Prefetched alongside:
  * pf_rows W rows from pf, pf_stride rows apart (none when pf_rows is 0). */
@@ -134,14 +150,7 @@ static void tile_##NR##x##MR(const float *x, int64_t ldx, const float *W, int64_
     }                                                                                                          \
     float s[(NR * MR + 15) / 16 * 16];                                                                         \
     reduce_all(acc, NR * MR, s);                                                                               \
-    for (int n = 0; n < nr; n++) {                                                                             \
-        for (int m = 0; m < mr; m++) {                                                                         \
-            float v = s[n * MR + m];                                                                           \
-            for (int64_t k = K16; k < K; k++) v = __builtin_fmaf(wr[n][k], xr[m][k], v);                       \
-            if (b != NULL) v += b[n0 + n];                                                                     \
-            y[(m0 + m) * ldy + n0 + n] = v;                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
+    store_tile(s, MR, wr, nr, x + m0 * ldx, ldx, mr, K16, K, b, y, ldy, m0, n0);                               \
 }
 
 DEFINE_TILE(16, 1)
@@ -181,15 +190,7 @@ static void fast_##NR##x##MR(const float *x, int64_t ldx, const float *W, int64_
     }                                                                                                          \
     float s[(NR * MR + 15) / 16 * 16];                                                                         \
     reduce_all(acc, NR * MR, s);                                                                               \
-    for (int n = 0; n < nr; n++) {                                                                             \
-        const float *wn = wr[n];                                                                               \
-        for (int m = 0; m < MR; m++) {                                                                         \
-            float v = s[n * MR + m];                                                                           \
-            for (int64_t k = K16; k < K; k++) v = __builtin_fmaf(wn[k], xm[m * ldx + k], v);                   \
-            if (b != NULL) v += b[n0 + n];                                                                     \
-            y[(m0 + m) * ldy + n0 + n] = v;                                                                    \
-        }                                                                                                      \
-    }                                                                                                          \
+    store_tile(s, MR, wr, nr, xm, ldx, MR, K16, K, b, y, ldy, m0, n0);                                         \
 }
 #endif
 
