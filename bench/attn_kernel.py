@@ -6,7 +6,8 @@ consecutive blocks, the rest one block at a time round-robin), at several batch 
 contexts. Effective GB/s = K/V bytes read per second, beside the copy bandwidth measured in the
 same run (GB/s read + write, as engine_bench). `--baseline FILE` times a second build of the
 kernel (e.g. `git show HEAD:pdserve/model/paged_decode.c > /tmp/old.c`) interleaved, and checks
-the two agree within the attention tests' tolerance.
+the two agree within the attention tests' tolerance. Wall and this thread's CPU time (on a loaded
+machine the CPU time leaves out the waits for a core; memory stalls stay in it).
 
     PYTHONPATH=. python bench/attn_kernel.py --threads 1 --baseline /tmp/old.c --out bench/results/x.json
 """
@@ -75,23 +76,48 @@ def case(libs: dict[str, ctypes.CDLL], batch: int, ctx: int, layers: int, kv: in
                                  dim**-0.5, split, threads)
 
     wall: dict[str, list[float]] = {k: [] for k in libs}
+    cpu: dict[str, list[float]] = {k: [] for k in libs}  # this thread's CPU time: leaves out waits for a core
     for _ in range(rounds):
         for name in libs:
             call(name)
-            ts = []
+            ts, cs = [], []
             for _ in range(reps):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 call(name)
                 ts.append(time.perf_counter() - t)
+                cs.append(time.thread_time() - c)
             wall[name].append(statistics.median(ts) * 1e3)
+            cpu[name].append(statistics.median(cs) * 1e3)
     kv_bytes = layers * batch * ctx * kv * dim * 4 * 2
     rec: dict[str, Any] = {"batch": batch, "ctx": ctx, "kv_bytes_per_step": kv_bytes,
-                           "ms_per_step_rounds": wall,
-                           "ms_per_step": {k: statistics.median(v) for k, v in wall.items()}}
+                           "ms_per_step_rounds": wall, "cpu_ms_per_step_rounds": cpu,
+                           "ms_per_step": {k: statistics.median(v) for k, v in wall.items()},
+                           "cpu_ms_per_step": {k: statistics.median(v) for k, v in cpu.items()}}
     rec["effective_gbps"] = {k: kv_bytes / (v * 1e-3) / 1e9 for k, v in rec["ms_per_step"].items()}
     if "baseline" in outs:
         rec["max_abs_diff_vs_baseline"] = (outs["native"] - outs["baseline"]).abs().max().item()
     return rec
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    """Each case's CPU ms per step over its KV bound, per build (1.0: at the copy bandwidth)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cases = res["cases"]
+    names = list(cases[0]["cpu_ms_per_step"])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for n, name in enumerate(names):
+        ax.bar([i + 0.4 * n for i in range(len(cases))], [c["cpu_ms_per_step"][name] / c["bound_ms"] for c in cases],
+               0.4, label=name)
+    ax.set_xticks([i + 0.2 for i in range(len(cases))], [f"b{c['batch']}\nctx {c['ctx']}" for c in cases])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylabel("CPU ms / KV bound")
+    ax.set_title(f"{path.stem}: {res['threads']} thread(s), copy {res['copy_bandwidth']['gbps_read_plus_write']:.1f} GB/s,"
+                 f" load {res['load_avg_before'][0]:.1f}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
@@ -120,12 +146,14 @@ def main() -> None:
             r = case(libs, b, ctx, args.layers, kv, group, dim, bs, args.threads, args.reps, args.rounds)
             r["bound_ms"] = r["kv_bytes_per_step"] / (bw["gbps_read_plus_write"] * 1e9) * 1e3
             res["cases"].append(r)
-            print(json.dumps({k: r[k] for k in ("batch", "ctx", "ms_per_step", "effective_gbps", "bound_ms")}
+            print(json.dumps({k: r[k] for k in ("batch", "ctx", "ms_per_step", "cpu_ms_per_step", "effective_gbps",
+                                                "bound_ms")}
                              | {"diff": r.get("max_abs_diff_vs_baseline")}), flush=True)
     res["load_avg_after"] = os.getloadavg()
     print(f"copy {bw['gbps_read_plus_write']:.1f} GB/s")
     if args.out:
         args.out.write_text(json.dumps(res, indent=1) + "\n")
+        plot(res, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
