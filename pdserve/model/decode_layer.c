@@ -18,6 +18,7 @@
  * Layouts as the torch path: x [T][hidden]; cache [2][num_blocks][block_size][kv_heads][dim];
  * cos/sin [T][dim]; tables [T][table_width] int32; slots [T] int64 (block * block_size + offset).
  */
+#include "ftz.h"
 #include "small_linear.c"
 
 #include <math.h>
@@ -64,24 +65,6 @@ typedef struct { /* one step; set once per step, read by every layer */
 #else
 #define STAMP(k) do { } while (0)
 #endif
-
-static inline unsigned int ftz_enter(void) { /* as paged_decode.c: FTZ/DAZ for its tasks only */
-#if defined(__SSE__)
-    const unsigned int saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040);
-    return saved;
-#else
-    return 0;
-#endif
-}
-
-static inline void ftz_leave(unsigned int saved) {
-#if defined(__SSE__)
-    _mm_setcsr(saved);
-#else
-    (void)saved;
-#endif
-}
 
 /* Hugging Face's w * (x * rsqrt(mean(x^2) + eps)); the mean accumulated in double. */
 static void rmsnorm(const float *x, const float *w, float *y, int64_t n, float eps) {

@@ -60,7 +60,7 @@ PHASES = ("norm_qkv_rope_kv_write", "attention", "o_proj", "residual_norm_gate_u
 @functools.cache
 def library() -> ctypes.CDLL | str:
     """The loaded kernel, or why it cannot be had (a string)."""
-    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS, includes=(small_linear.SOURCE,))
+    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS, includes=(small_linear.SOURCE, native_decode.FTZ_HEADER))
     if isinstance(so, str):
         return so
     so.decode_layer_f32.argtypes = [_p, _p, _p]

@@ -18,6 +18,7 @@ import torch
 from pdserve.model import native_build
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
+FTZ_HEADER = Path(__file__).with_name("ftz.h")  # included by both native attention users
 # Compiled with -ffast-math (with it glibc's math.h lets gcc vectorise expf, a quarter of the
 # batch-16 kernel's time) but linked without it: linked with it, gcc adds crtfastmath.o, whose
 # constructor sets flush-to-zero and denormals-are-zero for the whole process as the library
@@ -39,7 +40,7 @@ class NativeDecode:
 @functools.cache
 def library() -> ctypes.CDLL | str:
     """The loaded kernel, or why it cannot be had (a string). Built once per source/CPU/compiler."""
-    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS)
+    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS, includes=(FTZ_HEADER,))
     if isinstance(so, str):
         return so
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float

@@ -21,31 +21,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
-#if defined(__SSE__)
-#include <xmmintrin.h>
-#endif
-
-/* Flush-to-zero and denormals-are-zero on this thread, for this call only. Scores far below a
- * block's maximum exponentiate to subnormals, and x86 arithmetic on subnormals is tens of times
- * slower. Linking with -ffast-math would set these bits for the whole process, for good, as the
- * library loads; native_decode.py links without it, and each call sets them for itself. */
-static inline unsigned int ftz_enter(void) {
-#if defined(__SSE__)
-    const unsigned int saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040); /* FTZ (bit 15) | DAZ (bit 6) */
-    return saved;
-#else
-    return 0;
-#endif
-}
-
-static inline void ftz_leave(unsigned int saved) {
-#if defined(__SSE__)
-    _mm_setcsr(saved);
-#else
-    (void)saved;
-#endif
-}
+#include "ftz.h"
 
 /* A task's state lives on its thread's stack (~100 KB at these limits): no allocation per call. */
 #define MAX_ROW 8192 /* query heads x dim of one task (64 x 128: a 70B model's) */
