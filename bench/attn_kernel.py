@@ -29,13 +29,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_bench  # noqa: E402
+import engine_kernels  # noqa: E402
 
 from pdserve.model import native_build, native_decode  # noqa: E402
 
 
 def load(source: Path) -> ctypes.CDLL:
     """The kernel built from `source` with the engine's flags."""
-    lib = native_build.build(source, native_decode.COMPILE_FLAGS, native_decode.LINK_FLAGS)
+    includes = (native_decode.FTZ_HEADER,) if source == native_decode.SOURCE else ()
+    lib = native_build.build(source, native_decode.COMPILE_FLAGS, native_decode.LINK_FLAGS, includes=includes)
     if isinstance(lib, str):
         raise RuntimeError(lib)
     p, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
@@ -44,21 +46,9 @@ def load(source: Path) -> ctypes.CDLL:
     return lib
 
 
-def tables_for(batch: int, ctx: int, bs: int, prefix: int = 256) -> tuple[list[list[int]], int]:
-    """Block tables as engine_bench lays them out, and the number of blocks."""
-    need, first = -(-ctx // bs), min(prefix // bs, -(-ctx // bs))
-    tables = [[i * first + j for j in range(first)] for i in range(batch)]
-    nxt = batch * first
-    for _ in range(first, need):
-        for t in tables:
-            t.append(nxt)
-            nxt += 1
-    return tables, nxt
-
-
 def case(libs: dict[str, ctypes.CDLL], batch: int, ctx: int, layers: int, kv: int, group: int, dim: int,
          bs: int, threads: int, reps: int, rounds: int) -> dict[str, Any]:
-    tables, nb = tables_for(batch, ctx, bs)
+    tables, nb = engine_kernels.bench_tables(batch, ctx, bs)
     gen = torch.Generator().manual_seed(0)
     caches = [torch.randn(2, nb, bs, kv, dim, generator=gen) for _ in range(layers)]
     q = torch.randn(batch, kv * group, dim, generator=gen)

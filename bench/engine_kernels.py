@@ -75,6 +75,21 @@ def _runs(table: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def bench_tables(batch: int, ctx: int, bs: int, prefix: int = 256) -> tuple[list[list[int]], int]:
+    """Block tables as `engine_bench._requests(..., prompt=prefix)` lays them out (each sequence's
+    first `prefix` tokens in consecutive blocks, the rest one block at a time round-robin across
+    the sequences), and the number of blocks they use."""
+    need = -(-ctx // bs)
+    first = min(prefix // bs, need)
+    tables = [[i * first + j for j in range(first)] for i in range(batch)]
+    nxt = batch * first
+    for _ in range(first, need):
+        for t in tables:
+            t.append(nxt)
+            nxt += 1
+    return tables, nxt
+
+
 def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_size: int = 16,
                               prefix: int = 256, reps: int = 7, rounds: int = 3) -> dict[str, Any]:
     """Per-step ms of each variant (median of `rounds` interleaved medians) on a cache laid out as
@@ -83,14 +98,8 @@ def decode_attention_variants(shape: ModelShape, batch: int, ctx: int, block_siz
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     kv, d, bs = shape.num_kv_heads, shape.head_dim, block_size
     g = shape.num_heads // kv
-    need, first = -(-ctx // bs), prefix // bs
-    tables = [[i * first + j for j in range(first)] for i in range(batch)]
-    nxt = batch * first
-    for _ in range(first, need):
-        for t in tables:
-            t.append(nxt)
-            nxt += 1
-    nb = nxt + 1
+    tables, nxt = bench_tables(batch, ctx, bs, prefix)
+    need, first, nb = len(tables[0]), min(prefix // bs, len(tables[0])), nxt + 1
     gen = torch.Generator().manual_seed(0)
     caches = [torch.randn(2, nb, bs, kv, d, generator=gen) for _ in range(shape.num_layers)]
     contiguous = [torch.randn(2, batch * need, bs, kv, d, generator=gen) for _ in range(shape.num_layers)]
