@@ -86,9 +86,8 @@ def unsupported(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: 
 def rows_for(setting: str, native_attention: bool, linear: str, device: torch.device, dtype: torch.dtype,
              heads: int, kv_heads: int, head_dim: int, block_size: int) -> range:
     """The decode step sizes (sequences) that run fused under `setting` ("native": 1 .. MAX_ROWS;
-    "torch": none; "auto": `AUTO_ROWS`, or 1 .. MAX_ROWS where `linear` (decode_linear) is
-    "native", so that every decode step keeps one arithmetic (batch invariance), or none where it
-    is "torch", which asks for F.linear). It needs the native decode attention on."""
+    "torch": none; "auto": `AUTO_ROWS`, none where `linear` (decode_linear) is "torch", which asks
+    for F.linear). It needs the native decode attention on."""
     if setting == "torch" or (setting == "auto" and linear == "torch"):
         return range(0)
     why = unsupported(device, dtype, heads, kv_heads, head_dim, block_size)
@@ -98,7 +97,7 @@ def rows_for(setting: str, native_attention: bool, linear: str, device: torch.de
         raise RuntimeError(f"decode_layer = native, but {why}")
     if why is not None:
         return range(0)
-    return range(1, MAX_ROWS + 1) if "native" in (setting, linear) else AUTO_ROWS
+    return AUTO_ROWS if setting == "auto" else range(1, MAX_ROWS + 1)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -164,8 +163,7 @@ class FusedDecode:
             self._scratch = torch.empty(self.max_rows * self._per_row(threads))  # reused by every layer and step
             self._model.scratch, self._threads = self._scratch.data_ptr(), threads
         s.T, s.table_width, s.threads = t, d.tables.shape[1], threads
-        # Whole token rows per attention task unless that leaves threads idle (as native_decode).
-        s.head_split = self._model.kv_heads if t < threads else 1
+        s.head_split = native_decode.head_split(t, threads, self._model.kv_heads)
         s.x, s.slots, s.cos, s.sin = x.data_ptr(), slots.data_ptr(), cos.data_ptr(), sin.data_ptr()
         s.ctx_lens, s.tables = d.ctx_lens.data_ptr(), d.tables.data_ptr()
         self._keep = (x, slots, cos, sin, d.ctx_lens, d.tables)  # alive while the step's layers run

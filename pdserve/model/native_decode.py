@@ -73,6 +73,12 @@ def choose(setting: str, device: torch.device, dtype: torch.dtype, heads: int, k
     return why is None
 
 
+def head_split(batch: int, threads: int, kv_heads: int) -> int:
+    """KV heads split across tasks: whole token rows per task (1) unless that leaves threads idle
+    (see paged_decode.c)."""
+    return kv_heads if batch < threads else 1
+
+
 def paged_decode(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor, d: NativeDecode, scale: float) -> None:
     """Write into out[d.rows] the attention of q[d.rows] ([T, heads, dim]) over each row's blocks."""
     lib = library()
@@ -83,8 +89,7 @@ def paged_decode(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor, d: Nat
     assert q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1) and cache.is_contiguous()
     assert q.dtype == out.dtype == cache.dtype == torch.float32
     batch, threads = d.rows.numel(), torch.get_num_threads()
-    # Whole token rows per task unless that leaves threads idle (see paged_decode.c).
-    split = kv if batch < threads else 1
+    split = head_split(batch, threads, kv)
     lib.paged_decode_f32(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), cache.data_ptr(), nb, bs,
                          kv, dim, heads // kv, d.rows.data_ptr(), d.ctx_lens.data_ptr(), d.tables.data_ptr(),
                          d.tables.shape[1], batch, scale, split, threads)
