@@ -12,13 +12,14 @@
  * the same machine code, so the same bits as the per-op native path. RoPE and the residual adds
  * are the torch path's operations in its order (no contraction into fma: -ffp-contract=off), so
  * they are bitwise too; RMSNorm and silu differ from torch's vectorised reductions and exp by
- * rounding only. Every output element is computed by one fixed sequence of operations whatever T
+ * rounding only (those three are layer_ops.h's, shared with prefill_ops.c). Every output element is computed by one fixed sequence of operations whatever T
  * or the number of threads, so a row's result is bitwise the same at any batch size.
  *
  * Layouts as the torch path: x [T][hidden]; cache [2][num_blocks][block_size][kv_heads][dim];
  * cos/sin [T][dim]; tables [T][table_width] int32; slots [T] int64 (block * block_size + offset).
  */
 #include "ftz.h"
+#include "layer_ops.h"
 #include "small_linear.c"
 
 #include <math.h>
@@ -65,23 +66,6 @@ typedef struct { /* one step; set once per step, read by every layer */
 #else
 #define STAMP(k) do { } while (0)
 #endif
-
-/* Hugging Face's w * (x * rsqrt(mean(x^2) + eps)); the mean accumulated in double. */
-static void rmsnorm(const float *x, const float *w, float *y, int64_t n, float eps) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
-    const float r = 1.0f / sqrtf((float)(ss / (double)n) + eps);
-    for (int64_t i = 0; i < n; i++) y[i] = w[i] * (x[i] * r);
-}
-
-/* rope.rotate: out = x * cos + cat(-x[half:], x[:half]) * sin, two products and a sum. */
-static void rope(const float *x, const float *cos, const float *sin, float *out, int64_t dim) {
-    const int64_t half = dim / 2;
-    float tmp[1024];
-    for (int64_t i = 0; i < half; i++) tmp[i] = x[i] * cos[i] + -x[i + half] * sin[i];
-    for (int64_t i = half; i < dim; i++) tmp[i] = x[i] * cos[i] + x[i - half] * sin[i];
-    for (int64_t i = 0; i < dim; i++) out[i] = tmp[i];
-}
 
 /* [lo, hi) of n items for thread id of nt, contiguous */
 #define SLICE(n, id, nt, lo, hi) const int64_t lo = (n) * (id) / (nt), hi = (n) * ((id) + 1) / (nt)
@@ -171,10 +155,8 @@ void decode_layer_f32(const Model *m, const Layer *w, const Step *s) {
             rows(xn, H, w->w_gu, j0, j1, H, NULL, gu, 2 * I, T);
             rows(xn, H, w->w_gu + I * H, j0, j1, H, NULL, gu + I, 2 * I, T);
             for (int64_t r = 0; r < T; r++)
-                for (int64_t j = j0; j < j1; j++) {
-                    const float g = gu[r * 2 * I + j], up = gu[r * 2 * I + I + j];
-                    act[r * I + j] = (g / (1.0f + expf(-g))) * up;
-                }
+                for (int64_t j = j0; j < j1; j++)
+                    act[r * I + j] = silu_mul(gu[r * 2 * I + j], gu[r * 2 * I + I + j]);
         }
 #pragma omp barrier
         STAMP(3);

@@ -22,6 +22,7 @@ import torch
 from pdserve.model import native_build, native_decode, small_linear
 
 SOURCE = Path(__file__).with_name("decode_layer.c")
+LAYER_OPS_HEADER = Path(__file__).with_name("layer_ops.h")  # RMSNorm, RoPE, silu: shared with prefill_ops.c
 # No -ffast-math (small_linear's order of operations is its contract); no fma contraction, so
 # RoPE and the residual adds are torch's own roundings.
 COMPILE_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fPIC", "-ffp-contract=off")
@@ -32,7 +33,7 @@ MAX_ROWS = small_linear.MAX_ROWS
 # at 8-32, bench/results/engine_cpu_layer_*_loaded_r7.json); one arithmetic for every decode step
 # also keeps a row's result the same at any batch size.
 AUTO_ROWS = range(1, MAX_ROWS + 1)
-MAX_HEAD_DIM = 1024  # decode_layer.c's rope buffer
+MAX_HEAD_DIM = 1024  # layer_ops.h's rope buffer (ROPE_MAX_DIM)
 DECODE_LAYER_OP = "pdserve::decode_layer"  # its name in torch.profiler traces
 
 _p, _i64, _f32, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -60,7 +61,7 @@ PHASES = ("norm_qkv_rope_kv_write", "attention", "o_proj", "residual_norm_gate_u
 @functools.cache
 def library() -> ctypes.CDLL | str:
     """The loaded kernel, or why it cannot be had (a string)."""
-    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS, includes=(small_linear.SOURCE, native_decode.FTZ_HEADER))
+    so = native_build.build(SOURCE, COMPILE_FLAGS, LINK_FLAGS, includes=(small_linear.SOURCE, native_decode.FTZ_HEADER, LAYER_OPS_HEADER))
     if isinstance(so, str):
         return so
     so.decode_layer_f32.argtypes = [_p, _p, _p]
