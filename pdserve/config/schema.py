@@ -52,6 +52,10 @@ class CacheConfig(Section):
                     "cpu float32 decode steps (every sequence one token): native (each decoder layer one C call: "
                     "the native projections and attention in one OpenMP region; up to 32 sequences), torch (op "
                     "by op), auto (native unless decode_linear is torch; needs decode_attention native)") = "auto"
+    prefill_ops: H(Literal["auto", "native", "torch"],
+                   "cpu float32 steps not fused as decode steps (prefill chunks, mixed, over 32 tokens): native "
+                   "(RMSNorm, residual adds, RoPE + KV write, silu * up as C kernels between the projections), "
+                   "torch (op by op), auto (native if it builds)") = "auto"
 
 
 class SchedulerConfig(Section):

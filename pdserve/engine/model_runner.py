@@ -10,7 +10,7 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
-from pdserve.model import decode_layer, native_decode, small_linear
+from pdserve.model import decode_layer, native_decode, prefill_ops, small_linear
 from pdserve.model.attention import (
     GROUP_SLACK_KEYS,
     AttentionMetadata,
@@ -59,6 +59,9 @@ class ModelRunner:
         self.layer_rows = decode_layer.rows_for(cache.decode_layer, self.native_decode, cache.decode_linear, self.device, self.dtype,
                                                 s.num_heads, s.num_kv_heads, s.head_dim, cache.block_size)
         self.fused = decode_layer.FusedDecode(self.model, self.kv_caches) if len(self.layer_rows) else None
+        # The element-wise ops of every step that is not fused (prefill, mixed, > 32 tokens) natively.
+        self.prefill_ops = prefill_ops.PrefillOps(self.model) if prefill_ops.choose(
+            cache.prefill_ops, self.device, self.dtype, s.head_dim) else None
         self.graphs = cuda_graph.attach(self, cache)  # engine-gpu hook: capture decode graphs on cuda
 
     @torch.inference_mode()
@@ -90,7 +93,8 @@ class ModelRunner:
         meta.native_linear = len(ids) in self.linear_rows
         if self.fused is not None and meta.native is not None and not meta.prefill and len(ids) in self.layer_rows:
             meta.fused = self.fused
-        hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done)
+        hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done,
+                            prefill_ops=self.prefill_ops if meta.fused is None else None)
         # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
         q = 0
         for chunk in out.chunks:

@@ -10,6 +10,7 @@ Tokens of all sequences in a step are packed into one dimension; attention reads
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ from pdserve.config.model import ModelShape
 from pdserve.model.attention import AttentionMetadata, paged_attention, write_kv
 from pdserve.model.rope import RotaryEmbedding, apply_rope, rotate
 from pdserve.model.small_linear import project
+
+if TYPE_CHECKING:
+    from pdserve.model.prefill_ops import PrefillOps
 
 # Fused parameter -> the Hugging Face parameters stacked in it (row-wise, in this order).
 FUSED: dict[str, tuple[str, ...]] = {
@@ -134,14 +138,19 @@ class CausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         meta: AttentionMetadata,
         layer_done: Callable[[int], None] | None = None,
+        prefill_ops: PrefillOps | None = None,
     ) -> torch.Tensor:
-        """`layer_done(i)` runs once layer i's K/V are in the cache (the KV streaming hook)."""
+        """`layer_done(i)` runs once layer i's K/V are in the cache (the KV streaming hook).
+        prefill_ops: the element-wise ops of a step that is not fused run natively (the runner's choice)."""
         x = self.model.embed_tokens(input_ids)
         if meta.cos is None:  # the runner fills these once per step; direct callers may not
             cos, sin = self.rope.table(positions)
             meta.cos, meta.sin = cos.to(x.dtype), sin.to(x.dtype)
         fused = meta.fused if isinstance(meta, AttentionMetadata) else None  # not in a CUDA graph's DecodeMetadata
-        if fused is not None:  # x is this step's own (the embedding's output): updated in place
+        if prefill_ops is not None:  # x is this step's own (the embedding's output): updated in place
+            assert fused is None, "prefill_ops are for the steps that are not fused"
+            return prefill_ops.forward(self.model, x, kv_caches, meta, layer_done)
+        if fused is not None:  # x: as above
             assert meta.native is not None and meta.cos is not None and meta.sin is not None
             fused.start(x, meta.slot_mapping, meta.cos, meta.sin, meta.native)
         for i, layer in enumerate(self.model.layers):
