@@ -26,7 +26,10 @@ every decode model step (`decode_steps` and `decode_steps_torch_linear`, alterna
 on one runner). `--ab attention` does the same for the native decode-attention kernel against
 gather + SDPA (`..._torch_attention`, round 5's runs). `--ab layer`: the fused decoder layer
 (`cache.decode_layer`, one native call per layer) against the per-op path with the same native
-kernels (`..._per_op`). `--steps-only`: the decode model steps alone (no throughput, breakdown,
+kernels (`..._per_op`). `--ab prefill_ops`: the native element-wise ops of the steps that are not
+fused (`cache.prefill_ops`) against the torch ops, in the offline runs, their breakdown and the
+prefill model steps (alternated step by step); decode steps up to 32 sequences are fused either
+way and run once. `--steps-only`: the decode model steps alone (no throughput, breakdown,
 kernels or prefill).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
@@ -346,21 +349,24 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 
 # The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
 # how it is switched on a runner (on: the alternative; off: back to the default).
-AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op"}
+AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op",
+           "prefill_ops": "torch_prefill_ops"}
 
 
-def defaults_of(runner) -> tuple[bool, range, range]:  # type: ignore[no-untyped-def]
+def defaults_of(runner) -> tuple[bool, range, range, Any]:  # type: ignore[no-untyped-def]
     """The runner's own choices, as `set_alternative` restores them."""
-    return runner.native_decode, runner.linear_rows, runner.layer_rows
+    return runner.native_decode, runner.linear_rows, runner.layer_rows, runner.prefill_ops
 
 
-def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range]) -> None:  # type: ignore[no-untyped-def]
+def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range, Any]) -> None:  # type: ignore[no-untyped-def]
     """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear;
     "layer": the per-op path instead of the fused layer (which needs the native projections and
-    attention, so it is off under every alternative)."""
+    attention, so it is off under those alternatives); "prefill_ops": the torch element-wise ops
+    in the steps that are not fused."""
     runner.native_decode = default[0] and not (on and ab == "attention")
     runner.linear_rows = range(0) if on and ab == "linear" else default[1]
-    runner.layer_rows = range(0) if on else default[2]
+    runner.layer_rows = range(0) if on and ab != "prefill_ops" else default[2]
+    runner.prefill_ops = None if on and ab == "prefill_ops" else default[3]
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
@@ -506,27 +512,39 @@ def offline_breakdown(llm: LLM, prompts: list[list[int]], max_tokens: int, bw_gb
     }
 
 
-def model_prefill(runner, length: int, flops: float, seed: int, reps: int = 1) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def model_prefill(runner, length: int, flops: float, seed: int, reps: int = 1,  # type: ignore[no-untyped-def]
+                  modes: tuple[str, ...] = ("default",), ab: str = "none") -> dict[str, dict[str, Any]]:
     """One fresh prompt of `length` tokens in one model step (first token sampled): tokens/s and
-    FLOP/s against the matmul FLOP/s."""
+    FLOP/s against the matmul FLOP/s. modes: "default" and "alt" (`ab`'s alternative), alternated
+    step by step after one untimed step each (buffers); one record per mode."""
     from pdserve.sched.output import ScheduledChunk, SchedulerOutput
 
     shape = runner.shape
-    times = []
-    for k in range(reps):
-        (req,) = _requests(runner, [length], shape.vocab_size, seed + k)
-        t = time.perf_counter()
-        runner.execute(SchedulerOutput([ScheduledChunk(req, length, sample=True)])).argmax(-1).tolist()
-        sync(runner.device.type)
-        times.append(time.perf_counter() - t)
-    best = min(times)
+    default = defaults_of(runner)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for k in range(-1 if len(modes) > 1 else 0, reps):
+            for m in modes:
+                set_alternative(runner, ab, m == "alt", default)
+                (req,) = _requests(runner, [length], shape.vocab_size, seed + k)
+                t = time.perf_counter()
+                runner.execute(SchedulerOutput([ScheduledChunk(req, length, sample=True)])).argmax(-1).tolist()
+                sync(runner.device.type)
+                if k >= 0:
+                    times[m].append(time.perf_counter() - t)
+    finally:
+        set_alternative(runner, ab, False, default)
     head = 2.0 * shape.vocab_size * shape.hidden_size
     # Causal attention: token i sees i + 1 keys, on average about half the prompt; the LM head
     # runs for the sampled row only.
     model_flops = length * (shape.flops_per_token(length // 2) - head) + head
-    return {"tokens": length, "s_all": times, "s_best": best, "tokens_per_s": length / best,
-            "flops": model_flops, "flops_per_s": model_flops / best, "matmul_flops_per_s": flops,
-            "fraction_of_matmul": model_flops / best / flops}
+    recs = {}
+    for m, ts in times.items():
+        best = min(ts)
+        recs[m] = {"tokens": length, "s_all": ts, "s_best": best, "s_median": statistics.median(ts),
+                   "tokens_per_s": length / best, "flops": model_flops, "flops_per_s": model_flops / best,
+                   "matmul_flops_per_s": flops, "fraction_of_matmul": model_flops / best / flops}
+    return recs
 
 
 # ---- main -----------------------------------------------------------------------------------------
@@ -536,7 +554,8 @@ def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[
     batches = [int(x) for x in args.step_batches.split(",")]
     contexts = [int(x) for x in args.step_contexts.split(",")]
     log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    modes = ("default", "alt") if compare else ("default",)
+    # prefill_ops: decode steps up to 32 sequences are fused either way
+    modes = ("default", "alt") if compare and args.ab != "prefill_ops" else ("default",)
     steps, torch_steps = [], []
     cases = [(ctx, b, False) for ctx in contexts for b in batches]
     cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
@@ -641,7 +660,8 @@ def fused_breakdown(runner, batch: int, ctx: int, steps: int, bw_gbps: float, fl
 def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
     """Whether the runner as configured runs the path `ab` switches off (else nothing to compare)."""
     return ((ab == "attention" and runner.native_decode) or (ab == "linear" and len(runner.linear_rows) > 0)
-            or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0))
+            or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0)
+            or (ab == "prefill_ops" and runner.prefill_ops is not None))
 
 
 def main() -> None:
@@ -672,10 +692,11 @@ def main() -> None:
                     help="cache.decode_linear of pdserve")
     ap.add_argument("--decode-layer", default="auto", choices=["auto", "native", "torch"],
                     help="cache.decode_layer of pdserve")
-    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "none"],
+    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "prefill_ops", "none"],
                     help="alternated in each measurement (throughput, model steps) with the engine as "
                          "configured: linear: projections by F.linear; attention: decode attention by "
-                         "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; none")
+                         "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; "
+                         "prefill_ops: the torch element-wise ops in steps not fused; none")
     ap.add_argument("--steps-only", action="store_true", help="the decode model steps only")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
@@ -905,14 +926,22 @@ def main() -> None:
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
                          "bound_over_achieved": d["roofline_over_achieved"]} for d in result["decode_steps"] if d["context"] == contexts[0] and d["layout"] == "contiguous"]
     log("prefill model steps against the matmul FLOP/s")
-    pre = []
+    pre: list[dict[str, Any]] = []
+    pre_alt: list[dict[str, Any]] = []
+    ab_prefill = compare and args.ab == "prefill_ops"
     for n in lengths:
-        p = model_prefill(runner, n, mm["flops_per_s"], args.seed + n, reps=1 if n > 2048 else 2)
-        p["loadavg_1"] = os.getloadavg()[0]
-        pre.append(p)
-        log(f"  {n} tokens: {p['tokens_per_s']:.0f} tok/s, {p['flops_per_s'] / 1e9:.1f} GFLOP/s "
-            f"= {p['fraction_of_matmul']:.0%} of matmul (load {p['loadavg_1']:.1f})")
+        recs = model_prefill(runner, n, mm["flops_per_s"], args.seed + n,
+                             reps=1 if n > 2048 else (5 if ab_prefill else 2),
+                             modes=("default", "alt") if ab_prefill and n <= 2048 else ("default",), ab=args.ab)
+        for m, p in recs.items():
+            p["loadavg_1"] = os.getloadavg()[0]
+            (pre if m == "default" else pre_alt).append(p)
+            log(f"  {n} tokens{', ' + alt.replace('_', ' ') if m == 'alt' else ''}: {p['tokens_per_s']:.0f} tok/s, "
+                f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s = {p['fraction_of_matmul']:.0%} of matmul, median step "
+                f"{p['s_median'] * 1e3:.0f} ms (load {p['loadavg_1']:.1f})")
     result["prefill_steps"] = pre
+    if pre_alt:
+        result[f"prefill_steps_{alt}"] = pre_alt
     result["total_s"] = time.perf_counter() - t_all
     result["loadavg_at_end"] = list(os.getloadavg())
 

@@ -5,7 +5,8 @@ goes, the decode-attention variants and the projections, in CPU time; with
 `decode_steps_torch_attention` or `decode_steps_torch_linear` (engine_bench's `--ab`), a third
 (`<name>_native.png`): the engine as configured against the same engine with torch decode
 attention or with F.linear projections, alternated in the same run (decode steps and offline
-runs, CPU time).
+runs, CPU time); with `prefill_steps_torch_prefill_ops` (`--ab prefill_ops`), `<name>_prefill_ops.png`:
+prefill steps and the offline runs' prefill-step seconds, native element-wise ops against torch's.
 
     .venv/bin/python bench/engine_plot.py [bench/results/engine_cpu.json]
 """
@@ -62,6 +63,42 @@ def main() -> None:
     alt = r.get("ab", {}).get("key", "torch_attention")
     if r.get(f"decode_steps_{alt}"):
         native_vs_torch(r, alt, path.with_name(path.stem + "_native.png"))
+    if r.get("prefill_steps_torch_prefill_ops"):
+        prefill_ops_ab(r, path.with_name(path.stem + "_prefill_ops.png"))
+
+
+def prefill_ops_ab(r: dict, out: Path) -> None:  # type: ignore[type-arg]
+    """Prefill model steps (median, alternated) and the offline runs' prefill-step seconds, native
+    element-wise ops against the torch ops; the matmul FLOP/s bound of each prefill step beside them."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    nat = {p["tokens"]: p for p in r["prefill_steps"]}
+    tor = {p["tokens"]: p for p in r["prefill_steps_torch_prefill_ops"]}
+    sizes = [n for n in nat if n in tor]
+    x = range(len(sizes))
+    for j, (recs, label) in enumerate(((nat, "native element-wise ops"), (tor, "torch ops"))):
+        ratios = [recs[n]["s_median"] * recs[n]["matmul_flops_per_s"] / recs[n]["flops"] for n in sizes]
+        bars = a.bar([i + 0.4 * j - 0.2 for i in x], ratios, 0.4, label=label)
+        a.bar_label(bars, [f"{recs[n]['s_median'] * 1e3:.0f} ms" for n in sizes], fontsize=8)
+    a.axhline(1.0, color="k", ls="--", label="FLOPs / matmul FLOP/s")
+    a.set_xticks(list(x), [f"{n} tokens" for n in sizes])
+    a.set_ylabel("median step / its matmul bound")
+    a.legend(fontsize=8, loc="lower right")
+    a.set_title("prefill model steps, alternated step by step")
+    runs = r["offline_breakdown"]["runs"]
+    keys = [k for k in ("budget", "budget_torch_prefill_ops") if k in runs]
+    vals = [statistics.median(x["prefill_steps_s"] for x in runs[k]) for k in keys]
+    b.bar_label(b.bar(["native", "torch ops"][: len(keys)], vals), [f"{v:.2f} s" for v in vals], fontsize=8)
+    b.axhline(statistics.median(x["prefill_roofline_s"] for x in runs["budget"]), color="k", ls="--",
+              label="roofline (matmul FLOP/s)")
+    b.set_ylabel("s in prefill steps per offline run (median)")
+    b.set_title("16-prompt offline batch")
+    b.legend(fontsize=8)
+    load = r["machine"]["loadavg_1_5_15"][0]
+    fig.suptitle(f"cache.prefill_ops native vs torch, {r['model']['name']}, {r['machine']['torch_threads']} "
+                 f"thread(s), load average {load:.1f} at start (shared machine)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 ALT_LABELS = {"torch_attention": ("native decode attention", "torch (gather + SDPA)", "torch attn"),
