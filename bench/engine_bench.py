@@ -441,7 +441,7 @@ OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("kv_gather", ("aten::index_select",)),
     ("kv_write", ("aten::index_copy",)),
     ("norm_rope_act", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu",
-                       "aten::cat", "aten::neg", "aten::div", "aten::sub", "aten::where")),
+                       "aten::cat", "aten::neg", "aten::div", "aten::sub", "aten::where", "pdserve::prefill_ops")),
     ("alloc", ("aten::empty",)),
     ("views", ("aten::transpose", "aten::as_strided", "aten::slice", "aten::reshape", "aten::view",
                "aten::select", "aten::split", "aten::chunk", "aten::unsqueeze", "aten::t", "aten::expand")),
