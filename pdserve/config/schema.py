@@ -52,6 +52,10 @@ class CacheConfig(Section):
                     "cpu float32 decode steps (every sequence one token): native (each decoder layer one C call: "
                     "the native projections and attention in one OpenMP region; up to 32 sequences), torch (op "
                     "by op), auto (native unless decode_linear is torch; needs decode_attention native)") = "auto"
+    prefill_attention: H(Literal["auto", "native", "torch"],
+                         "cpu float32 prefill attention: native (one C call per layer for every chunk, K/V read in "
+                         "place, causal by position), torch (SDPA; continuing chunks gathered and masked), auto "
+                         "(native where its vector path applies: AVX-512, head_dim 64/128, GQA group 1/2/4/8)") = "auto"
 
 
 class SchedulerConfig(Section):
