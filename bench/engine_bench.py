@@ -26,7 +26,9 @@ every decode model step (`decode_steps` and `decode_steps_torch_linear`, alterna
 on one runner). `--ab attention` does the same for the native decode-attention kernel against
 gather + SDPA (`..._torch_attention`, round 5's runs). `--ab layer`: the fused decoder layer
 (`cache.decode_layer`, one native call per layer) against the per-op path with the same native
-kernels (`..._per_op`). `--steps-only`: the decode model steps alone (no throughput, breakdown,
+kernels (`..._per_op`). `--ab prefill_attention`: the native prefill-attention kernel
+(`cache.prefill_attention`) against SDPA (`..._torch_prefill_attention`): the offline runs, their
+breakdown and the prefill model steps (decode steps are the same on both sides). `--steps-only`: the decode model steps alone (no throughput, breakdown,
 kernels or prefill).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
@@ -346,21 +348,23 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 
 # The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
 # how it is switched on a runner (on: the alternative; off: back to the default).
-AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op"}
+AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op",
+           "prefill_attention": "torch_prefill_attention"}
 
 
-def defaults_of(runner) -> tuple[bool, range, range]:  # type: ignore[no-untyped-def]
+def defaults_of(runner) -> tuple[bool, range, range, bool]:  # type: ignore[no-untyped-def]
     """The runner's own choices, as `set_alternative` restores them."""
-    return runner.native_decode, runner.linear_rows, runner.layer_rows
+    return runner.native_decode, runner.linear_rows, runner.layer_rows, runner.native_prefill
 
 
-def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range]) -> None:  # type: ignore[no-untyped-def]
+def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range, bool]) -> None:  # type: ignore[no-untyped-def]
     """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear;
     "layer": the per-op path instead of the fused layer (which needs the native projections and
-    attention, so it is off under every alternative)."""
+    attention, so it is off under those alternatives); "prefill_attention": prefill chunks by SDPA."""
     runner.native_decode = default[0] and not (on and ab == "attention")
     runner.linear_rows = range(0) if on and ab == "linear" else default[1]
-    runner.layer_rows = range(0) if on else default[2]
+    runner.layer_rows = range(0) if on and ab != "prefill_attention" else default[2]
+    runner.native_prefill = default[3] and not (on and ab == "prefill_attention")
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
@@ -536,7 +540,8 @@ def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[
     batches = [int(x) for x in args.step_batches.split(",")]
     contexts = [int(x) for x in args.step_contexts.split(",")]
     log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    modes = ("default", "alt") if compare else ("default",)
+    # Decode steps are the same on both sides of a prefill-attention A/B: timed once.
+    modes = ("default", "alt") if compare and args.ab != "prefill_attention" else ("default",)
     steps, torch_steps = [], []
     cases = [(ctx, b, False) for ctx in contexts for b in batches]
     cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
@@ -641,7 +646,8 @@ def fused_breakdown(runner, batch: int, ctx: int, steps: int, bw_gbps: float, fl
 def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
     """Whether the runner as configured runs the path `ab` switches off (else nothing to compare)."""
     return ((ab == "attention" and runner.native_decode) or (ab == "linear" and len(runner.linear_rows) > 0)
-            or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0))
+            or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0)
+            or (ab == "prefill_attention" and runner.native_prefill))
 
 
 def main() -> None:
@@ -672,10 +678,11 @@ def main() -> None:
                     help="cache.decode_linear of pdserve")
     ap.add_argument("--decode-layer", default="auto", choices=["auto", "native", "torch"],
                     help="cache.decode_layer of pdserve")
-    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "none"],
+    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "prefill_attention", "none"],
                     help="alternated in each measurement (throughput, model steps) with the engine as "
                          "configured: linear: projections by F.linear; attention: decode attention by "
-                         "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; none")
+                         "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; "
+                         "prefill_attention: prefill chunks by SDPA, not the native kernel; none")
     ap.add_argument("--steps-only", action="store_true", help="the decode model steps only")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
@@ -905,14 +912,27 @@ def main() -> None:
     result["decode"] = [{"batch": d["batch"], "step_s_median": d["step_s_median"],
                          "bound_over_achieved": d["roofline_over_achieved"]} for d in result["decode_steps"] if d["context"] == contexts[0] and d["layout"] == "contiguous"]
     log("prefill model steps against the matmul FLOP/s")
-    pre = []
+    pre, pre_alt = [], []
+    step_defaults = defaults_of(runner)
     for n in lengths:
         p = model_prefill(runner, n, mm["flops_per_s"], args.seed + n, reps=1 if n > 2048 else 2)
         p["loadavg_1"] = os.getloadavg()[0]
         pre.append(p)
         log(f"  {n} tokens: {p['tokens_per_s']:.0f} tok/s, {p['flops_per_s'] / 1e9:.1f} GFLOP/s "
             f"= {p['fraction_of_matmul']:.0%} of matmul (load {p['loadavg_1']:.1f})")
+        if compare and args.ab == "prefill_attention":  # the same prompt step by SDPA, right after
+            set_alternative(runner, args.ab, True, step_defaults)
+            try:
+                p = model_prefill(runner, n, mm["flops_per_s"], args.seed + n, reps=1 if n > 2048 else 2)
+            finally:
+                set_alternative(runner, args.ab, False, step_defaults)
+            p["loadavg_1"] = os.getloadavg()[0]
+            pre_alt.append(p)
+            log(f"  {n} tokens, SDPA prefill attention: {p['tokens_per_s']:.0f} tok/s, "
+                f"{p['flops_per_s'] / 1e9:.1f} GFLOP/s = {p['fraction_of_matmul']:.0%} of matmul")
     result["prefill_steps"] = pre
+    if pre_alt:
+        result[f"prefill_steps_{alt}"] = pre_alt
     result["total_s"] = time.perf_counter() - t_all
     result["loadavg_at_end"] = list(os.getloadavg())
 
