@@ -81,14 +81,16 @@ def test_step_against_reference(heads, kv_heads, d, bs) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("d", [64, 24])
-def test_result_independent_of_threads(d) -> None:
-    """The whole step's output is bitwise the same at 1 and 2 threads (vector and scalar paths)."""
+@pytest.mark.parametrize("spans", [SPANS, [(21, 8)]])
+def test_result_independent_of_threads(d, spans) -> None:
+    """A step's output is bitwise the same at 1 and 2 threads (vector and scalar paths), also where
+    a lone short chunk makes the vector path split its KV heads across tasks."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, _, _ = _step(SPANS, 8, 4, d, 16, seed=1)
+        one, _, _ = _step(spans, 8, 4, d, 16, seed=1)
         torch.set_num_threads(2)
-        two, _, _ = _step(SPANS, 8, 4, d, 16, seed=1)
+        two, _, _ = _step(spans, 8, 4, d, 16, seed=1)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two)
