@@ -347,6 +347,7 @@ static void run_task(const Step *s, const int32_t *ch, const int32_t *table, int
     }
 #endif
     (void)buf;
+    (void)nh;
     task_scalar(s, ch, table, h0, i0, i0 + P < ch[1] ? i0 + P : ch[1]);
 }
 
