@@ -29,7 +29,9 @@ gather + SDPA (`..._torch_attention`, round 5's runs). `--ab layer`: the fused d
 kernels (`..._per_op`). `--ab prefill_ops`: the native element-wise ops of the steps that are not
 fused (`cache.prefill_ops`) against the torch ops, in the offline runs, their breakdown and the
 prefill model steps (alternated step by step); decode steps up to 32 sequences are fused either
-way and run once. `--steps-only`: the decode model steps alone (no throughput, breakdown,
+way and run once. `--ab prefill_attention`: the native prefill-attention kernel
+(`cache.prefill_attention`) against SDPA (`..._torch_prefill_attention`), the same way.
+`--steps-only`: the decode model steps alone (no throughput, breakdown,
 kernels or prefill).
 
 One run, side by side, on the same weights (pdserve's dummy weights copied into the matching
@@ -350,23 +352,26 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 # The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
 # how it is switched on a runner (on: the alternative; off: back to the default).
 AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op",
-           "prefill_ops": "torch_prefill_ops"}
+           "prefill_ops": "torch_prefill_ops", "prefill_attention": "torch_prefill_attention"}
+# The A/Bs that change only the steps that are not fused decode steps (prefill, mixed).
+PREFILL_ABS = ("prefill_ops", "prefill_attention")
 
 
-def defaults_of(runner) -> tuple[bool, range, range, Any]:  # type: ignore[no-untyped-def]
+def defaults_of(runner) -> tuple[bool, range, range, Any, bool]:  # type: ignore[no-untyped-def]
     """The runner's own choices, as `set_alternative` restores them."""
-    return runner.native_decode, runner.linear_rows, runner.layer_rows, runner.prefill_ops
+    return runner.native_decode, runner.linear_rows, runner.layer_rows, runner.prefill_ops, runner.native_prefill
 
 
-def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range, Any]) -> None:  # type: ignore[no-untyped-def]
+def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range, Any, bool]) -> None:  # type: ignore[no-untyped-def]
     """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear;
     "layer": the per-op path instead of the fused layer (which needs the native projections and
     attention, so it is off under those alternatives); "prefill_ops": the torch element-wise ops
-    in the steps that are not fused."""
+    in the steps that are not fused; "prefill_attention": prefill chunks by SDPA."""
     runner.native_decode = default[0] and not (on and ab == "attention")
     runner.linear_rows = range(0) if on and ab == "linear" else default[1]
-    runner.layer_rows = range(0) if on and ab != "prefill_ops" else default[2]
+    runner.layer_rows = range(0) if on and ab not in PREFILL_ABS else default[2]
     runner.prefill_ops = None if on and ab == "prefill_ops" else default[3]
+    runner.native_prefill = default[4] and not (on and ab == "prefill_attention")
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
@@ -437,7 +442,8 @@ OP_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
     ("matmul", ("pdserve::native_linear",)),
     ("fused_layer", ("pdserve::decode_layer",)),
-    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "pdserve::native_decode")),
+    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product", "pdserve::native_decode",
+                   "pdserve::native_prefill")),
     ("kv_gather", ("aten::index_select",)),
     ("kv_write", ("aten::index_copy",)),
     ("norm_rope_act", ("aten::mul", "aten::add", "aten::pow", "aten::mean", "aten::rsqrt", "aten::silu",
@@ -554,8 +560,8 @@ def step_cases(runner, args: argparse.Namespace, bw: dict[str, float], mm: dict[
     batches = [int(x) for x in args.step_batches.split(",")]
     contexts = [int(x) for x in args.step_contexts.split(",")]
     log("decode model steps against max(bytes / copy bandwidth, FLOPs / matmul FLOP/s)")
-    # prefill_ops: decode steps up to 32 sequences are fused either way
-    modes = ("default", "alt") if compare and args.ab != "prefill_ops" else ("default",)
+    # prefill A/Bs: decode steps up to 32 sequences are the same (fused) on both sides, timed once
+    modes = ("default", "alt") if compare and args.ab not in PREFILL_ABS else ("default",)
     steps, torch_steps = [], []
     cases = [(ctx, b, False) for ctx in contexts for b in batches]
     cases += [(contexts[0], b, True) for b in sorted({min(16, max(batches)), max(batches)})]
@@ -661,7 +667,8 @@ def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
     """Whether the runner as configured runs the path `ab` switches off (else nothing to compare)."""
     return ((ab == "attention" and runner.native_decode) or (ab == "linear" and len(runner.linear_rows) > 0)
             or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0)
-            or (ab == "prefill_ops" and runner.prefill_ops is not None))
+            or (ab == "prefill_ops" and runner.prefill_ops is not None)
+            or (ab == "prefill_attention" and runner.native_prefill))
 
 
 def main() -> None:
@@ -692,11 +699,13 @@ def main() -> None:
                     help="cache.decode_linear of pdserve")
     ap.add_argument("--decode-layer", default="auto", choices=["auto", "native", "torch"],
                     help="cache.decode_layer of pdserve")
-    ap.add_argument("--ab", default="linear", choices=["linear", "attention", "layer", "prefill_ops", "none"],
+    ap.add_argument("--ab", default="linear",
+                    choices=["linear", "attention", "layer", "prefill_ops", "prefill_attention", "none"],
                     help="alternated in each measurement (throughput, model steps) with the engine as "
                          "configured: linear: projections by F.linear; attention: decode attention by "
                          "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; "
-                         "prefill_ops: the torch element-wise ops in steps not fused; none")
+                         "prefill_ops: the torch element-wise ops in steps not fused; prefill_attention: "
+                         "prefill chunks by SDPA, not the native kernel; none")
     ap.add_argument("--steps-only", action="store_true", help="the decode model steps only")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
@@ -928,7 +937,7 @@ def main() -> None:
     log("prefill model steps against the matmul FLOP/s")
     pre: list[dict[str, Any]] = []
     pre_alt: list[dict[str, Any]] = []
-    ab_prefill = compare and args.ab == "prefill_ops"
+    ab_prefill = compare and args.ab in PREFILL_ABS
     for n in lengths:
         recs = model_prefill(runner, n, mm["flops_per_s"], args.seed + n,
                              reps=1 if n > 2048 else (5 if ab_prefill else 2),

@@ -56,6 +56,10 @@ class CacheConfig(Section):
                    "cpu float32 steps not fused as decode steps (prefill chunks, mixed, over 32 tokens): native "
                    "(RMSNorm, residual adds, RoPE + KV write, silu * up as C kernels between the projections), "
                    "torch (op by op), auto (native if it builds)") = "auto"
+    prefill_attention: H(Literal["auto", "native", "torch"],
+                         "cpu float32 prefill attention: native (one C call per layer for every chunk, K/V read in "
+                         "place, causal by position), torch (SDPA; continuing chunks gathered and masked), auto "
+                         "(native where its vector path applies: AVX-512, head_dim 64/128, GQA group 1/2/4/8)") = "auto"
 
 
 class SchedulerConfig(Section):

@@ -10,7 +10,7 @@ from pdserve.config.engine import CacheConfig
 from pdserve.engine import cuda_graph
 from pdserve.engine.cuda_graph import DecodeGraphs
 from pdserve.engine.kv_sizing import kv_blocks_for
-from pdserve.model import decode_layer, native_decode, prefill_ops, small_linear
+from pdserve.model import decode_layer, native_decode, prefill_attention, prefill_ops, small_linear
 from pdserve.model.attention import (
     GROUP_SLACK_KEYS,
     AttentionMetadata,
@@ -20,6 +20,7 @@ from pdserve.model.attention import (
 )
 from pdserve.model.loader import TORCH_DTYPES, load_model
 from pdserve.model.native_decode import NativeDecode
+from pdserve.model.prefill_attention import NativePrefill
 from pdserve.sched.block_manager import cache_salt
 from pdserve.sched.output import SchedulerOutput
 from pdserve.sched.request import Request
@@ -53,6 +54,9 @@ class ModelRunner:
         self._workspace: list[torch.Tensor] = []
         self.native_decode = native_decode.choose(cache.decode_attention, self.device, self.dtype, s.num_heads,
                                                   s.num_kv_heads, s.head_dim, cache.block_size)
+        # Prefill chunks attended by the native kernel (one call per layer) rather than SDPA.
+        self.native_prefill = prefill_attention.choose(cache.prefill_attention, self.device, self.dtype,
+                                                       s.num_heads, s.num_kv_heads, s.head_dim)
         # Step sizes (tokens) whose projections run by the small-batch kernel: decode-sized steps.
         self.linear_rows = small_linear.rows_for(cache.decode_linear, self.device, self.dtype)
         # Decode step sizes (sequences) whose layers run as one native call each (decode_layer.py).
@@ -86,7 +90,8 @@ class ModelRunner:
             if chunk.sample:
                 sample_rows.append(len(ids) - 1)
         dev = self.device
-        meta = step_metadata(spans, self.block_size, dev, self._workspace, native=self.native_decode)
+        meta = step_metadata(spans, self.block_size, dev, self._workspace, native=self.native_decode,
+                             native_prefill=self.native_prefill)
         positions = _long(pos, dev)
         cos, sin = self.model.rope.table(positions, max(pos) + 1)
         meta.cos, meta.sin = cos.to(self.dtype), sin.to(self.dtype)
@@ -123,10 +128,13 @@ class ModelRunner:
 def step_metadata(
     spans: list[tuple[list[int], int, int]], block_size: int, device: torch.device,
     workspace: list[torch.Tensor] | None = None, decode_slack: int = GROUP_SLACK_KEYS, native: bool = False,
+    native_prefill: bool = False,
 ) -> AttentionMetadata:
     """Attention metadata for one step, built once and read by every layer. `spans` holds, per
     chunk in packing order, (the sequence's block table, first position, number of tokens).
-    native: decode sequences go to the native kernel (one call per layer), not SDPA groups."""
+    native: decode sequences go to the native kernel (one call per layer), not SDPA groups.
+    native_prefill: prefill chunks go to the native prefill kernel (their block tables as one
+    int32 tensor; no gather index, no mask)."""
     bs, dev = block_size, device
     meta = AttentionMetadata(slot_mapping=torch.empty(0), block_size=bs,
                              workspace=workspace if workspace is not None else [])
@@ -134,6 +142,7 @@ def step_metadata(
     dec_rows: list[int] = []
     dec_ctx: list[int] = []
     dec_tables: list[list[int]] = []
+    pre_tables: list[list[int]] = []
     for table, start, n in spans:
         q_start = len(slots)
         slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -141,6 +150,9 @@ def step_metadata(
             dec_rows.append(q_start)
             dec_ctx.append(start + 1)
             dec_tables.append(table[: (start + bs) // bs])
+        elif native_prefill:
+            meta.prefill.append(PrefillChunk(q_start, n, start + n))
+            pre_tables.append(table[: -(-(start + n) // bs)])
         elif start == 0:
             meta.prefill.append(PrefillChunk(q_start, n, n))
         else:
@@ -150,6 +162,11 @@ def step_metadata(
             mask = torch.arange(nblk * bs, device=dev)[None, :] <= torch.arange(start, ctx, device=dev)[:, None]
             meta.prefill.append(PrefillChunk(q_start, n, ctx, _long(table[:nblk], dev), mask))
     meta.slot_mapping = _long(slots, dev)
+    if pre_tables:
+        width = max(len(t) for t in pre_tables)
+        meta.native_prefill = NativePrefill(
+            torch.tensor([[c.q_start, c.q_len, c.ctx_len] for c in meta.prefill], dtype=torch.int32, device=dev),
+            torch.tensor([t + [0] * (width - len(t)) for t in pre_tables], dtype=torch.int32, device=dev))
     if native and dec_rows:
         width = max(len(t) for t in dec_tables)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables], dtype=torch.int32, device=dev)

@@ -11,7 +11,9 @@ step in `AttentionMetadata` and reused by every layer:
   `index_select` into a reused buffer and attended in one SDPA call, so the cost follows the sum
   of context lengths (plus a bounded padding per group), not batch x longest context;
 * or, for a float32 cache on a CPU, every decode sequence in one call per layer of the native
-  kernel (`native_decode.py`), which reads each block in place: no copy at all.
+  kernel (`native_decode.py`), which reads each block in place: no copy at all;
+* and likewise every prefill chunk, fresh or continuing, in one call per layer of the native
+  prefill kernel (`prefill_attention.py`): causal by position, blocks read in place, no mask.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from pdserve.model import native_build, native_decode
+from pdserve.model import native_build, native_decode, prefill_attention
 from pdserve.model.native_decode import NativeDecode
 from pdserve.model.paged_attention_triton import DecodeMetadata, paged_decode
+from pdserve.model.prefill_attention import NativePrefill
 
 if TYPE_CHECKING:
     from pdserve.model.decode_layer import FusedDecode
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 # call costs about as much as attending to this many extra keys on a CPU.
 GROUP_SLACK_KEYS = 256
 NATIVE_DECODE_OP = "pdserve::native_decode"  # the native kernel's name in torch.profiler traces
+NATIVE_PREFILL_OP = "pdserve::native_prefill"
 
 
 @dataclass
@@ -42,7 +46,8 @@ class PrefillChunk:
     q_start: int
     q_len: int
     ctx_len: int
-    blocks: torch.Tensor | None = None  # context blocks to gather; None: fresh (own K/V, causal)
+    # Context blocks to gather; None: fresh (own K/V, causal), or the native kernel's (native_prefill).
+    blocks: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # [q_len, n_blocks * block_size] bool, when blocks is set
 
 
@@ -70,6 +75,7 @@ class AttentionMetadata:
     prefill: list[PrefillChunk] = field(default_factory=list)
     decode: list[DecodeGroup] = field(default_factory=list)
     native: NativeDecode | None = None  # every decode sequence, for the native kernel (then `decode` is empty)
+    native_prefill: NativePrefill | None = None  # every prefill chunk, for the native kernel (`prefill` then lists them only)
     native_linear: bool = False  # the projections by the small-batch kernel (small_linear.py), not F.linear
     fused: FusedDecode | None = None  # every layer as one native call (decode_layer.py): an all-decode step
     cos: torch.Tensor | None = None  # [T, head_dim] RoPE table rows for the packed positions
@@ -123,8 +129,11 @@ def paged_attention(
         return paged_decode(q, cache, meta.block_tables, meta.context_lens, scale)
     group = n_heads // n_kv
     out = torch.empty_like(q)
+    if meta.native_prefill is not None:
+        with native_build.label(NATIVE_PREFILL_OP):
+            prefill_attention.prefill_attention(q, out, cache, meta.native_prefill, scale)
     # Inputs are 4-D throughout: with 3-D ones SDPA on a CPU takes its slow "math" path.
-    for c in meta.prefill:
+    for c in meta.prefill if meta.native_prefill is None else ():
         qq = q[c.q_start : c.q_start + c.q_len].transpose(0, 1)[None]  # [1, heads, q_len, d]
         if c.blocks is None:
             k = k_new[c.q_start : c.q_start + c.q_len].transpose(0, 1)[None]  # [1, kv, q_len, d]
