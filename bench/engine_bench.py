@@ -30,7 +30,8 @@ kernels (`..._per_op`). `--ab prefill_ops`: the native element-wise ops of the s
 fused (`cache.prefill_ops`) against the torch ops, in the offline runs, their breakdown and the
 prefill model steps (alternated step by step); decode steps up to 32 sequences are fused either
 way and run once. `--ab prefill_attention`: the native prefill-attention kernel
-(`cache.prefill_attention`) against SDPA (`..._torch_prefill_attention`), the same way.
+(`cache.prefill_attention`) against SDPA (`..._torch_prefill_attention`), the same way; `--ab
+prefill`: both at once (`..._torch_prefill`: round 7's prefill path).
 `--steps-only`: the decode model steps alone (no throughput, breakdown,
 kernels or prefill).
 
@@ -352,9 +353,11 @@ def _requests(runner, lengths: list[int], vocab: int, seed: int, prompt: int | N
 # The path each A/B compares with the engine as configured ("default"): its key in the JSON, and
 # how it is switched on a runner (on: the alternative; off: back to the default).
 AB_KEYS = {"attention": "torch_attention", "linear": "torch_linear", "layer": "per_op",
-           "prefill_ops": "torch_prefill_ops", "prefill_attention": "torch_prefill_attention"}
-# The A/Bs that change only the steps that are not fused decode steps (prefill, mixed).
-PREFILL_ABS = ("prefill_ops", "prefill_attention")
+           "prefill_ops": "torch_prefill_ops", "prefill_attention": "torch_prefill_attention",
+           "prefill": "torch_prefill"}
+# The A/Bs that change only the steps that are not fused decode steps (prefill, mixed); "prefill"
+# is both of the others at once (the round-7 engine's prefill).
+PREFILL_ABS = ("prefill_ops", "prefill_attention", "prefill")
 
 
 def defaults_of(runner) -> tuple[bool, range, range, Any, bool]:  # type: ignore[no-untyped-def]
@@ -366,12 +369,12 @@ def set_alternative(runner, ab: str, on: bool, default: tuple[bool, range, range
     """`ab` "attention": decode attention by gather + SDPA; "linear": projections by F.linear;
     "layer": the per-op path instead of the fused layer (which needs the native projections and
     attention, so it is off under those alternatives); "prefill_ops": the torch element-wise ops
-    in the steps that are not fused; "prefill_attention": prefill chunks by SDPA."""
+    in the steps that are not fused; "prefill_attention": prefill chunks by SDPA; "prefill": both."""
     runner.native_decode = default[0] and not (on and ab == "attention")
     runner.linear_rows = range(0) if on and ab == "linear" else default[1]
     runner.layer_rows = range(0) if on and ab not in PREFILL_ABS else default[2]
-    runner.prefill_ops = None if on and ab == "prefill_ops" else default[3]
-    runner.native_prefill = default[4] and not (on and ab == "prefill_attention")
+    runner.prefill_ops = None if on and ab in ("prefill_ops", "prefill") else default[3]
+    runner.native_prefill = default[4] and not (on and ab in ("prefill_attention", "prefill"))
 
 
 def model_decode(runner, batch: int, ctx: int, steps: int, bw_gbps: float, flops: float,  # type: ignore[no-untyped-def]
@@ -668,7 +671,8 @@ def compares(runner, ab: str) -> bool:  # type: ignore[no-untyped-def]
     return ((ab == "attention" and runner.native_decode) or (ab == "linear" and len(runner.linear_rows) > 0)
             or (ab == "layer" and runner.native_decode and len(runner.layer_rows) > 0)
             or (ab == "prefill_ops" and runner.prefill_ops is not None)
-            or (ab == "prefill_attention" and runner.native_prefill))
+            or (ab == "prefill_attention" and runner.native_prefill)
+            or (ab == "prefill" and (runner.prefill_ops is not None or runner.native_prefill)))
 
 
 def main() -> None:
@@ -700,12 +704,12 @@ def main() -> None:
     ap.add_argument("--decode-layer", default="auto", choices=["auto", "native", "torch"],
                     help="cache.decode_layer of pdserve")
     ap.add_argument("--ab", default="linear",
-                    choices=["linear", "attention", "layer", "prefill_ops", "prefill_attention", "none"],
+                    choices=["linear", "attention", "layer", "prefill_ops", "prefill_attention", "prefill", "none"],
                     help="alternated in each measurement (throughput, model steps) with the engine as "
                          "configured: linear: projections by F.linear; attention: decode attention by "
                          "gather + SDPA (round 5's A/B); layer: the per-op path, not the fused layer; "
                          "prefill_ops: the torch element-wise ops in steps not fused; prefill_attention: "
-                         "prefill chunks by SDPA, not the native kernel; none")
+                         "prefill chunks by SDPA, not the native kernel; prefill: both; none")
     ap.add_argument("--steps-only", action="store_true", help="the decode model steps only")
     ap.add_argument("--out", default=None, help="default bench/results/engine_<device>.json")
     args = ap.parse_args()
