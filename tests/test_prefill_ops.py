@@ -167,6 +167,24 @@ def test_a_mixed_step_matches_the_torch_path(arch, runners, threads) -> None:
         torch.testing.assert_close(c, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ARCH_NAMES)
+@pytest.mark.parametrize("native", [False, True])
+@torch.inference_mode()
+def test_keeping_rows_drops_only_the_others(arch, runners, native) -> None:
+    """keep_rows: the last layer goes on with the kept rows only; those rows' hidden states (and
+    every K/V written) are the full step's, within the projections' rounding."""
+    runner = runners[arch]
+    ids, positions, caches, meta = _mixed_step(runner, seed=3 + len(arch))
+    full_caches = [c.clone() for c in caches]
+    full = runner.model(ids, positions, full_caches, meta, prefill_ops=runner.prefill_ops)
+    keep = torch.tensor([6, 12, 13, 14, 15])  # the chunks' last rows and the decodes (16 rows in all)
+    ours = runner.model(ids, positions, caches, meta, prefill_ops=runner.prefill_ops, keep_rows=keep,
+                        keep_native=native)
+    assert ours.shape == (keep.numel(), runner.shape.hidden_size)
+    torch.testing.assert_close(ours, full[keep], rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(caches, full_caches, strict=True))
+
+
 @torch.inference_mode()
 def test_results_do_not_depend_on_the_thread_count(runners) -> None:
     runner = runners["qwen3"]
@@ -236,7 +254,7 @@ def test_greedy_tokens_native_equal_torch_and_transformers(arch, tiny_models) ->
     from transformers import AutoConfig
 
     prompts = _prompts(AutoConfig.from_pretrained(str(tiny_models[arch])).vocab_size, seed=2)
-    tokens, mixed = {}, 0
+    tokens, mixed, pruned = {}, 0, 0
     for setting in ("native", "torch"):
         llm = LLM(str(tiny_models[arch]), dtype="float32", device="cpu", prefill_ops=setting,
                   max_num_batched_tokens=12, block_size=BS)
@@ -244,14 +262,15 @@ def test_greedy_tokens_native_equal_torch_and_transformers(arch, tiny_models) ->
             assert llm.runner.prefill_ops is not None
             forward = llm.runner.prefill_ops.forward
 
-            def seen(backbone, x, caches, meta, done=None, forward=forward):  # type: ignore[no-untyped-def]
-                nonlocal mixed
+            def seen(backbone, x, caches, meta, done=None, *keep, forward=forward):  # type: ignore[no-untyped-def]
+                nonlocal mixed, pruned
                 mixed += bool(meta.prefill) and meta.native is not None  # prefill chunks + decodes
-                return forward(backbone, x, caches, meta, done)
+                pruned += bool(keep) and keep[0] is not None
+                return forward(backbone, x, caches, meta, done, *keep)
 
             llm.runner.prefill_ops.forward = seen  # type: ignore[method-assign]
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS))
         tokens[setting] = [o.outputs[0].token_ids for o in outs]
-    assert mixed > 0
+    assert mixed > 0 and pruned > 0
     assert tokens["native"] == tokens["torch"]
     assert tokens["native"] == _hf_greedy(tiny_models[arch], prompts)

@@ -139,9 +139,14 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         layer_done: Callable[[int], None] | None = None,
         prefill_ops: PrefillOps | None = None,
+        keep_rows: torch.Tensor | None = None,
+        keep_native: bool = False,
     ) -> torch.Tensor:
         """`layer_done(i)` runs once layer i's K/V are in the cache (the KV streaming hook).
-        prefill_ops: the element-wise ops of a step that is not fused run natively (the runner's choice)."""
+        prefill_ops: the element-wise ops of a step that is not fused run natively (the runner's choice).
+        keep_rows: with prefill_ops, the rows whose hidden states are wanted (the rest are dropped after
+        the last layer's attention, and the result has only these rows; keep_native: their projections
+        by the small-batch kernel); ignored otherwise."""
         x = self.model.embed_tokens(input_ids)
         if meta.cos is None:  # the runner fills these once per step; direct callers may not
             cos, sin = self.rope.table(positions)
@@ -149,7 +154,7 @@ class CausalLM(nn.Module):
         fused = meta.fused if isinstance(meta, AttentionMetadata) else None  # not in a CUDA graph's DecodeMetadata
         if prefill_ops is not None:  # x is this step's own (the embedding's output): updated in place
             assert fused is None, "prefill_ops are for the steps that are not fused"
-            return prefill_ops.forward(self.model, x, kv_caches, meta, layer_done)
+            return prefill_ops.forward(self.model, x, kv_caches, meta, layer_done, keep_rows, keep_native)
         if fused is not None:  # x: as above
             assert meta.native is not None and meta.cos is not None and meta.sin is not None
             fused.start(x, meta.slot_mapping, meta.cos, meta.sin, meta.native)
