@@ -29,6 +29,16 @@ def _step_labels(steps: list[dict]) -> list[str]:  # type: ignore[type-arg]
     return [f"b{d['batch']}\n{d['context']}" + ("\nfrag" if d["layout"] == "fragmented" else "") for d in steps]
 
 
+def save(fig, r: dict, title: str, out: Path) -> None:  # type: ignore[no-untyped-def,type-arg]
+    """The figure titled with the run's thread count and load (a shared machine), written to `out`."""
+    end = f", {r['loadavg_at_end'][0]:.1f} at end" if "loadavg_at_end" in r else ""
+    fig.suptitle(f"{title}, {r['machine']['torch_threads']} thread(s), load average "
+                 f"{r['machine']['loadavg_1_5_15'][0]:.1f} at start{end} (shared machine)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "engine_cpu.json")
     r = json.loads(path.read_text())
@@ -51,13 +61,8 @@ def main() -> None:
     c.bar(["pdserve", "transformers"], [t["pdserve_tok_per_s_median"], t.get("transformers_tok_per_s_median", 0)])
     c.set_ylabel("output tok/s (median)")
     c.set_title("16-prompt offline batch")
-    load = r["machine"]["loadavg_1_5_15"][0]
-    fig.suptitle(f"{r['model']['name']} on {r['machine']['cpu_model']}, {r['machine']['torch_threads']} thread(s), "
-                 f"load average {load:.1f} at start (shared machine)")
-    fig.tight_layout()
     out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, r, f"{r['model']['name']} on {r['machine']['cpu_model']}", out)
     if "kernels" in r and "offline_breakdown" in r:
         breakdown(r, path.with_name(path.stem + "_breakdown.png"))
     alt = r.get("ab", {}).get("key", "torch_attention")
@@ -93,12 +98,7 @@ def prefill_ops_ab(r: dict, out: Path) -> None:  # type: ignore[type-arg]
     b.set_ylabel("s in prefill steps per offline run (median)")
     b.set_title("16-prompt offline batch")
     b.legend(fontsize=8)
-    load = r["machine"]["loadavg_1_5_15"][0]
-    fig.suptitle(f"cache.prefill_ops native vs torch, {r['model']['name']}, {r['machine']['torch_threads']} "
-                 f"thread(s), load average {load:.1f} at start (shared machine)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, r, f"cache.prefill_ops native vs torch, {r['model']['name']}", out)
 
 
 ALT_LABELS = {"torch_attention": ("native decode attention", "torch (gather + SDPA)", "torch attn"),
@@ -130,12 +130,7 @@ def native_vs_torch(r: dict, alt: str, out: Path) -> None:  # type: ignore[type-
     b.bar([short[n] for n in names], [statistics.median(cpu[n]) for n in names])
     b.set_ylabel("CPU s per offline run (median)")
     b.set_title("16-prompt offline batch")
-    load = r["machine"]["loadavg_1_5_15"][0]
-    fig.suptitle(f"{ours} vs {theirs}, {r['model']['name']}, "
-                 f"{r['machine']['torch_threads']} thread(s), load average {load:.1f} at start (shared machine)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, r, f"{ours} vs {theirs}, {r['model']['name']}", out)
 
 
 def breakdown(r: dict, out: Path) -> None:  # type: ignore[type-arg]
@@ -179,12 +174,7 @@ def breakdown(r: dict, out: Path) -> None:  # type: ignore[type-arg]
     c.set_ylabel("CPU ms per step")
     c.set_title("projections")
     c.legend(fontsize=8)
-    load = r["machine"]["loadavg_1_5_15"][0]
-    fig.suptitle(f"{r['model']['name']}, {r['machine']['torch_threads']} thread(s), load {load:.1f} at start, "
-                 f"{r['loadavg_at_end'][0]:.1f} at end (shared machine)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}")
+    save(fig, r, f"{r['model']['name']}", out)
 
 
 if __name__ == "__main__":

@@ -79,15 +79,21 @@ def head_split(batch: int, threads: int, kv_heads: int) -> int:
     return kv_heads if batch < threads else 1
 
 
+def check_layout(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor) -> None:
+    """What the native attention kernels read: heads and dims dense inside a row (rows may be
+    strided: q is a view of the fused qkv buffer), a contiguous cache, float32 throughout."""
+    dim = cache.shape[-1]
+    assert q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1) and cache.is_contiguous()
+    assert q.dtype == out.dtype == cache.dtype == torch.float32
+
+
 def paged_decode(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor, d: NativeDecode, scale: float) -> None:
     """Write into out[d.rows] the attention of q[d.rows] ([T, heads, dim]) over each row's blocks."""
     lib = library()
     assert not isinstance(lib, str), lib
     _, nb, bs, kv, dim = cache.shape
     heads = q.shape[1]
-    # The kernel walks heads and dims densely inside a row; rows may be strided (q is a view of qkv).
-    assert q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1) and cache.is_contiguous()
-    assert q.dtype == out.dtype == cache.dtype == torch.float32
+    check_layout(q, out, cache)
     batch, threads = d.rows.numel(), torch.get_num_threads()
     split = head_split(batch, threads, kv)
     lib.paged_decode_f32(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), cache.data_ptr(), nb, bs,

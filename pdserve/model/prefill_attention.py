@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pdserve.model import native_build
+from pdserve.model import native_build, native_decode
 from pdserve.model.native_decode import FTZ_HEADER
 
 SOURCE = Path(__file__).with_name("prefill_attention.c")
@@ -86,9 +86,7 @@ def prefill_attention(q: torch.Tensor, out: torch.Tensor, cache: torch.Tensor, p
     assert not isinstance(lib, str), lib
     _, nb, bs, kv, dim = cache.shape
     heads = q.shape[1]
-    # Heads and dims dense inside a row; rows may be strided (q is a view of the fused qkv buffer).
-    assert q.stride()[1:] == (dim, 1) and out.stride()[1:] == (dim, 1) and cache.is_contiguous()
-    assert q.dtype == out.dtype == cache.dtype == torch.float32
+    native_decode.check_layout(q, out, cache)
     assert p.chunks.is_contiguous() and p.tables.is_contiguous()
     rc = lib.prefill_attention_f32(q.data_ptr(), q.stride(0), out.data_ptr(), out.stride(0), cache.data_ptr(), nb, bs,
                                    kv, dim, heads // kv, p.chunks.data_ptr(), p.tables.data_ptr(), p.tables.shape[1],
