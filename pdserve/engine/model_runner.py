@@ -99,9 +99,14 @@ class ModelRunner:
         if self.fused is not None and meta.native is not None and not meta.prefill and len(ids) in self.layer_rows:
             meta.fused = self.fused
         # --- openai: prompt log-probabilities (echo + logprobs) need every prompt position's logits ---
-        echo = [(chunk.request, chunk.start, chunk.num_tokens) for chunk in out.chunks
-                if (getattr(chunk.request.payload, "prompt_logprobs", None) is not None
-                    and not chunk.request.output_token_ids and chunk.start < chunk.request.num_prompt_tokens)]
+        echo: list[tuple[Request, int, int, int]] = []  # request, first position, first row, rows
+        q = 0
+        for chunk in out.chunks:
+            r = chunk.request
+            if (getattr(r.payload, "prompt_logprobs", None) is not None and not r.output_token_ids
+                    and chunk.start < r.num_prompt_tokens):
+                echo.append((r, chunk.start, q, chunk.num_tokens))
+            q += chunk.num_tokens
         # --- end openai ---
         ops = self.prefill_ops if meta.fused is None else None
         # Only the sampled rows read the last layer past its K/V (native prefill ops; not when
@@ -109,11 +114,8 @@ class ModelRunner:
         keep = _long(sample_rows, dev) if ops is not None and not echo and len(sample_rows) < len(ids) else None
         hidden = self.model(_long(ids, dev), positions, self.kv_caches, meta, layer_done, prefill_ops=ops,
                             keep_rows=keep, keep_native=len(sample_rows) in self.linear_rows)
-        if echo:  # openai
-            starts = {id(c.request): q for c, q in zip(out.chunks, _offsets(out.chunks), strict=True)}
-            for req, start, n in echo:
-                q = starts[id(req)]
-                self.prompt_logits.append((req, start, self.model.logits(hidden[q: q + n])))
+        for req, start, q, n in echo:  # openai
+            self.prompt_logits.append((req, start, self.model.logits(hidden[q: q + n])))
         if len(sample_rows) < hidden.shape[0]:
             hidden = hidden[_long(sample_rows, dev)]
         return self.model.logits(hidden, hidden.shape[0] in self.linear_rows)
@@ -204,15 +206,6 @@ def _decode_group(rows: list[int], ctx: list[int], tables: list[list[int]], bs: 
     consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
     return DecodeGroup(_long(rows, dev), blocks, width, mask,
                        slice(rows[0], rows[0] + len(rows)) if consecutive else None)
-
-
-def _offsets(chunks: list) -> list[int]:  # type: ignore[type-arg]
-    """Each chunk's first row in the packed batch."""
-    at, out = 0, []
-    for c in chunks:
-        out.append(at)
-        at += c.num_tokens
-    return out
 
 
 def _consecutive(table: list[int]) -> bool:
