@@ -83,16 +83,9 @@ def test_vector_path_blocks_of_16_and_32(bs, heads, kv_heads, d) -> None:
     against the naive definition; a sequence's result is bitwise the same alone as in its batch,
     and at 1 or 2 threads (each KV head a task of its own)."""
     ctx = [1, 15, 16, 17, 47, 300, 33]
-    rng = random.Random(bs + d + heads)
-    need = [-(-c // bs) for c in ctx]
-    pool = list(range(sum(need) + 3))
-    rng.shuffle(pool)
-    tables, i = [], 0
-    for k in need:
-        tables.append(pool[i: i + k])
-        i += k
+    tables = _shuffled_tables(ctx, random.Random(bs + d + heads), bs=bs)
     g = torch.Generator().manual_seed(d + heads)
-    cache = torch.randn(2, len(pool), bs, kv_heads, d, generator=g)
+    cache = torch.randn(2, sum(len(t) for t in tables) + 3, bs, kv_heads, d, generator=g)
     q = torch.randn(len(ctx), heads, d, generator=g)
     ours = _direct(q, cache, tables, ctx)
     ref = reference_attention(q, cache, tables, [1] * len(ctx), ctx, bs, d**-0.5)

@@ -88,8 +88,9 @@ def _attend(spans: list[tuple[list[int], int, int]], heads: int, kv_heads: int, 
     return ours, ref, meta
 
 
-def _shuffled_tables(lengths: list[int], rng: random.Random, spare: int = 3) -> list[list[int]]:
-    need = [-(-n // BS) for n in lengths]
+def _shuffled_tables(lengths: list[int], rng: random.Random, spare: int = 3, bs: int = BS) -> list[list[int]]:
+    """Block tables for contexts `lengths`, their blocks shuffled through a cache with `spare` more."""
+    need = [-(-n // bs) for n in lengths]
     pool = list(range(sum(need) + spare))
     rng.shuffle(pool)
     out, i = [], 0

@@ -15,6 +15,7 @@ from pdserve.engine.model_runner import ModelRunner, step_metadata
 from pdserve.model import prefill_attention
 from pdserve.model.attention import paged_attention, reference_attention, write_kv
 from tests import tiny_models as tiny
+from tests.test_engine_paths import _shuffled_tables
 from tests.test_engine_vs_hf import MAX_TOKENS, _hf_greedy, _prompts
 
 CPU = torch.device("cpu")
@@ -27,23 +28,11 @@ AVX512 = "avx512f" in Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo")
 SPANS = [(0, 37), (20, 1), (21, 40), (0, 1), (13, 3), (16, 16), (300, 5), (7, 1), (0, 19)]
 
 
-def _tables(lengths: list[int], bs: int, rng: random.Random) -> list[list[int]]:
-    """Block tables for contexts `lengths`, their blocks shuffled through a cache with spares."""
-    need = [-(-n // bs) for n in lengths]
-    pool = list(range(sum(need) + 3))
-    rng.shuffle(pool)
-    out, i = [], 0
-    for k in need:
-        out.append(pool[i: i + k])
-        i += k
-    return out
-
-
 def _step(spans: list[tuple[int, int]], heads: int, kv_heads: int, d: int, bs: int, seed: int,
           native: bool = True) -> tuple[torch.Tensor, torch.Tensor, object]:
     """Ours (q a strided view of a fused qkv buffer, as in the model) and the reference."""
     rng = random.Random(seed)
-    tables = _tables([s + n for s, n in spans], bs, rng)
+    tables = _shuffled_tables([s + n for s, n in spans], rng, bs=bs)
     g = torch.Generator().manual_seed(seed)
     cache = torch.randn(2, 1 + max(max(t) for t in tables), bs, kv_heads, d, generator=g)
     t = sum(n for _, n in spans)
@@ -101,7 +90,7 @@ def test_a_chunk_alone_equals_the_chunk_in_a_step() -> None:
     """The kernel on one chunk of a step equals the kernel on the whole step, bitwise, at those rows."""
     g = torch.Generator().manual_seed(3)
     bs, heads, kv, d = 16, 8, 4, 64
-    tables = _tables([37, 61, 305], bs, random.Random(3))
+    tables = _shuffled_tables([37, 61, 305], random.Random(3), bs=bs)
     cache = torch.randn(2, 1 + max(max(t) for t in tables), bs, kv, d, generator=g)
     q = torch.randn(37 + 40 + 5, heads, d, generator=g)
     width = max(len(t) for t in tables)
@@ -123,7 +112,7 @@ def test_large_scores_do_not_overflow() -> None:
     """Scores in the thousands: the online softmax's rescaling keeps every exponential in range
     (the tolerance is float32's at values of ~30 and scores of ~2000)."""
     rng = random.Random(4)
-    tables = _tables([70, 45], 16, rng)
+    tables = _shuffled_tables([70, 45], rng, bs=16)
     g = torch.Generator().manual_seed(4)
     cache = torch.randn(2, 1 + max(max(t) for t in tables), 16, 4, 64, generator=g) * 30
     q = torch.randn(70 + 12, 8, 64, generator=g) * 30
