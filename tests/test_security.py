@@ -13,7 +13,7 @@ import pytest
 
 from pdserve.serve import messages as m
 from pdserve.transfer.frames import HEAD_LEN, MAGIC, encode_frame, read_frame_sync, write_frame_sync
-from tests.servers import running_server, start_workers
+from tests.servers import running_server, start_workers, wait_output
 from tests.test_cluster import URL_RE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +106,8 @@ def test_api_key_and_unauthenticated_frames(tiny_models):
                                 m.Reserve("evil", [5, 6, 7], m.Params(max_tokens=4))):
                         with _send_raw(port, m.encode(msg), secret) as s:
                             assert _closed_without_reply(s), (role, secret, msg)
-            assert "frame authentication failed" in srv.output() or "rejected a frame" in srv.output()
+            # A worker's log line reaches `up`'s output later than its closed socket reaches us: wait for it.
+            wait_output(srv, "frame authentication failed|rejected a frame", timeout=15)
             # Nothing was reserved by the forged Reserves (asked with the real secret), and the
             # cluster still serves.
             for role in ("decode", "prefill"):
